@@ -1,0 +1,206 @@
+"""Structured configuration: typed dataclasses, YAML files merged in order, `key=value` overrides.
+
+    cfg = load_config(["lsor.yaml", "smoke.yaml"], overrides=["train.epochs=3"])
+
+The dataclasses below are the schema: every key a YAML file or an override may set, with its
+type and default. A key that is not in the schema, or a value of the wrong type, stops loading
+with an error naming the key, where it came from and the keys that are valid there.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR_ENV = "HPCBRAIN_CONFIG_DIR"
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class AugmentConfig:
+    p: float = 0.5                   # probability that each augmentation is applied to an item
+    flip: bool = True                # left-right (hemisphere) flip
+    rotation_deg: float = 5.0        # max rotation about each axis
+    translation_vox: float = 2.0     # max shift along each axis, in voxels
+    cutout_size: int = 0             # edge of the zeroed box in voxels; 0 disables cutout
+    noise_std: float = 0.0           # Gaussian noise std on z-scored intensities; 0 disables
+
+
+@dataclass
+class DataConfig:
+    store: str = "runs/demo/cohort.zarr"   # the cohort store (`hpcbrain convert` output)
+    input_size: int = 64             # S of the S³ volumes the model sees; must match the store
+    num_workers: int = 2             # DataLoader worker processes per rank
+    pairs: str = "all"               # LSOR pairs: "all" i<j visits, or "consecutive"
+    n_folds: int = 5                 # subject-level folds; 1 = no test split
+    fold: int = 0                    # which fold is the test fold
+    val_fraction: float = 0.1        # share of the non-test subjects held out for validation
+    split_seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 16])  # encoder conv blocks
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50                 # all epochs, warm-up included
+    batch_size: int = 64             # GLOBAL batch (pairs or scans); per rank = batch / world
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    seed: int = 0
+    precision: str = "auto"          # auto (bf16 where supported) | bf16 | fp32
+    deterministic: bool = False      # deterministic algorithms (for resume/equality tests)
+    max_steps_per_epoch: Optional[int] = None   # cap steps per epoch (smoke tests, demos)
+    log_every_steps: int = 10
+    num_threads: Optional[int] = None           # torch intra-op threads on CPU; None = default
+
+
+@dataclass
+class LSORConfig:
+    grid_rows: int = 4
+    grid_cols: int = 8
+    warmup_epochs: int = 10          # reconstruction-only epochs before the SOM phase
+    lambda_recon: float = 1.0
+    lambda_commit: float = 0.5
+    lambda_som: float = 1.0
+    lambda_dir: float = 0.2
+    tau_max: float = 1.0             # SOM neighbourhood width at the start of the SOM phase
+    tau_min: float = 0.1             # ... and at its end
+    ema_alpha: float = 0.99          # reference-trajectory EMA decay
+    kmeans_max_iter: int = 300
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None        # None: $MLFLOW_TRACKING_URI, else sqlite in the project
+    experiment: str = "hpcbrain"
+    registered_model: Optional[str] = "hpcbrain-lsor-encoder"   # None: do not register
+    alias: str = "current"
+    enabled: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "lsor"               # run folder name under root
+    root: str = "runs"               # where run folders live
+    resume: bool = True              # continue from the run folder's latest checkpoint
+
+
+@dataclass
+class Config:
+    method: str = "lsor"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lsor: LSORConfig = field(default_factory=LSORConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A config file or override does not fit the schema."""
+
+
+def config_dirs() -> list[Path]:
+    """Folders searched for a bare config file name, in order."""
+    dirs = []
+    if os.environ.get(CONFIG_DIR_ENV):
+        dirs.append(Path(os.environ[CONFIG_DIR_ENV]))
+    dirs.append(PROJECT_ROOT / "configs")
+    return dirs
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given if it exists, else the file of that name under configs/."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if not path.is_absolute():
+        for folder in config_dirs():
+            candidate = folder / path
+            if candidate.is_file():
+                return candidate.resolve()
+    searched = ", ".join(str(d) for d in config_dirs())
+    raise ConfigError(f"config file {name!s} not found (looked in the current folder and {searched})")
+
+
+def _valid_keys(schema: DictConfig, dotted_key: str) -> list[str]:
+    """The keys allowed next to `dotted_key` in the schema."""
+    node: Any = schema
+    for part in dotted_key.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _merge(cfg: DictConfig, update: DictConfig, source: str, schema: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, update)
+    except OmegaConfBaseException as exc:
+        key = exc.full_key or getattr(exc, "key", None) or "?"
+        if isinstance(exc, ConfigKeyError):
+            valid = ", ".join(_valid_keys(schema, key))
+            raise ConfigError(f"{source}: unknown key '{key}'. Valid keys there: {valid}") from None
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for '{key}': {reason}") from None
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults, then each file in order, then `key=value` overrides."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    for name in files:
+        path = resolve_config_path(name)
+        try:
+            update = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors come in several types
+            raise ConfigError(f"{path}: not a readable YAML config: {exc}") from None
+        if not isinstance(update, DictConfig):
+            raise ConfigError(f"{path}: a config file must hold a mapping of keys, not a list")
+        cfg = _merge(cfg, update, str(path), schema)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", schema)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically), so every run records what it ran."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, Any]:
+    """{'train.epochs': 50, ...}: the shape MLflow params want."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat

@@ -1,0 +1,174 @@
+"""The cohort store: one Zarr v3 group holding a whole converted cohort.
+
+Layout (schema version 1)::
+
+    COHORT.zarr/
+      images        (N, S, S, S) float16 by default; one chunk per scan, many scans per shard
+                    (parallel file systems hate millions of small files), zstd
+      subject       (N,) str      participant label, e.g. "sub-001"
+      session       (N,) str      session label, e.g. "ses-01"
+      age           (N,) float32  years at the scan
+      affine        (N, 4, 4) float64   the source image's affine after reorientation to RAS+
+      source_path   (N,) str
+      ...           any further per-scan column (sex, group, diagnosis, adas_cog, site, ...):
+                    numeric columns as float32 with NaN for missing, text columns as str
+    attributes["hpcbrain"] = {schema_version, shape, spacing_mm, dtype, n_scans, columns,
+                              preprocessing, skipped, created_by}
+
+The store is opened lazily: a `CohortStore` pickles without its Zarr handle, so each DataLoader
+worker opens its own after fork/spawn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "hpcbrain"
+IMAGES = "images"
+REQUIRED_COLUMNS = ("subject", "session", "age")
+
+
+class StoreError(ValueError):
+    """A cohort store is missing, incomplete or of an unknown schema."""
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How the images array is chunked and compressed."""
+
+    shape: tuple[int, int, int]
+    dtype: str = "float16"
+    scans_per_shard: int = 16
+    zstd_level: int = 3
+
+
+def create_images_array(group, n_scans: int, layout: ImageLayout):
+    """Create the (N, S, S, S) images array: one chunk per scan, `scans_per_shard` per shard file."""
+    import zarr.codecs
+
+    per_shard = max(1, min(layout.scans_per_shard, n_scans))
+    return group.create_array(
+        IMAGES,
+        shape=(n_scans, *layout.shape),
+        dtype=layout.dtype,
+        chunks=(1, *layout.shape),
+        shards=(per_shard, *layout.shape),
+        compressors=zarr.codecs.ZstdCodec(level=layout.zstd_level),
+        fill_value=0,
+        overwrite=True,
+    )
+
+
+def write_columns(group, columns: dict[str, np.ndarray]) -> None:
+    """Write per-scan metadata columns as 1-D (or N×4×4 for affines) arrays."""
+    for name, values in columns.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "OUT":
+            # zarr's variable-length UTF-8 type: fixed-width <U arrays have no Zarr v3 spec.
+            array = group.create_array(name, shape=values.shape, dtype=str, overwrite=True)
+            array[...] = values.astype(str)
+        else:
+            if values.dtype.kind in "iub" and name != "affine":
+                values = values.astype(np.float32)
+            array = group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                       overwrite=True)
+            array[...] = values
+
+
+class CohortStore:
+    """Read access to a cohort store; cheap to pickle into DataLoader workers."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._group = None
+        self._images = None
+        self._metadata = None
+        self._info: dict[str, Any] | None = None
+        self._check()
+
+    # --- opening -------------------------------------------------------------------------
+    def _open(self):
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(str(self.path), mode="r")
+            self._images = self._group[IMAGES]
+        return self._group
+
+    def _check(self) -> None:
+        if not self.path.exists():
+            raise StoreError(f"cohort store {self.path} does not exist: build it with "
+                             f"`hpcbrain convert SRC --out {self.path} --shape S`")
+        try:
+            group = self._open()
+        except Exception as exc:  # zarr raises several types for a folder that is not a group
+            raise StoreError(f"{self.path} is not a Zarr group ({exc}); rebuild it with "
+                             f"`hpcbrain convert`") from exc
+        info = dict(group.attrs.get(ATTRS_KEY, {}))
+        version = info.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: cohort store schema version {version!r}, this "
+                             f"hpcbrain reads version {SCHEMA_VERSION}; reconvert the cohort")
+        missing = [c for c in (IMAGES, *REQUIRED_COLUMNS) if c not in group]
+        if missing:
+            raise StoreError(f"{self.path}: store lacks arrays {missing}; reconvert the cohort")
+        self._info = info
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_group"] = None  # every process opens its own handle
+        state["_images"] = None
+        return state
+
+    # --- contents ------------------------------------------------------------------------
+    @property
+    def info(self) -> dict[str, Any]:
+        """The store's `hpcbrain` attributes (schema version, shape, preprocessing, skipped)."""
+        return dict(self._info or {})
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.info["shape"])
+
+    @property
+    def images(self):
+        self._open()
+        return self._images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def read_image(self, index: int) -> np.ndarray:
+        """One scan as float32 (S, S, S)."""
+        return np.asarray(self.images[int(index)], dtype=np.float32)
+
+    def column(self, name: str) -> np.ndarray:
+        group = self._open()
+        if name not in group:
+            raise KeyError(f"{self.path}: no per-scan column {name!r}; have {self.columns}")
+        values = group[name][...]
+        if values.dtype.kind == "T":  # numpy StringDType from zarr's string type
+            values = values.astype(object)
+        return values
+
+    @property
+    def columns(self) -> list[str]:
+        group = self._open()
+        return sorted(name for name in group.array_keys() if name not in (IMAGES, "affine"))
+
+    @property
+    def metadata(self):
+        """All 1-D per-scan columns as a pandas DataFrame, row i = scan i."""
+        if self._metadata is None:
+            import pandas as pd
+
+            self._metadata = pd.DataFrame({name: self.column(name) for name in self.columns})
+        return self._metadata
+
+
+def open_cohort_store(path: str | Path) -> CohortStore:
+    return CohortStore(path)
