@@ -1,0 +1,108 @@
+"""Shared test fixtures: tiny cohort stores built with the store's own writers.
+
+    def test_something(tmp_path, make_store):
+        path = make_store(tmp_path, subjects=3, visits=[3, 2, 1], size=8)
+        store = CohortStore(path)
+
+Scans are laid out subject by subject, visits in order. Defaults (all overridable):
+- subject "sub-001" …, session "ses-01" …; age = 60 + 3·s + 1.5·visit (exact in float32);
+- sex alternating F/M by subject; group cycling CN, sMCI, pMCI, AD by subject; diagnosis per
+  scan (CN; MCI; MCI then AD at a pMCI subject's last visit; AD); adas_cog float32 by group
+  rising with visit;
+- images: seeded standard normal (N, S, S, S) stored as `dtype` (float16 by default);
+- affine: identity; source_path: a BIDS-like path.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GROUPS = ("CN", "sMCI", "pMCI", "AD")
+_ADAS_BASE = {"CN": 6.0, "sMCI": 11.0, "pMCI": 12.0, "AD": 19.0}
+_ADAS_SLOPE = {"CN": 0.5, "sMCI": 1.0, "pMCI": 3.0, "AD": 4.0}
+
+
+def build_cohort_store(root: str | Path, *, name: str = "cohort.zarr",
+                       subjects: int | Sequence[str] = 3,
+                       visits: int | Sequence[int] = 2,
+                       size: int | Sequence[int] = 8,
+                       ages: Sequence[float] | None = None,
+                       images: np.ndarray | None = None,
+                       columns: Mapping[str, Sequence] | None = None,
+                       seed: int = 0, dtype: str = "float16",
+                       scans_per_shard: int = 4) -> Path:
+    """Write a tiny schema-v1 cohort store at root/name and return its path."""
+    import zarr
+
+    from hpcbrain.data import store as cohort
+
+    labels = ([f"sub-{k + 1:03d}" for k in range(subjects)] if isinstance(subjects, int)
+              else [str(s) for s in subjects])
+    n_visits = [visits] * len(labels) if isinstance(visits, int) else [int(v) for v in visits]
+    if len(n_visits) != len(labels):
+        raise ValueError(f"visits: {len(n_visits)} counts for {len(labels)} subjects")
+    shape = (size,) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
+
+    rows = [(s, label, v) for s, (label, n) in enumerate(zip(labels, n_visits))
+            for v in range(n)]
+    n_scans = len(rows)
+    group_of = [GROUPS[s % len(GROUPS)] for s, _, _ in rows]
+    last_visit = [v == n_visits[s] - 1 for s, _, v in rows]
+    diagnosis = [{"CN": "CN", "sMCI": "MCI", "AD": "AD"}.get(g, "AD" if last and v > 0 else "MCI")
+                 for g, last, (_, _, v) in zip(group_of, last_visit, rows)]
+    data = {
+        "subject": np.array([label for _, label, _ in rows], dtype=object),
+        "session": np.array([f"ses-{v + 1:02d}" for _, _, v in rows], dtype=object),
+        "age": np.array([60.0 + 3.0 * s + 1.5 * v for s, _, v in rows], dtype=np.float32),
+        "sex": np.array(["F" if s % 2 == 0 else "M" for s, _, _ in rows], dtype=object),
+        "group": np.array(group_of, dtype=object),
+        "diagnosis": np.array(diagnosis, dtype=object),
+        "adas_cog": np.array([_ADAS_BASE[g] + _ADAS_SLOPE[g] * v
+                              for g, (_, _, v) in zip(group_of, rows)], dtype=np.float32),
+        "source_path": np.array([f"{label}/ses-{v + 1:02d}/anat/{label}_ses-{v + 1:02d}_T1w.nii.gz"
+                                 for _, label, v in rows], dtype=object),
+        "affine": np.tile(np.eye(4), (n_scans, 1, 1)),
+    }
+    if ages is not None:
+        data["age"] = np.asarray(ages, dtype=np.float32)
+    for key, values in (columns or {}).items():
+        values = np.asarray(values)
+        data[key] = values.astype(object) if values.dtype.kind in "US" else values
+    for key, values in data.items():
+        if len(values) != n_scans:
+            raise ValueError(f"column {key!r}: {len(values)} values for {n_scans} scans")
+
+    if images is None:
+        rng = np.random.default_rng(seed)
+        images = rng.standard_normal((n_scans, *shape), dtype=np.float32)
+    images = np.asarray(images)
+    if images.shape != (n_scans, *shape):
+        raise ValueError(f"images: shape {images.shape}, expected {(n_scans, *shape)}")
+
+    path = Path(root) / name
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    layout = cohort.ImageLayout(shape=shape, dtype=dtype, scans_per_shard=scans_per_shard)
+    array = cohort.create_images_array(group, n_scans, layout)
+    array[...] = images.astype(dtype)
+    cohort.write_columns(group, data)
+    group.attrs[cohort.ATTRS_KEY] = {
+        "schema_version": cohort.SCHEMA_VERSION,
+        "shape": list(shape),
+        "spacing_mm": [1.0, 1.0, 1.0],
+        "dtype": dtype,
+        "n_scans": n_scans,
+        "columns": sorted(k for k in data if k != "affine"),
+        "preprocessing": {"source": "tests/conftest.py synthetic"},
+        "skipped": [],
+        "created_by": "tests/conftest.py",
+    }
+    return path
+
+
+@pytest.fixture
+def make_store():
+    """Factory fixture: `make_store(root, **kwargs) -> Path`; see `build_cohort_store`."""
+    return build_cohort_store
