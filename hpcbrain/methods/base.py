@@ -1,0 +1,111 @@
+"""The method interface the engine drives, and the registry that finds methods by name.
+
+A method is one `torch.nn.Module` that owns its networks, its losses and all its training state
+(EMA buffers, SOM grids, phase flags: registered as parameters/buffers so `state_dict()` carries
+them). The engine never knows which method it runs:
+
+* ``set_progress(epoch, step_in_epoch, steps_per_epoch)`` before every training step
+  (epoch and step counted from 0) drives schedules;
+* ``on_epoch_start(epoch, encode_batches)`` at the start of every epoch, on every rank (it may
+  run collectives), handles phase transitions;
+* ``forward(batch)`` IS the training step (so DDP/DeepSpeed wrappers see it) and returns the
+  losses, ``"loss"`` being the total to backpropagate;
+* ``validation_step(batch)`` returns the same losses without changing any state;
+* ``scalars()`` returns schedule values worth logging; ``encoder()`` the volume → latent network.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Method", "register_method", "build_method", "available_methods", "get_method_class"]
+
+
+class Method(torch.nn.Module):
+    #: "pairs": dicts with x_u [B,1,S,S,S], x_v, dt [B] (years) and index tensors;
+    #: "scans": dicts with x [B,1,S,S,S], age, ...
+    batch_kind: ClassVar[str] = "scans"
+    #: True when some parameters receive no gradient in some phase (DDP needs
+    #: ``find_unused_parameters=True`` then).
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.steps_per_epoch = 1
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Default: the training losses in eval mode, mode restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.forward(batch)
+        finally:
+            self.train(was_training)
+
+    def set_progress(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.step_in_epoch = int(step_in_epoch)
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+
+    def on_epoch_start(self, epoch: int, encode_batches: Callable[[], Iterable[dict]]) -> None:
+        self.epoch = int(epoch)
+
+    def scalars(self) -> dict[str, float]:
+        return {}
+
+    def encoder(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register_method("lsor")``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"{cls!r} is not a Method subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY[name] = cls
+        cls.method_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def _import_all_methods() -> None:
+    """Import every module of `hpcbrain.methods` so their decorators register them."""
+    pkg = importlib.import_module("hpcbrain.methods")
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"hpcbrain.methods.{info.name}")
+
+
+def available_methods() -> list[str]:
+    _import_all_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        _import_all_methods()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_method(cfg: Any) -> Method:
+    """The method named by ``cfg.method``, built from the whole config."""
+    return get_method_class(str(cfg.method))(cfg)

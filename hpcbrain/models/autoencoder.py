@@ -1,0 +1,164 @@
+"""The LSOR 3D convolutional autoencoder (Ouyang et al., MICCAI 2023, "Implementation details").
+
+Paper: ``C16-C32-C64-C16-Conv16-CD64-CD32-CD16-CD16-Conv1`` where
+
+* ``Ck``  = Conv3d(k, 3×3×3, padding 1) → BatchNorm3d → LeakyReLU(0.2) → MaxPool3d(2)
+* ``CDk`` = Conv3d(k, 3×3×3, padding 1) → BatchNorm3d → LeakyReLU(0.2) → Upsample(×2)
+* ``Convk`` = a plain Conv3d(k, 3×3×3, padding 1) (no BatchNorm, no activation).
+
+We place ``Conv16`` at the end of the encoder, as the official code does: the latent is then a
+linear function of the last block's features and not restricted to max-pooled LeakyReLU outputs.
+A 64³ volume becomes 16×4×4×4, flattened into a 1024-d latent z. The decoder mirrors the
+encoder: it reshapes z back to ``widths[-1]×s×s×s`` and runs ``len(widths)`` CD blocks whose
+widths are the encoder's in reverse (``CD64-CD32-CD16`` for the default) followed by one more of
+``widths[0]`` channels, then ``Conv1`` (no BatchNorm, no activation).
+
+``widths`` and ``input_size`` are configurable; ``input_size`` must be divisible by
+``2 ** len(widths)`` (one max-pool per block).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LSOREncoder", "LSORDecoder", "ConvAutoencoder", "latent_shape"]
+
+
+def latent_shape(widths: Sequence[int], input_size: int) -> tuple[int, int, int, int]:
+    """(channels, s, s, s) of the encoder output before flattening; validates the sizes."""
+    widths = [int(w) for w in widths]
+    if len(widths) == 0:
+        raise ValueError("widths must hold at least one block width")
+    if any(w <= 0 for w in widths):
+        raise ValueError(f"widths must be positive, got {widths}")
+    factor = 2 ** len(widths)
+    if int(input_size) <= 0 or int(input_size) % factor != 0:
+        raise ValueError(
+            f"input_size={input_size} must be a positive multiple of 2**len(widths)={factor} "
+            f"(widths={widths}: one 2× max-pool per block)"
+        )
+    s = int(input_size) // factor
+    return widths[-1], s, s, s
+
+
+def _init_conv(conv: nn.Conv3d) -> None:
+    nn.init.xavier_normal_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class _EncoderBlock(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        conv = nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1)
+        _init_conv(conv)
+        super().__init__(conv, nn.BatchNorm3d(out_ch), nn.LeakyReLU(0.2), nn.MaxPool3d(2))
+
+
+class _DecoderBlock(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        conv = nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1)
+        _init_conv(conv)
+        super().__init__(
+            conv,
+            nn.BatchNorm3d(out_ch),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True),
+        )
+
+
+class LSOREncoder(nn.Module):
+    """Volumes [B, C, S, S, S] → latents [B, D], D = widths[-1]·(S / 2**len(widths))³.
+
+    Standalone: it needs nothing from the decoder or the method, so it can be logged/registered
+    on its own and called on batches of volumes.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 16),
+        input_size: int = 64,
+        in_channels: int = 1,
+        final_conv: bool = True,
+    ) -> None:
+        super().__init__()
+        self.widths = [int(w) for w in widths]
+        self.input_size = int(input_size)
+        self.in_channels = int(in_channels)
+        self.latent_shape = latent_shape(self.widths, self.input_size)
+        c, s, _, _ = self.latent_shape
+        self.latent_dim = c * s ** 3
+        blocks: list[nn.Module] = []
+        prev = self.in_channels
+        for w in self.widths:
+            blocks.append(_EncoderBlock(prev, w))
+            prev = w
+        self.blocks = nn.Sequential(*blocks)
+        if final_conv:
+            self.head: nn.Module = nn.Conv3d(prev, prev, kernel_size=3, padding=1)
+            _init_conv(self.head)
+        else:
+            self.head = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        expected = (self.in_channels, self.input_size, self.input_size, self.input_size)
+        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected volumes of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        return self.head(self.blocks(x)).flatten(1)
+
+
+class LSORDecoder(nn.Module):
+    """Latents [B, D] → volumes [B, C, S, S, S]; mirrors `LSOREncoder`."""
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 16),
+        input_size: int = 64,
+        out_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        self.widths = [int(w) for w in widths]
+        self.input_size = int(input_size)
+        self.latent_shape = latent_shape(self.widths, self.input_size)
+        c, s, _, _ = self.latent_shape
+        self.latent_dim = c * s ** 3
+        outs = list(reversed(self.widths[:-1])) + [self.widths[0]]
+        blocks: list[nn.Module] = []
+        prev = self.widths[-1]
+        for w in outs:
+            blocks.append(_DecoderBlock(prev, w))
+            prev = w
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Conv3d(prev, int(out_channels), kernel_size=3, padding=1)
+        _init_conv(self.out)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"expected latents of shape [B, {self.latent_dim}], got {list(z.shape)}")
+        return self.out(self.blocks(z.reshape(z.shape[0], *self.latent_shape)))
+
+
+class ConvAutoencoder(nn.Module):
+    """`LSOREncoder` + `LSORDecoder`; ``forward(x)`` returns ``(z, reconstruction)``."""
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 16),
+        input_size: int = 64,
+        channels: int = 1,
+    ) -> None:
+        super().__init__()
+        self.encoder = LSOREncoder(widths, input_size, in_channels=channels)
+        self.decoder = LSORDecoder(widths, input_size, out_channels=channels)
+        self.latent_dim = self.encoder.latent_dim
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.encoder(x)
+        return z, self.decoder(z)

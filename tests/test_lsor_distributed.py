@@ -1,0 +1,107 @@
+"""LSOR under torch.distributed: 2 gloo processes with UNEQUAL per-rank batches.
+
+* ema_update: one all_reduce of [sums | counts] → every rank equals a single process on the
+  concatenated batch;
+* SOM init: latents gathered to rank 0, k-means there, G/ΔG broadcast → identical on both ranks
+  (and equal to a single process encoding the concatenated data).
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from hpcbrain.methods.lsor import LSOR, ema_update
+
+WORLD = 2
+K, D = 5, 3
+N_EMA = 7                       # rank 0: rows [0, 2), rank 1: rows [2, 7)
+EMA_SPLIT = [(0, 2), (2, 7)]
+PAIR_SPLIT = [(0, 3), (3, 9)]   # 3 pairs on rank 0, 6 on rank 1
+
+
+def make_cfg():
+    return OmegaConf.create({
+        "method": "lsor",
+        "data": {"input_size": 16},
+        "model": {"widths": [4, 8]},
+        "train": {"epochs": 4, "seed": 0},
+        "lsor": dict(grid_rows=2, grid_cols=3, warmup_epochs=2, lambda_recon=1.0,
+                     lambda_commit=0.5, lambda_som=1.0, lambda_dir=0.2, tau_max=1.0,
+                     tau_min=0.1, ema_alpha=0.99, kmeans_max_iter=300),
+    })
+
+
+def ema_data():
+    g = torch.Generator().manual_seed(123)
+    ref = torch.randn(K, D, generator=g)
+    dz = torch.randn(N_EMA, D, generator=g)
+    cluster = torch.tensor([0, 3, 3, 0, 1, 3, 0])  # cluster 2 and 4 have no member → keep ref
+    return ref, dz, cluster
+
+
+def pair_batches(lo, hi):
+    # every pair of the global set, then the rank's slice re-batched by 2 (uneven batch counts)
+    g = torch.Generator().manual_seed(7)
+    flat = {"x_u": torch.randn(9, 1, 16, 16, 16, generator=g),
+            "x_v": torch.randn(9, 1, 16, 16, 16, generator=g),
+            "dt": 0.5 + 2 * torch.rand(9, generator=g),
+            "index_u": torch.arange(9) * 2, "index_v": torch.arange(9) * 2 + 1}
+    sl = {k: v[lo:hi] for k, v in flat.items()}
+    return [{k: v[i:i + 2] for k, v in sl.items()} for i in range(0, hi - lo, 2)]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        ref, dz, cluster = ema_data()
+        lo, hi = EMA_SPLIT[rank]
+        ema = ema_update(ref, dz[lo:hi], cluster[lo:hi], alpha=0.9)
+
+        torch.manual_seed(0)
+        model = LSOR(make_cfg())
+        lo, hi = PAIR_SPLIT[rank]
+        model.on_epoch_start(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
+        torch.save({"ema": ema, "G": model.G.detach().clone(), "dG": model.dG.clone(),
+                    "init": bool(model.initialised.item())}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lsor_dist")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_ema_update_matches_single_process_on_every_rank(results):
+    ref, dz, cluster = ema_data()
+    single = ema_update(ref, dz, cluster, alpha=0.9)
+    for r in range(WORLD):
+        torch.testing.assert_close(results[r]["ema"], single, rtol=0, atol=1e-6)
+    # empty clusters kept their value
+    torch.testing.assert_close(single[[2, 4]], ref[[2, 4]], rtol=0, atol=0)
+
+
+def test_kmeans_init_identical_on_all_ranks_and_equal_to_single_process(results):
+    assert all(r["init"] for r in results)
+    assert torch.equal(results[0]["G"], results[1]["G"])
+    assert torch.equal(results[0]["dG"], results[1]["dG"])
+    torch.manual_seed(0)
+    single = LSOR(make_cfg())
+    single.on_epoch_start(single.warmup_epochs, lambda: iter(pair_batches(0, 9)))
+    torch.testing.assert_close(results[0]["G"], single.G.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0]["dG"], single.dG, rtol=1e-4, atol=1e-5)
