@@ -78,6 +78,7 @@ class LSORConfig:
     tau_min: float = 0.1             # ... and at its end
     ema_alpha: float = 0.99          # reference-trajectory EMA decay
     kmeans_max_iter: int = 300
+    kmeans_n_init: int = 3           # k-means restarts at the SOM initialisation
 
 
 @dataclass

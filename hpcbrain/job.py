@@ -1,0 +1,161 @@
+"""What a training job runs, locally (`--local`) or on Slurm: config → data, method, engine → train.
+
+The only module that ties data, method and engine together.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from hpcbrain import dist
+from hpcbrain.config import save_config
+from hpcbrain.data.store import CohortStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    global_step: int
+    epochs: int
+    model_uri: str | None = None
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    figures: list[Path] | None = None
+    metrics: dict[str, float] | None = None
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.run.root).expanduser().resolve() / cfg.run.name
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def open_store(cfg: DictConfig) -> CohortStore:
+    store = CohortStore(cfg.data.store)
+    size = cfg.data.input_size
+    if tuple(store.shape) != (size, size, size):
+        raise StoreError(f"data.input_size={size} but {cfg.data.store} holds "
+                         f"{'x'.join(map(str, store.shape))} volumes: set "
+                         f"data.input_size={store.shape[0]} or reconvert with --shape {size}")
+    return store
+
+
+def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
+    """Subject-level split of the store, then the method's kind of dataset over each part."""
+    from hpcbrain.data.datasets import PairDataset, ScanDataset
+    from hpcbrain.data.splits import subject_kfold
+    from hpcbrain.data.transforms import build_augmentation
+
+    # Stratify folds by diagnostic group where the cohort has one, so every fold sees each group.
+    groups = store.column("group") if "group" in store.columns else None
+    split = subject_kfold(store.column("subject"), n_folds=cfg.data.n_folds, fold=cfg.data.fold,
+                          val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
+                          groups=groups)
+    augment = build_augmentation(cfg.data.augment)
+    if batch_kind == "pairs":
+        consecutive = {"all": False, "consecutive": True}.get(cfg.data.pairs)
+        if consecutive is None:
+            raise ValueError(f"data.pairs must be 'all' or 'consecutive', not {cfg.data.pairs!r}")
+        train = PairDataset(store, split.train, consecutive_only=consecutive, transform=augment,
+                            seed=cfg.train.seed)
+        val = PairDataset(store, split.val, consecutive_only=consecutive) if len(split.val) else None
+    elif batch_kind == "scans":
+        train = ScanDataset(store, split.train, transform=augment, seed=cfg.train.seed)
+        val = ScanDataset(store, split.val) if len(split.val) else None
+    else:
+        raise ValueError(f"unknown batch kind {batch_kind!r}")
+    if len(train) == 0:
+        raise StoreError(f"{cfg.data.store}: the training split holds no {batch_kind} "
+                         f"({len(split.train)} scans; pairs need two visits of a subject at "
+                         f"different ages)")
+    return split, train, val
+
+
+def device_for_this_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def build_engine(cfg: DictConfig, method, device: torch.device):
+    from hpcbrain.engine.backends import SingleEngine, use_bf16
+
+    optimizer = torch.optim.Adam(method.parameters(), lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay)
+    return SingleEngine(method, optimizer, device, bf16=use_bf16(cfg.train.precision, device))
+
+
+def run_training(cfg: DictConfig) -> TrainingResult:
+    """Train (or resume) the configured method; on rank 0 evaluate and register the encoder."""
+    from hpcbrain.engine.trainer import Trainer
+    from hpcbrain.methods import build_method
+    from hpcbrain.tracking import make_tracker, tracking_uri
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_global_rank0():
+        save_config(cfg, run_dir / "config.yaml")
+
+    store = open_store(cfg)
+    method = build_method(cfg)
+    device = device_for_this_rank()
+    method.to(device)
+    split, train_set, val_set = build_datasets(cfg, store, method.batch_kind)
+    engine = build_engine(cfg, method, device)
+    tracker = make_tracker(cfg, run_dir, dist.is_global_rank0())
+    trainer = Trainer(cfg, engine, train_set, val_set, run_dir, tracker)
+    trainer.resume()
+    if dist.is_global_rank0():
+        log.info("training %s on %d %s (%d train / %d val scans), %d steps per epoch, run %s",
+                 cfg.method, len(train_set), method.batch_kind, len(split.train),
+                 len(split.val), trainer.steps_per_epoch, run_dir)
+        tracker.log_artifact(run_dir / "config.yaml")
+    status = "FAILED"
+    try:
+        progress = trainer.fit()
+        result = TrainingResult(run_dir, progress.global_step, progress.epoch,
+                                tracking_uri=tracking_uri(cfg), run_id=tracker.run_id)
+        if dist.is_global_rank0():
+            finish_on_rank0(cfg, method, store, split, tracker, run_dir, result)
+        status = "FINISHED"
+        return result
+    finally:
+        tracker.finish(status)
+
+
+def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
+                    result: TrainingResult) -> None:
+    """Interpretability figures and metrics, then the encoder into the model registry."""
+    from hpcbrain.evaluate.interpretability import evaluate_som
+
+    report = evaluate_som(method, store, split.train, run_dir / "figures")
+    if report is not None:
+        tracker.log_metrics(report.metrics, step=result.global_step)
+        for figure in report.figures:
+            tracker.log_artifact(figure, artifact_path="figures")
+        result.metrics = report.metrics
+        result.figures = report.figures
+    size = cfg.data.input_size
+    example = torch.from_numpy(np.stack([store.read_image(i) for i in split.train[:2]]))[:, None]
+    result.model_uri = tracker.log_encoder(method.encoder(), example.reshape(-1, 1, size, size, size))

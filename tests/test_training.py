@@ -1,0 +1,142 @@
+"""The single-process trainer end to end on a tiny real store with the real LSOR method:
+resume after a kill equals an uninterrupted run, a NaN stops cleanly, the registry round trip."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpcbrain.config import load_config
+from hpcbrain.engine import checkpoint
+from hpcbrain.engine.backends import NonFiniteLossError
+from hpcbrain.job import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(store, run_root, name, *extra):
+    return load_config(["lsor.yaml"], [
+        f"data.store={store}", "data.input_size=16", "data.n_folds=1", "data.val_fraction=0.2",
+        "data.num_workers=0", "model.widths=[4,4,4,4]",
+        "train.epochs=4", "train.batch_size=4", "train.deterministic=true",
+        "train.precision=fp32", "train.log_every_steps=1",
+        "lsor.warmup_epochs=1", "lsor.grid_rows=2", "lsor.grid_cols=2",
+        f"run.root={run_root}", f"run.name={name}", "tracking.enabled=false", *extra])
+
+
+@pytest.fixture()
+def store(tmp_path, make_store):
+    # Images whose contrast grows with age (the conftest default ages), so latents spread
+    # over the grid instead of collapsing onto one node as pure noise does.
+    n_subjects, visits, size = 8, 3, 16
+    ages = np.array([60.0 + 3.0 * s + 1.5 * v for s in range(n_subjects) for v in range(visits)])
+    rng = np.random.default_rng(0)
+    pattern = rng.standard_normal((size,) * 3)
+    images = ((ages[:, None, None, None] - 70.0) / 5.0 * pattern
+              + 0.2 * rng.standard_normal((len(ages),) + (size,) * 3))
+    return make_store(tmp_path, subjects=n_subjects, visits=visits, size=size,
+                      images=images.astype(np.float32), scans_per_shard=6)
+
+
+def final_state(run_dir):
+    state = checkpoint.load(checkpoint.latest_checkpoint(run_dir))
+    return state["engine"]["method"], state
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: escapes every `except Exception`."""
+
+
+def test_resume_after_kill_gives_the_parameters_of_an_uninterrupted_run(store, tmp_path,
+                                                                        monkeypatch):
+    uninterrupted = run_training(tiny_config(store, tmp_path / "runs", "straight"))
+    assert uninterrupted.epochs == 4
+
+    real_save = checkpoint.save_atomic
+
+    def save_then_die_after_epoch_two(payload, path, keep_last=2):
+        real_save(payload, path, keep_last)
+        if payload["epoch"] == 2:
+            raise Killed()
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die_after_epoch_two)
+    with pytest.raises(Killed):
+        run_training(tiny_config(store, tmp_path / "runs", "killed"))
+    monkeypatch.setattr(checkpoint, "save_atomic", real_save)
+    killed_dir = tmp_path / "runs" / "killed"
+    assert final_state(killed_dir)[1]["epoch"] == 2
+
+    resumed = run_training(tiny_config(store, tmp_path / "runs", "killed"))
+    assert resumed.global_step == uninterrupted.global_step
+
+    expected, _ = final_state(uninterrupted.run_dir)
+    got, _ = final_state(killed_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    # The SOM phase really ran: the grid was initialised and the EMA moved.
+    assert bool(got["initialised"])
+    assert got["dG"].abs().sum() > 0
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(store, tmp_path,
+                                                                       monkeypatch):
+    from hpcbrain.methods.lsor import LSOR
+
+    real_forward = LSOR.forward
+
+    def nan_in_second_epoch(self, batch):
+        losses = real_forward(self, batch)
+        if self.epoch == 1:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(LSOR, "forward", nan_in_second_epoch)
+    cfg = tiny_config(store, tmp_path / "runs", "nan")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 1, step 0.*"
+                                                 r"last good checkpoint is .*step-0+\d+\.pt"):
+        run_training(cfg)
+    run_dir = tmp_path / "runs" / "nan"
+    saved = checkpoint.list_checkpoints(run_dir)
+    assert len(saved) == 1
+    state = checkpoint.load(saved[0])
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["engine"]["method"].values()
+               if v.is_floating_point())
+    assert not list((run_dir / checkpoint.CHECKPOINT_DIR).glob(".*tmp*"))
+
+
+def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
+    import mlflow
+    import mlflow.pytorch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(store, tmp_path / "runs", "tracked", "tracking.enabled=true",
+                      f"tracking.uri={uri}", "tracking.registered_model=test-encoder",
+                      "tracking.alias=champion", "train.epochs=3")
+    result = run_training(cfg)
+    assert result.model_uri == "models:/test-encoder@champion"
+
+    mlflow.set_tracking_uri(uri)
+    encoder = mlflow.pytorch.load_model(result.model_uri)
+    method_state, _ = final_state(result.run_dir)
+    from hpcbrain.methods.lsor import LSOR
+
+    reference = LSOR(cfg)
+    reference.load_state_dict(method_state)
+    reference.eval()
+    for batch_size in (2, 3, 5):
+        volumes = torch.randn(batch_size, 1, 16, 16, 16)
+        latents = encoder(volumes)
+        assert latents.shape == (batch_size, reference.latent_dim)
+        torch.testing.assert_close(latents, reference.encoder()(volumes), rtol=1e-4, atol=1e-4)
+
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["train.epochs"] == "3"
+    for name in ("train/loss", "train/recon", "train/som", "train/dir", "schedule/tau",
+                 "schedule/lr", "throughput/samples_per_s", "epoch/val_loss",
+                 "som/dcor_age", "som/dcor_adas_cog", "som/dcor_pmci_ad_percent"):
+        assert name in run.data.metrics, name
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert "config.yaml" in artifacts and "figures" in artifacts
+    assert (result.run_dir / "figures" / "som_heatmaps.png").stat().st_size > 1000
