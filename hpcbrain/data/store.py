@@ -88,6 +88,7 @@ class CohortStore:
         self._images = None
         self._metadata = None
         self._info: dict[str, Any] | None = None
+        self._fast_read = None   # see shard_reader.py; None until first read, False if unusable
         self._check()
 
     # --- opening -------------------------------------------------------------------------
@@ -122,6 +123,7 @@ class CohortStore:
         state = self.__dict__.copy()
         state["_group"] = None  # every process opens its own handle
         state["_images"] = None
+        state["_fast_read"] = None
         return state
 
     # --- contents ------------------------------------------------------------------------
@@ -144,7 +146,16 @@ class CohortStore:
 
     def read_image(self, index: int) -> np.ndarray:
         """One scan as float32 (S, S, S)."""
-        return np.asarray(self.images[int(index)], dtype=np.float32)
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.path}: scan {index} out of range (0..{len(self) - 1})")
+        if self._fast_read is None:
+            from hpcbrain.data.shard_reader import open_fast_reader
+
+            self._fast_read = open_fast_reader(self.path / IMAGES) or False
+        if self._fast_read:
+            return self._fast_read(index)
+        return np.asarray(self.images[index], dtype=np.float32)
 
     def column(self, name: str) -> np.ndarray:
         group = self._open()

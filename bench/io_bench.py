@@ -1,0 +1,242 @@
+"""I/O benchmark: the cohort store vs the same preprocessed scans as .nii.gz and .nii.
+
+    python bench/io_bench.py                       # 10 synth subjects, 64³ and 128³
+    python bench/io_bench.py --subjects 20 --sizes 64 --repeats 5 --out bench/results/io.json
+
+For each output size S it measures
+- convert: `convert_cohort` end to end (load source NIfTI, preprocess, write the store), scans/s;
+- write: writing the already-preprocessed volumes, vol/s — into a fresh store in shard-aligned
+  blocks, and one file per scan for .nii.gz / .nii (float32: NIfTI has no float16);
+- read: one reader, warm page cache: every volume once in a random order (float32 out:
+  `CohortStore.read_image` / `nib.load(...).get_fdata(dtype=float32)`), after one untimed
+  warm-up pass; the median over `--repeats` passes, vol/s;
+- size on disk and number of files (for a store: its images array).
+Rows: the store as converted (float16 by default) read through `CohortStore.read_image` (which
+takes the shard fast path of `hpcbrain/data/shard_reader.py`); the same store read through plain
+zarr (what the fast path saves); the same volumes in a float32 store (to separate the dtype from the format); .nii.gz and .nii
+(float32).
+
+Data: a synthetic BIDS cohort (`hpcbrain.data.synth`, 2 mm MNI grid) if importable, otherwise
+random smooth head-like volumes written as BIDS. Prints a markdown table, saves JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------- data
+def make_source(root: Path, subjects: int, seed: int) -> tuple[Path, str]:
+    try:
+        from hpcbrain.data.synth import synthesize_cohort
+    except ImportError:
+        synthesize_cohort = None
+    src = root / "source"
+    if synthesize_cohort is not None:
+        synthesize_cohort(src, subjects, seed=seed, voxel_size_mm=2.0, progress=False)
+        return src, "hpcbrain.data.synth (2 mm)"
+    return random_bids(src, subjects, seed), "random smooth volumes (2 mm, 96×112×96)"
+
+
+def random_bids(root: Path, subjects: int, seed: int, sessions: int = 3) -> Path:
+    import nibabel as nib
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = (96, 112, 96)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    head = (grid ** 2).sum(0) < 0.8
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -np.array(shape) + 1
+    root.mkdir(parents=True)
+    lines = ["participant_id\tsex"]
+    for s in range(1, subjects + 1):
+        sub = f"sub-{s:03d}"
+        lines.append(f"{sub}\t{'FM'[s % 2]}")
+        rows = ["session_id\tage"]
+        for t in range(1, sessions + 1):
+            ses = f"ses-{t:02d}"
+            vol = ndimage.gaussian_filter(rng.random(shape, dtype=np.float32), 2) * head
+            img = nib.Nifti1Image((vol * 3000).astype(np.int16), affine)
+            path = root / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz"
+            path.parent.mkdir(parents=True)
+            nib.save(img, path)
+            rows.append(f"{ses}\t{60 + s + t}")
+        (root / sub / f"{sub}_sessions.tsv").write_text("\n".join(rows) + "\n")
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+# ---------------------------------------------------------------------------------- timing
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def read_rate(read_one, n: int, repeats: int, seed: int) -> tuple[float, list[float]]:
+    """Median vol/s over `repeats` passes, each reading all n volumes in a fresh random order."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):  # warm-up pass (page cache, imports, zarr handles)
+        read_one(i)
+    rates = []
+    for _ in range(repeats):
+        order = rng.permutation(n)
+        rates.append(n / timed(lambda: [read_one(int(i)) for i in order]))
+    return statistics.median(rates), rates
+
+
+def write_store(path: Path, volumes: np.ndarray, dtype: str, per_shard: int) -> None:
+    import zarr
+
+    from hpcbrain.data.store import ImageLayout, create_images_array
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    layout = ImageLayout(volumes.shape[1:], dtype=dtype, scans_per_shard=per_shard)
+    images = create_images_array(group, len(volumes), layout)
+    for start in range(0, len(volumes), per_shard):
+        images[start:start + per_shard] = volumes[start:start + per_shard].astype(dtype)
+
+
+def read_store_image(path: Path):
+    import zarr
+
+    images = zarr.open_group(str(path), mode="r")["images"]
+    return lambda i: np.asarray(images[i], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------- bench
+def bench_size(src: Path, work: Path, size: int, args) -> list[dict]:
+    import nibabel as nib
+
+    from hpcbrain.data.convert import convert_cohort
+    from hpcbrain.data.store import CohortStore
+
+    store_path = work / f"cohort{size}.zarr"
+    report = convert_cohort(src, store_path, size, workers=args.workers,
+                            scans_per_shard=args.scans_per_shard, progress=False)
+    n = report.n_converted
+    store = CohortStore(store_path)
+    volumes = np.stack([store.read_image(i) for i in range(n)])  # preprocessed, float32
+    affine = np.diag([*(store.info["spacing_mm"] or [1.0] * 3), 1.0])
+    rows = []
+
+    def row(fmt, path, write_s, read_one, convert_s=None):
+        median, rates = read_rate(read_one, n, args.repeats, args.seed)
+        nbytes, nfiles = disk_usage(path / "images" if path.suffix == ".zarr" else path)
+        rows.append({"size": size, "format": fmt, "n_scans": n,
+                     "convert_scans_per_s": None if convert_s is None else n / convert_s,
+                     "write_vol_per_s": n / write_s,
+                     "read_vol_per_s": median, "read_vol_per_s_all": rates,
+                     "mb_on_disk": nbytes / 1e6, "files": nfiles})
+
+    # the store as converted: its write-only rate from rewriting the same volumes
+    rewrite = work / f"rewrite{size}.zarr"
+    write_s = timed(lambda: write_store(rewrite, volumes, "float16", args.scans_per_shard))
+    shutil.rmtree(rewrite)
+    row("zarr store float16", store_path, write_s, store.read_image, report.seconds)
+    row("zarr store float16, read through zarr", store_path, write_s,
+        read_store_image(store_path))
+
+    f32 = work / f"store{size}_f32.zarr"
+    write_s = timed(lambda: write_store(f32, volumes, "float32", args.scans_per_shard))
+    row("zarr store float32", f32, write_s, read_store_image(f32))
+
+    for ext in ("nii.gz", "nii"):
+        folder = work / f"nifti{size}_{ext.replace('.', '')}"
+        folder.mkdir()
+        paths = [folder / f"scan{i:05d}.{ext}" for i in range(n)]
+
+        def write_all():
+            for p, v in zip(paths, volumes):
+                nib.save(nib.Nifti1Image(v, affine), p)
+
+        write_s = timed(write_all)
+        row(f".{ext} float32", folder, write_s,
+            lambda i, paths=paths: nib.load(paths[i]).get_fdata(dtype=np.float32))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| size | format | convert scans/s | write vol/s | read vol/s (warm, median) "
+             "| MB on disk | files |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        conv = f"{r['convert_scans_per_s']:.1f}" if r["convert_scans_per_s"] else "–"
+        lines.append(f"| {r['size']}³ | {r['format']} | {conv} | {r['write_vol_per_s']:.0f} "
+                     f"| {r['read_vol_per_s']:.0f} | {r['mb_on_disk']:.1f} | {r['files']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=10, help="synthetic subjects (2-5 "
+                        "sessions each with synth, 3 otherwise)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--repeats", type=int, default=3, help="timed read passes (median)")
+    parser.add_argument("--workers", type=int, default=1, help="convert_cohort workers")
+    parser.add_argument("--scans-per-shard", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/io.json"))
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where data go (default: a temporary folder, deleted after)")
+    args = parser.parse_args(argv)
+
+    import nibabel
+    import zarr
+
+    work = Path(tempfile.mkdtemp(prefix="io_bench_", dir=args.workdir))
+    try:
+        started = time.perf_counter()
+        src, data = make_source(work, args.subjects, args.seed)
+        print(f"data: {data}, {args.subjects} subjects ({time.perf_counter() - started:.0f} s)",
+              file=sys.stderr)
+        rows = []
+        for size in args.sizes:
+            rows += bench_size(src, work, size, args)
+            print(f"{size}³ done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = markdown(rows)
+    ratios = {}
+    for size in args.sizes:
+        by = {r["format"]: r for r in rows if r["size"] == size}
+        ratios[f"{size}"] = by["zarr store float16"]["read_vol_per_s"] / \
+            by[".nii.gz float32"]["read_vol_per_s"]
+    print(table)
+    print("\nstore (float16) read speed / .nii.gz: "
+          + ", ".join(f"{s}³ {r:.2f}×" for s, r in ratios.items()))
+    result = {
+        "command": " ".join(["python", "bench/io_bench.py", *(argv or sys.argv[1:])]),
+        "data": data, "subjects": args.subjects, "repeats": args.repeats,
+        "workers": args.workers, "scans_per_shard": args.scans_per_shard,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "zarr": zarr.__version__,
+                    "nibabel": nibabel.__version__,
+                    "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows, "read_ratio_store_vs_niigz": ratios, "table": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"saved {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
