@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest
 
-# Synthetic cohort -> cohort store -> (LSOR training, once it lands). Re-running reuses what
-# is already built.
+# Synthetic cohort -> cohort store -> LSOR training -> evaluation and registry. Re-running
+# reuses what is already built and resumes the training run.
 demo: setup $(DEMO)/cohort.zarr/zarr.json
-	@echo "cohort store: $(DEMO)/cohort.zarr"
+	$(PY) launch/submit.py --cfg lsor.yaml --cfg demo.yaml --local
 
 $(DEMO)/bids/participants.tsv:
 	$(VENV)/bin/hpcbrain synth --out $(DEMO)/bids --subjects 40 --seed 0

@@ -6,7 +6,7 @@
 
 Scans are laid out subject by subject, visits in order. Defaults (all overridable):
 - subject "sub-001" …, session "ses-01" …; age = 60 + 3·s + 1.5·visit (exact in float32);
-- sex alternating F/M by subject; group cycling CN, sMCI, pMCI, AD by subject; diagnosis per
+- sex alternating F/M by subject; group cycling NC, sMCI, pMCI, AD by subject; diagnosis per
   scan (CN; MCI; MCI then AD at a pMCI subject's last visit; AD); adas_cog float32 by group
   rising with visit;
 - images: seeded standard normal (N, S, S, S) stored as `dtype` (float16 by default);
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-GROUPS = ("CN", "sMCI", "pMCI", "AD")
-_ADAS_BASE = {"CN": 6.0, "sMCI": 11.0, "pMCI": 12.0, "AD": 19.0}
-_ADAS_SLOPE = {"CN": 0.5, "sMCI": 1.0, "pMCI": 3.0, "AD": 4.0}
+GROUPS = ("NC", "sMCI", "pMCI", "AD")
+_ADAS_BASE = {"NC": 6.0, "sMCI": 11.0, "pMCI": 12.0, "AD": 19.0}
+_ADAS_SLOPE = {"NC": 0.5, "sMCI": 1.0, "pMCI": 3.0, "AD": 4.0}
 
 
 def build_cohort_store(root: str | Path, *, name: str = "cohort.zarr",
@@ -51,7 +51,7 @@ def build_cohort_store(root: str | Path, *, name: str = "cohort.zarr",
     n_scans = len(rows)
     group_of = [GROUPS[s % len(GROUPS)] for s, _, _ in rows]
     last_visit = [v == n_visits[s] - 1 for s, _, v in rows]
-    diagnosis = [{"CN": "CN", "sMCI": "MCI", "AD": "AD"}.get(g, "AD" if last and v > 0 else "MCI")
+    diagnosis = [{"NC": "CN", "sMCI": "MCI", "AD": "AD"}.get(g, "AD" if last and v > 0 else "MCI")
                  for g, last, (_, _, v) in zip(group_of, last_visit, rows)]
     data = {
         "subject": np.array([label for _, label, _ in rows], dtype=object),
