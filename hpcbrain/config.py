@@ -62,6 +62,7 @@ class TrainConfig:
     deterministic: bool = False      # deterministic algorithms (for resume/equality tests)
     max_steps_per_epoch: Optional[int] = None   # cap steps per epoch (smoke tests, demos)
     log_every_steps: int = 10
+    checkpoint_every_steps: Optional[int] = None   # also checkpoint mid-epoch (preemptible jobs)
     num_threads: Optional[int] = None           # torch intra-op threads on CPU; None = default
 
 
@@ -91,10 +92,48 @@ class TrackingConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How steps run: one process, DDP or DeepSpeed (docs/distributed.md)."""
+    name: str = "auto"               # auto (ddp if >1 process, else single) | single | ddp | deepspeed
+    deepspeed_config: str = "deepspeed_zero2.json"   # JSON under configs/ or a path; its batch,
+                                     # accumulation, clipping and precision keys are set from here
+    zero_stage: Optional[int] = None # 0-3 overrides the JSON's stage; None keeps it
+    grad_accum_steps: int = 1        # micro-batches per optimizer step (per-rank micro-batch =
+                                     # train.batch_size / (world * grad_accum_steps))
+    grad_clip: Optional[float] = None   # max global gradient norm; None or 0 = no clipping
+    timeout_minutes: float = 30.0    # how long a collective waits for the other ranks
+    backend: Optional[str] = None    # torch.distributed backend; None: nccl on GPU, gloo on CPU
+
+
+@dataclass
 class RunConfig:
     name: str = "lsor"               # run folder name under root
     root: str = "runs"               # where run folders live
     resume: bool = True              # continue from the run folder's latest checkpoint
+
+
+@dataclass
+class SlurmConfig:
+    """How `launch/submit.py` asks Slurm for resources (cluster profiles live in slurm/profiles/)."""
+    partition: Optional[str] = None  # None: the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0           # one task per GPU; 0 = a CPU-only partition
+    tasks_per_node: Optional[int] = None   # CPU partitions (default 1); with GPUs = gpus_per_node
+    cpus_per_task: Optional[int] = None    # None: Slurm's default (1)
+    mem_gb: Optional[float] = None   # per node; None: Slurm's default
+    time_min: int = 60               # wall-time limit per (re)queued job, minutes
+    signal_delay_s: int = 120        # USR2 this long before the time limit: checkpoint + requeue
+    max_requeues: int = 3            # requeues after a time limit (preemptions do not count)
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    array_parallelism: int = 16      # fold/sweep array elements running at once
+    log_dir: Optional[str] = None    # submitit folder; None: <run.root>/slurm-logs/%j
+    python: Optional[str] = None     # interpreter on the nodes; None: the one submitting
+    setup: list[str] = field(default_factory=list)        # shell lines before srun (module load …)
+    srun_args: list[str] = field(default_factory=list)    # extra srun arguments
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # more #SBATCH options
 
 
 @dataclass
@@ -106,6 +145,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     lsor: LSORConfig = field(default_factory=LSORConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # ---------------------------------------------------------------------------------------------

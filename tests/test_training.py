@@ -47,26 +47,30 @@ class Killed(BaseException):
     """Stands in for SIGKILL: escapes every `except Exception`."""
 
 
+@pytest.mark.parametrize("kill_at", [(2, 0), (2, 2)], ids=["epoch-end", "mid-epoch"])
 def test_resume_after_kill_gives_the_parameters_of_an_uninterrupted_run(store, tmp_path,
-                                                                        monkeypatch):
-    uninterrupted = run_training(tiny_config(store, tmp_path / "runs", "straight"))
+                                                                        monkeypatch, kill_at):
+    every = "train.checkpoint_every_steps=2"
+    uninterrupted = run_training(tiny_config(store, tmp_path / "runs", "straight", every))
     assert uninterrupted.epochs == 4
 
     real_save = checkpoint.save_atomic
 
-    def save_then_die_after_epoch_two(payload, path, keep_last=2):
+    def save_then_die(payload, path, keep_last=2):
         real_save(payload, path, keep_last)
-        if payload["epoch"] == 2:
+        progress = payload["progress"]
+        if (progress["epoch"], progress["step_in_epoch"]) == kill_at:
             raise Killed()
 
-    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die_after_epoch_two)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
     with pytest.raises(Killed):
-        run_training(tiny_config(store, tmp_path / "runs", "killed"))
+        run_training(tiny_config(store, tmp_path / "runs", "killed", every))
     monkeypatch.setattr(checkpoint, "save_atomic", real_save)
     killed_dir = tmp_path / "runs" / "killed"
-    assert final_state(killed_dir)[1]["epoch"] == 2
+    saved = final_state(killed_dir)[1]["progress"]
+    assert (saved["epoch"], saved["step_in_epoch"]) == kill_at
 
-    resumed = run_training(tiny_config(store, tmp_path / "runs", "killed"))
+    resumed = run_training(tiny_config(store, tmp_path / "runs", "killed", every))
     assert resumed.global_step == uninterrupted.global_step
 
     expected, _ = final_state(uninterrupted.run_dir)

@@ -5,21 +5,22 @@ small interfaces, so the same loop serves every method and every engine.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from hpcbrain import dist
 from hpcbrain.engine import checkpoint
-from hpcbrain.engine.backends import NonFiniteLossError
+from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
 from hpcbrain.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    epoch: int = 0          # the next epoch to run (= epochs completed)
+    epoch: int = 0          # the epoch running or next to run (= epochs completed)
     global_step: int = 0    # optimizer steps taken so far
+    step_in_epoch: int = 0  # steps of `epoch` already taken (a mid-epoch checkpoint resumes here)
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # loss sums of those steps
+
+
+class SkipFirst(Sampler):
+    """The sampler's epoch order without its first `skip` items: a mid-epoch resume sees
+    exactly the batches the interrupted run had not trained on yet."""
+
+    def __init__(self, sampler: Sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
 
 
 class Trainer:
@@ -44,11 +61,17 @@ class Trainer:
         self.progress = Progress()
         self.world = dist.world_size()
         self.rank = dist.rank()
+        # The run id lives on rank 0 (the only one tracking); every rank's checkpoint holds it.
+        self.run_id = dist.broadcast_object(self.tracker.run_id)
+        # train.batch_size is the GLOBAL batch of one optimizer step: each rank loads
+        # batch / (world · accumulation steps) items per micro-batch (= per train_step).
+        self.grad_accum_steps = int(getattr(engine, "grad_accum_steps", 1))
         global_batch = cfg.train.batch_size
-        if global_batch % self.world:
+        if global_batch % (self.world * self.grad_accum_steps):
             raise ValueError(f"train.batch_size={global_batch} is the global batch and must be "
-                             f"divisible by the world size {self.world}")
-        self.batch_per_rank = global_batch // self.world
+                             f"divisible by the world size {self.world} × "
+                             f"engine.grad_accum_steps {self.grad_accum_steps}")
+        self.batch_per_rank = global_batch // (self.world * self.grad_accum_steps)
         # The sampler is seeded per epoch in every engine, so the data order depends only on
         # (seed, epoch): that is what makes a resumed run equal an uninterrupted one.
         self.sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank,
@@ -60,6 +83,13 @@ class Trainer:
                              f"batch of {self.batch_per_rank} per rank: lower train.batch_size")
         cap = cfg.train.max_steps_per_epoch
         self.steps_per_epoch = min(steps, cap) if cap else steps
+        # Whole optimizer steps per epoch, so no accumulated gradient spans a checkpoint.
+        self.steps_per_epoch -= self.steps_per_epoch % self.grad_accum_steps
+        every = cfg.train.checkpoint_every_steps
+        if self.steps_per_epoch == 0 or (every and every % self.grad_accum_steps):
+            raise ValueError(f"engine.grad_accum_steps={self.grad_accum_steps} must divide "
+                             f"train.checkpoint_every_steps ({every}) and fit into an epoch of "
+                             f"{min(steps, cap) if cap else steps} micro-batches")
 
     # --- data ----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, sampler, drop_last: bool = True) -> DataLoader:
@@ -91,27 +121,31 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        path = checkpoint.checkpoint_path(self.run_dir, self.progress.global_step)
-        payload = {"engine": self.engine.state_dict(), "epoch": self.progress.epoch,
-                   "global_step": self.progress.global_step, "rng": checkpoint.rng_state(),
-                   "config": OmegaConf.to_container(self.cfg, resolve=True),
-                   "mlflow_run_id": self.tracker.run_id}
-        if self.rank == 0:   # one writer; the others wait so nobody races ahead of the file
-            checkpoint.save_atomic(payload, path)
-        dist.barrier()
-        return path
+        """Every rank calls it; the engine decides who writes what (DDP: rank 0, one file;
+        DeepSpeed: every rank its shard)."""
+        client_state = {"progress": asdict(self.progress), "epoch": self.progress.epoch,
+                        "global_step": self.progress.global_step,
+                        "rng": checkpoint.gather_rng_states(),   # one entry per rank
+                        "config": OmegaConf.to_container(self.cfg, resolve=True),
+                        "mlflow_run_id": self.run_id, "engine_name": self.engine.name,
+                        "world_size": self.world}
+        return self.engine.save_checkpoint(self.run_dir, self.progress.global_step, client_state)
 
     def resume(self) -> bool:
         """Load the run folder's latest checkpoint, if any. True when it resumed."""
-        path = checkpoint.latest_checkpoint(self.run_dir)
-        if path is None or not self.cfg.run.resume:
+        if not self.cfg.run.resume:
             return False
-        state = checkpoint.load(path, map_location=self.engine.device)
-        self.engine.load_state_dict(state["engine"])
-        checkpoint.restore_rng_state(state["rng"])
-        self.progress = Progress(epoch=state["epoch"], global_step=state["global_step"])
-        log.info("resumed from %s (epoch %d, step %d)", path, self.progress.epoch,
-                 self.progress.global_step)
+        state = self.engine.load_checkpoint(self.run_dir)
+        if state is None:
+            return False
+        path = state["path"]
+        checkpoint.restore_rng_state(state["rng"], self.rank)
+        self.progress = Progress(**state["progress"])
+        if state.get("mlflow_run_id") and self.run_id and state["mlflow_run_id"] != self.run_id:
+            log.warning("checkpoint %s belongs to MLflow run %s, tracking continues in %s",
+                        path, state["mlflow_run_id"], self.run_id)
+        log.info("resumed from %s (epoch %d, step %d of the epoch, global step %d)", path,
+                 self.progress.epoch, self.progress.step_in_epoch, self.progress.global_step)
         return True
 
     # --- loop ----------------------------------------------------------------------------
@@ -123,7 +157,7 @@ class Trainer:
             self.method.on_epoch_start(epoch, self.encode_batches())
             train_means = self._train_epoch(epoch)
             val_means = self.validate()
-            self.progress.epoch += 1
+            self.progress = Progress(epoch=epoch + 1, global_step=self.progress.global_step)
             metrics = {f"epoch/train_{k}": v for k, v in train_means.items()}
             metrics.update({f"epoch/val_{k}": v for k, v in val_means.items()})
             metrics["epoch/epoch"] = epoch
@@ -136,13 +170,20 @@ class Trainer:
         return self.progress
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-                   disable=self.rank != 0, unit="step", dynamic_ncols=True, leave=False)
-        iterator = iter(self.train_loader)
+        first = self.progress.step_in_epoch        # > 0 after a mid-epoch resume
+        sums = self.progress.epoch_sums
+        every = self.cfg.train.checkpoint_every_steps
+        bar = tqdm(total=self.steps_per_epoch, initial=first, unit="step", leave=False,
+                   desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        loader = self.train_loader
+        if first:
+            loader = self._loader(self.train_set,
+                                  SkipFirst(self.sampler, first * self.batch_per_rank))
+        iterator = iter(loader)
         data_wait = 0.0
         epoch_start = time.perf_counter()
-        for step_in_epoch in range(self.steps_per_epoch):
+        for step_in_epoch in range(first, self.steps_per_epoch):
             fetch_start = time.perf_counter()
             batch = next(iterator)
             step_start = time.perf_counter()
@@ -152,30 +193,53 @@ class Trainer:
             try:
                 losses = self.engine.train_step(batch, where)
             except NonFiniteLossError as exc:
-                last = checkpoint.latest_checkpoint(self.run_dir)
+                last = self.engine.latest_checkpoint(self.run_dir)
                 raise NonFiniteLossError(
                     f"{exc}; stopped without updating the parameters. The last good checkpoint "
                     f"is {last or 'none (no epoch completed)'}; lower train.lr or check the "
                     f"data, then rerun to resume") from None
             self.progress.global_step += 1
+            self.progress.step_in_epoch = done = step_in_epoch + 1
             values = {k: float(v) for k, v in losses.items()}
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
             elapsed = time.perf_counter() - epoch_start
-            done = step_in_epoch + 1
-            samples_per_s = done * self.batch_per_rank * self.world / max(elapsed, 1e-9)
+            samples_per_s = ((done - first) * self.batch_per_rank * self.world
+                             / max(elapsed, 1e-9))
             bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{samples_per_s:.1f}")
             bar.update(1)
             if done % self.cfg.train.log_every_steps == 0 or done == self.steps_per_epoch:
-                metrics = {f"train/{k}": v for k, v in values.items()}
+                # Every rank gets here at the same steps: the reductions below are collective.
+                metrics = {f"train/{k}": v for k, v in self._mean_over_ranks(values).items()}
                 metrics.update({f"schedule/{k}": v for k, v in self.method.scalars().items()})
                 metrics["schedule/lr"] = self.engine.lr
                 metrics["throughput/samples_per_s"] = samples_per_s
                 metrics["throughput/samples_per_s_per_rank"] = samples_per_s / self.world
                 metrics["throughput/data_wait_share"] = data_wait / max(elapsed, 1e-9)
+                metrics["throughput/step_time_s"] = elapsed / max(done - first, 1)
+                worst = self._max_over_ranks([metrics["throughput/data_wait_share"],
+                                              peak_memory_mb(self.engine.device)])
+                metrics["throughput/data_wait_share_max"] = worst[0]   # the slowest loader
+                metrics["memory/peak_mb"] = worst[1]                  # the largest rank
                 self.tracker.log_metrics(metrics, step=self.progress.global_step)
+            if every and done % every == 0 and done < self.steps_per_epoch:
+                self.save_checkpoint()   # the epoch-end checkpoint follows validation
         bar.close()
-        return {k: v / self.steps_per_epoch for k, v in sums.items()}
+        return self._mean_over_ranks({k: v / self.steps_per_epoch for k, v in sums.items()})
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1 or not values:
+            return values
+        keys = sorted(values)
+        total = dist.all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                                                 device=self.engine.device))
+        return {k: float(t) / self.world for k, t in zip(keys, total.tolist())}
+
+    def _max_over_ranks(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        return dist.all_reduce_max(torch.tensor(values, dtype=torch.float64,
+                                                device=self.engine.device)).tolist()
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
