@@ -1,4 +1,4 @@
-"""The `hpcbrain` command: synth, convert, train, config.
+"""The `hpcbrain` command: synth, convert, train, embed, config.
 
 Heavy imports (torch, zarr, mlflow) happen inside each sub-command so `hpcbrain --help` is fast.
 """
@@ -30,6 +30,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 2
     print(f"converted {report.n_converted} scans into {report.out} in {report.seconds:.1f} s"
           + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from hpcbrain.config import load_config
+    from hpcbrain.evaluate.embed import embed_scans, write_latents
+    from hpcbrain.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(load_config()))  # $MLFLOW_TRACKING_URI or the project db
+    latents = embed_scans(args.model, args.scans, batch_size=args.batch_size)
+    write_latents(args.out, args.scans, latents)
+    print(f"wrote {latents.shape[0]} latents of dimension {latents.shape[1]} to {args.out}")
     return 0
 
 
@@ -76,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_cmd_convert)
 
+    embed = sub.add_parser("embed", help="embed NIfTI scans with a registered encoder")
+    embed.add_argument("model", help="e.g. models:/hpcbrain-lsor-encoder@current (set "
+                                     "MLFLOW_TRACKING_URI for a non-default store)")
+    embed.add_argument("scans", nargs="+", type=Path, help=".nii or .nii.gz files")
+    embed.add_argument("--out", required=True, type=Path, help="latents.csv or latents.npy")
+    embed.add_argument("--batch-size", type=int, default=8)
+    embed.set_defaults(func=_cmd_embed)
+
     for name, func, text in (("train", _cmd_train, "train in this process (local debug mode)"),
                              ("config", _cmd_config, "print the resolved config")):
         cmd = sub.add_parser(name, help=text)
@@ -90,10 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from hpcbrain.config import ConfigError
+    from hpcbrain.data.store import StoreError
 
+    # Errors about the user's input get one clear line; anything else is a bug: traceback.
+    user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError)
+    if args.command == "embed":
+        from hpcbrain.data.convert import BadScanError
+
+        user_errors += (BadScanError,)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -144,3 +144,44 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert "config.yaml" in artifacts and "figures" in artifacts
     assert (result.run_dir / "figures" / "som_heatmaps.png").stat().st_size > 1000
+
+
+def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from hpcbrain.cli import main
+    from hpcbrain.data.convert import load_scan
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(store, tmp_path / "runs", "embed", "tracking.enabled=true",
+                      f"tracking.uri={uri}", "tracking.registered_model=embed-encoder",
+                      "train.epochs=2")
+    result = run_training(cfg)
+    rng = np.random.default_rng(1)
+    scans = []
+    for k in range(3):   # new scans, in another size and orientation than the store's
+        path = tmp_path / f"new{k}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random((20, 18, 22)).astype(np.float32),
+                                 np.diag([-2.0, 2.0, 2.0, 1.0])), path)
+        scans.append(path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "latents.csv"
+    assert main(["embed", result.model_uri, *map(str, scans), "--out", str(out),
+                 "--batch-size", "2"]) == 0
+    rows = out.read_text().splitlines()
+    assert rows[0].startswith("path,z0,z1")
+    assert len(rows) == 4
+
+    from hpcbrain.methods.lsor import LSOR
+
+    method = LSOR(cfg)
+    method.load_state_dict(final_state(result.run_dir)[0])
+    method.eval()
+    volume = torch.from_numpy(load_scan(scans[2], 16)[0])[None, None]
+    expected = method.encoder()(volume)[0].detach().numpy()
+    got = np.array([float(v) for v in rows[3].split(",")[1:]])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), bad)
+    assert main(["embed", result.model_uri, str(bad), "--out", str(tmp_path / "x.npy")]) == 2
