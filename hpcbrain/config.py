@@ -49,6 +49,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 16])  # encoder conv blocks
+    # Contrastive methods (AdapN family) only; LSOR uses `widths` alone.
+    backbone: str = "resnet18"       # resnet18 | resnet34 | lsor (LSOREncoder with `widths`)
+    resnet_width: int = 64           # ResNet base width: stages w, 2w, 4w, 8w; features 8w (512)
+    projection_hidden: Optional[int] = None   # projection head hidden size; None = feature dim
+    projection_dim: int = 128        # projection head output (L2-normalised)
+    features: str = "projection"     # evaluation features: projection (after head) | backbone
 
 
 @dataclass
@@ -64,6 +70,8 @@ class TrainConfig:
     log_every_steps: int = 10
     checkpoint_every_steps: Optional[int] = None   # also checkpoint mid-epoch (preemptible jobs)
     num_threads: Optional[int] = None           # torch intra-op threads on CPU; None = default
+    lr_step_every_epochs: Optional[int] = None  # lr × lr_gamma every this many epochs; None = constant
+    lr_gamma: float = 1.0
 
 
 @dataclass
@@ -80,6 +88,28 @@ class LSORConfig:
     ema_alpha: float = 0.99          # reference-trajectory EMA decay
     kmeans_max_iter: int = 300
     kmeans_n_init: int = 3           # k-means restarts at the SOM initialisation
+
+
+@dataclass
+class ContrastiveConfig:
+    """The contrastive methods (adapn, exponential, threshold, yaware, rnc, simclr, nnclr)."""
+    temperature: float = 0.1
+    kernel: str = "rbf"              # label kernel: rbf | gaussian | cauchy
+    sigma: float = 2.0               # kernel width in label units (years of age)
+    nn_final: int = 14               # AdapN: neighbourhood size (scans) at the end of training
+    nn_step: int = 1                 # AdapN: epochs between neighbourhood shrinks; 0 = no schedule
+    distance: str = "manhattan"      # AdapN neighbours: manhattan | euclidean | chebyshev | cosine
+    far_lambda: Optional[float] = None   # AdapN appendix: weight non-nearest by (r/d)^λ; None = drop
+    max_shift: bool = False          # AdapN/Exponential: the official code's s − max_t s (docs/adapn.md)
+    nnclr_queue: int = 1024          # NNCLR support set size (projections of earlier batches)
+    # The two views per scan are drawn from this (on top of data.augment, applied once per scan)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(
+        p=0.5, flip=False, rotation_deg=0.0, translation_vox=0.0, cutout_size=0, noise_std=0.0))
+    evaluate: bool = True            # ridge age regression on frozen features after training
+    ridge_seeds: int = 5             # inner-CV shuffles the ridge evaluation is repeated over
+    ridge_cv: int = 5                # inner CV folds (by subject) choosing the ridge alpha
+    ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0,
+                                                               100.0, 1000.0])
 
 
 @dataclass
@@ -144,6 +174,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lsor: LSORConfig = field(default_factory=LSORConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -218,7 +249,13 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", schema)
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except Exception as exc:  # the value is parsed as YAML: yaml raises several types
+            reason = str(exc).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason}); "
+                              f"quote it, e.g. key='\"a b\"'") from None
+        cfg = _merge(cfg, update, f"override '{item}'", schema)
     OmegaConf.set_readonly(cfg, False)
     return cfg
 

@@ -88,27 +88,41 @@ def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
     return split, train, val
 
 
-def device_for_this_rank() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def build_engine(cfg: DictConfig, method, device: torch.device):
-    from hpcbrain.engine.backends import SingleEngine, use_bf16
+    """single | ddp | deepspeed (cfg.engine.name) around the method; see engine/backends.py."""
+    from hpcbrain.engine.backends import build_engine as make_engine
 
-    optimizer = torch.optim.Adam(method.parameters(), lr=cfg.train.lr,
-                                 weight_decay=cfg.train.weight_decay)
-    return SingleEngine(method, optimizer, device, bf16=use_bf16(cfg.train.precision, device))
+    return make_engine(cfg, method, device)
+
+
+def setup_process_group(cfg: DictConfig) -> dist.DistState:
+    """The process group the launcher's environment describes (torchrun, Slurm, submitit, or
+    none); DDP and DeepSpeed get a one-process group when nothing launched us. Idempotent."""
+    from hpcbrain.engine.backends import needs_process_group
+
+    return dist.setup_distributed(backend=cfg.engine.backend,
+                                  timeout_minutes=cfg.engine.timeout_minutes,
+                                  require_group=needs_process_group(cfg.engine.name),
+                                  via_deepspeed=cfg.engine.name == "deepspeed")
 
 
 def run_training(cfg: DictConfig) -> TrainingResult:
-    """Train (or resume) the configured method; on rank 0 evaluate and register the encoder."""
+    """Train (or resume) the configured method on every rank the launcher started; on rank 0
+    evaluate and register the encoder. Ends the process group if it started it."""
+    group = setup_process_group(cfg)
+    dist.configure_logging()
+    try:
+        return _train_in_group(cfg, group.device)
+    finally:
+        if group.created:
+            dist.teardown()
+
+
+def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
     from hpcbrain.engine.trainer import Trainer
     from hpcbrain.methods import build_method
     from hpcbrain.tracking import make_tracker, tracking_uri
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -119,7 +133,6 @@ def run_training(cfg: DictConfig) -> TrainingResult:
 
     store = open_store(cfg)
     method = build_method(cfg)
-    device = device_for_this_rank()
     method.to(device)
     split, train_set, val_set = build_datasets(cfg, store, method.batch_kind)
     engine = build_engine(cfg, method, device)
@@ -135,9 +148,12 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     try:
         progress = trainer.fit()
         result = TrainingResult(run_dir, progress.global_step, progress.epoch,
-                                tracking_uri=tracking_uri(cfg), run_id=tracker.run_id)
+                                tracking_uri=tracking_uri(cfg), run_id=trainer.run_id)
+        # The trained method whole and in fp32 (DeepSpeed: gathered from its master weights);
+        # a collective under ZeRO, so every rank takes part before rank 0 evaluates.
+        trained = engine.export_method(lambda: build_method(cfg))
         if dist.is_global_rank0():
-            finish_on_rank0(cfg, method, store, split, tracker, run_dir, result)
+            finish_on_rank0(cfg, trained, store, split, tracker, run_dir, result)
         status = "FINISHED"
         return result
     finally:
@@ -156,6 +172,12 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
             tracker.log_artifact(figure, artifact_path="figures")
         result.metrics = report.metrics
         result.figures = report.figures
+    from hpcbrain.evaluate.ridge import evaluate_after_training
+
+    ridge = evaluate_after_training(cfg, method, store, split, tracker, run_dir,
+                                    result.global_step)   # contrastive methods: age MAE
+    if ridge is not None:
+        result.metrics = {**(result.metrics or {}), **ridge}
     size = cfg.data.input_size
     example = torch.from_numpy(np.stack([store.read_image(i) for i in split.train[:2]]))[:, None]
     result.model_uri = tracker.log_encoder(method.encoder(), example.reshape(-1, 1, size, size, size))

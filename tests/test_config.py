@@ -100,3 +100,8 @@ def test_flatten_config_gives_dotted_keys():
     assert flat["train.epochs"] == 2
     assert flat["data.augment.flip"] is True
     assert flat["model.widths"] == [16, 32, 64, 16]
+
+
+def test_override_whose_value_is_not_yaml():
+    with pytest.raises(ConfigError, match=r"override 'slurm.setup=\[export A=\$\{B\}\]'.*YAML"):
+        load_config(overrides=["slurm.setup=[export A=${B}]"])

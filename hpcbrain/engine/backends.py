@@ -1,94 +1,73 @@
 """Engines: how one optimisation step is run. The method code is the same for every engine.
 
-`SingleEngine` runs in one process (CPU or one GPU). Distributed engines wrap the same method
-and keep the same interface: `train_step`, `state_dict`, `load_state_dict`.
+    engine = build_engine(cfg, method, device)    # after hpcbrain.dist.setup_distributed(...)
+
+`engine.name` picks one of
+
+* ``single``    — one process (engine/single.py);
+* ``ddp``       — DistributedDataParallel (engine/ddp.py);
+* ``deepspeed`` — DeepSpeed ZeRO 0–3 (engine/deepspeed.py);
+* ``auto``      — ``ddp`` when the launcher started more than one process, else ``single``.
+
+They share one interface (see engine/single.py). The optimizer is always a torch Adam with
+train.lr and train.weight_decay, so a given config optimises the same way in every engine.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from hpcbrain import dist
+from hpcbrain.engine.single import (CheckpointMismatchError, NonFiniteLossError, SingleEngine,
+                                    bf16_supported, check_finite, peak_memory_mb, to_device,
+                                    use_bf16)
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or Inf: stop before the optimizer corrupts the parameters."""
+__all__ = ["ENGINES", "build_engine", "resolve_engine_name", "needs_process_group",
+           "SingleEngine", "NonFiniteLossError", "CheckpointMismatchError", "bf16_supported",
+           "check_finite", "peak_memory_mb", "to_device", "use_bf16"]
 
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # On CPU bf16 only pays off with AMX tiles; without them autocast is slower than fp32.
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return "amx_bf16" in handle.read()
-    except OSError:
-        return False
+ENGINES = ("single", "ddp", "deepspeed")
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if precision == "auto":
-        return bf16_supported(device)
-    raise ValueError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")
+def resolve_engine_name(name: str, world_size: int) -> str:
+    """The engine `engine.name` means for a world of `world_size` processes."""
+    if name == "auto":
+        return "ddp" if world_size > 1 else "single"
+    if name not in ENGINES:
+        raise ValueError(f"engine.name must be auto, {', '.join(ENGINES)}; got {name!r}")
+    if name == "single" and world_size > 1:
+        raise ValueError(f"engine.name=single but the launcher started {world_size} processes: "
+                         f"use engine.name=ddp or deepspeed (or auto), or start one process")
+    return name
 
 
-class SingleEngine:
-    """One process: forward, finite check, backward, optimizer step."""
+def needs_process_group(name: str) -> bool:
+    """DDP and DeepSpeed need a process group even for one process."""
+    return name in ("ddp", "deepspeed")
 
-    name = "single"
 
-    def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, bf16: bool, grad_clip: float | None = None):
-        self.method = method
-        self.model: nn.Module = method   # distributed engines put their wrapper here
-        self.optimizer = optimizer
-        self.device = device
-        self.bf16 = bf16
-        self.grad_clip = grad_clip
+def build_optimizer(cfg: Any, method: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(method.parameters(), lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
 
-    def autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def train_step(self, batch: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
-        self.model.train()
-        with self.autocast():
-            losses = self.model(to_device(batch, self.device))
-        loss = losses["loss"]
-        if not torch.isfinite(loss.detach()):
-            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(f"non-finite loss at {where} ({detail})")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
-        self.optimizer.step()
-        return {k: v.detach() for k, v in losses.items()}
+def build_engine(cfg: Any, method: nn.Module, device: torch.device):
+    """The engine `cfg.engine` asks for, around `method` (already on `device`)."""
+    name = resolve_engine_name(cfg.engine.name, dist.world_size())
+    bf16 = use_bf16(cfg.train.precision, device)
+    optimizer = build_optimizer(cfg, method)
+    grad_clip = float(cfg.engine.grad_clip) if cfg.engine.grad_clip else None
+    accum = int(cfg.engine.grad_accum_steps)
+    if name == "single":
+        return SingleEngine(method, optimizer, device, bf16, grad_clip, accum)
+    if name == "ddp":
+        from hpcbrain.engine.ddp import DDPEngine
 
-    @torch.no_grad()
-    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        self.method.eval()
-        with self.autocast():
-            return self.method.validation_step(to_device(batch, self.device))
+        return DDPEngine(method, optimizer, device, bf16, grad_clip, accum)
+    from hpcbrain.engine.deepspeed import DeepSpeedEngine, deepspeed_config
 
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    keep = getattr(type(method), "fp32_buffers", ())
+    return DeepSpeedEngine(method, optimizer, device,
+                           deepspeed_config(cfg, dist.world_size(), bf16, keep))

@@ -1,13 +1,21 @@
 """Atomic, resumable checkpoints in a run folder.
 
-A checkpoint is written to a temporary file and renamed into place, so a job killed while
-saving leaves the previous checkpoint intact and never a half-written one under a real name.
+Single-process and DDP runs write one torch file per checkpoint, from global rank 0:
+`run_dir/checkpoints/step-NNNNNNNNN.pt`, written to a temporary file and renamed into place, so
+a job killed while saving leaves the previous checkpoint intact and never a half-written one
+under a real name. DeepSpeed runs write one folder per checkpoint from every rank:
+`run_dir/checkpoints/deepspeed/step-NNNNNNNNN/`, plus the file `latest` that DeepSpeed writes
+after all shards are saved (the same guarantee: `latest` only ever names a complete folder).
+
+Both carry the same client state: epoch, global_step, the RNG states of every rank, the
+config and the MLflow run id.
 """
 from __future__ import annotations
 
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +23,9 @@ import numpy as np
 import torch
 
 CHECKPOINT_DIR = "checkpoints"
+DEEPSPEED_DIR = "deepspeed"
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+_TAG = re.compile(r"^step-(\d{9})$")
 
 
 def checkpoint_path(run_dir: Path, global_step: int) -> Path:
@@ -55,6 +65,33 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def deepspeed_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / DEEPSPEED_DIR
+
+
+def deepspeed_tag(global_step: int) -> str:
+    return f"step-{global_step:09d}"
+
+
+def latest_deepspeed_tag(run_dir: Path) -> str | None:
+    """The tag DeepSpeed's `latest` file names, if that folder exists."""
+    latest = deepspeed_dir(run_dir) / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if tag and (deepspeed_dir(run_dir) / tag).is_dir() else None
+
+
+def prune_deepspeed(run_dir: Path, keep_last: int = 2) -> None:
+    """Remove all but the newest `keep_last` DeepSpeed checkpoint folders (never `latest`'s)."""
+    folder = deepspeed_dir(run_dir)
+    latest = latest_deepspeed_tag(run_dir)
+    tags = sorted(p.name for p in folder.iterdir() if p.is_dir() and _TAG.match(p.name))
+    for tag in tags[:-keep_last]:
+        if tag != latest:
+            shutil.rmtree(folder / tag, ignore_errors=True)
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
@@ -63,7 +100,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective: call on every rank)."""
+    from hpcbrain import dist
+
+    return dist.all_gather_object(rng_state())
+
+
+def restore_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 0) -> None:
+    """Restore one state, or this rank's entry of a per-rank list (entry 0 when the world grew)."""
+    if isinstance(state, (list, tuple)):
+        state = state[rank] if rank < len(state) else state[0]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -26,6 +26,14 @@ from hpcbrain.tracking import NullTracker
 log = logging.getLogger(__name__)
 
 
+def lr_at_epoch(base_lr: float, epoch: int, every: int | None, gamma: float) -> float:
+    """Step schedule: base_lr · gamma^⌊epoch / every⌋ (epoch from 0); constant when every is
+    None or < 1. AdapN's paper setting: every 10 epochs, gamma 0.9."""
+    if not every or every < 1:
+        return float(base_lr)
+    return float(base_lr) * float(gamma) ** (max(int(epoch), 0) // int(every))
+
+
 @dataclass
 class Progress:
     epoch: int = 0          # the epoch running or next to run (= epochs completed)
@@ -154,6 +162,7 @@ class Trainer:
         while self.progress.epoch < epochs:
             epoch = self.progress.epoch
             self._set_epoch(epoch)
+            self._apply_lr_schedule(epoch)
             self.method.on_epoch_start(epoch, self.encode_batches())
             train_means = self._train_epoch(epoch)
             val_means = self.validate()
@@ -168,6 +177,20 @@ class Trainer:
                                    if k.endswith("loss"))
                 log.info("epoch %d/%d done: %s", epoch + 1, epochs, summary)
         return self.progress
+
+    def _apply_lr_schedule(self, epoch: int) -> None:
+        """train.lr_step_every_epochs / train.lr_gamma: set this epoch's lr on the optimizer
+        (and on the torch optimizer a DeepSpeed engine wraps). A function of the epoch only, so
+        a resumed run gets the lr of an uninterrupted one."""
+        every = self.cfg.train.get("lr_step_every_epochs")
+        if not every:
+            return
+        lr = lr_at_epoch(self.cfg.train.lr, epoch, every, self.cfg.train.lr_gamma)
+        for optimizer in {id(o): o for o in (self.engine.optimizer,
+                                             getattr(self.engine, "torch_optimizer", None))
+                          if o is not None}.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         first = self.progress.step_in_epoch        # > 0 after a mid-epoch resume

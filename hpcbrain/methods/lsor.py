@@ -25,7 +25,6 @@ docs/lsor-decisions.md.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -384,6 +383,8 @@ class LSOR(Method):
     batch_kind = "pairs"
     # G gets no gradient during the recon-only warm-up (DDP: find_unused_parameters=True).
     find_unused_parameters = True
+    # The reference-trajectory EMA must not be rounded to bf16 by a mixed-precision engine.
+    fp32_buffers = ("dG",)
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -580,12 +581,14 @@ class LSOR(Method):
 
     @torch.no_grad()
     def _assign_som(self, G: Tensor, dG: Tensor) -> None:
-        ctx: Any = contextlib.nullcontext()
-        if hasattr(self.G, "ds_id"):  # DeepSpeed ZeRO-3 partitions parameters
-            import deepspeed  # type: ignore
-
-            ctx = deepspeed.zero.GatheredParameters([self.G], modifier_rank=0)
-        with ctx:
+        # G is a parameter written outside the optimizer. Engines whose optimizer keeps its own
+        # copy of the parameters (DeepSpeed: fp32 master weights, ZeRO partitions) install a
+        # `parameter_writer` that updates that copy too and resets G's optimizer moments;
+        # a plain `.data.copy_` would be overwritten by the old master at the next step.
+        writer = getattr(self, "parameter_writer", None)
+        if writer is not None:
+            writer(self.G, G)
+        else:
             self.G.data.copy_(G.to(device=self.G.device, dtype=self.G.dtype))
         self.dG.copy_(dG.to(device=self.dG.device, dtype=self.dG.dtype))
         self.initialised.fill_(True)

@@ -1,0 +1,277 @@
+"""DeepSpeed: ZeRO stages 0–3, bf16, gradient accumulation and clipping, sharded checkpoints.
+
+The DeepSpeed JSON (`engine.deepspeed_config`, a path or a name under configs/) supplies what
+only DeepSpeed knows (ZeRO stage and its bucket sizes, offload, ...). The keys hpcbrain's config
+also decides are always filled in from it, so the two never disagree:
+
+    train_batch_size               = train.batch_size (the global batch)
+    train_micro_batch_size_per_gpu = train.batch_size / (world · engine.grad_accum_steps)
+    gradient_accumulation_steps    = engine.grad_accum_steps
+    gradient_clipping              = engine.grad_clip (0 = off)
+    bf16.enabled                   = train.precision (auto: bf16 where the hardware has it)
+    fp16.enabled                   = false
+    zero_optimization.stage        = engine.zero_stage, when set
+
+The optimizer is a torch Adam built by hpcbrain from train.lr / train.weight_decay and passed in
+(so DeepSpeed builds no FusedAdam/CPUAdam extension); an "optimizer" or "scheduler" section in
+the JSON is dropped with a warning.
+
+bf16: DeepSpeed casts the parameters to bf16 and keeps fp32 master weights in the optimizer.
+Buffers are cast to bf16 too (`data_types.buffer_dtype`: BatchNorm's running statistics must
+match its bf16 weights, CPU batch_norm refuses the mix) except those the method lists in
+`fp32_buffers` (LSOR: ΔG, an EMA that bf16 would round away), kept fp32 through
+`data_types.keep_in_fp32_modules`; `_check_fp32_buffers` restores them should a DeepSpeed
+version cast them anyway. Parameters a method writes outside the optimizer (LSOR's k-means G)
+go through `write_parameter`, which updates the fp32 master too.
+
+Checkpoints: `run_dir/checkpoints/deepspeed/step-NNNNNNNNN/` written by EVERY rank (each its own
+optimizer shard), `latest` naming the newest complete one (DeepSpeed writes it last, so a job
+killed while saving resumes from the previous one). Our client state (epoch, global step, RNG
+states of every rank, config, MLflow run id) rides in the model-states file. ZeRO checkpoints
+are tied to the world size they were written with.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from hpcbrain import dist
+from hpcbrain.engine import checkpoint
+from hpcbrain.engine.single import (CheckpointMismatchError, ParameterWriter, check_finite,
+                                    to_device)
+
+log = logging.getLogger(__name__)
+
+
+def load_deepspeed_json(name: str | Path) -> dict[str, Any]:
+    from hpcbrain.config import resolve_config_path
+
+    path = resolve_config_path(name)
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); engine.deepspeed_config must name a "
+                         f"DeepSpeed config file") from None
+
+
+def deepspeed_config(cfg: Any, world_size: int, bf16: bool,
+                     fp32_buffers: Sequence[str] = ()) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run: the JSON with hpcbrain's keys filled in.
+
+    fp32_buffers: buffer names (the method's `fp32_buffers`) kept in fp32 under bf16."""
+    ds = copy.deepcopy(load_deepspeed_json(cfg.engine.deepspeed_config))
+    accum = int(cfg.engine.grad_accum_steps)
+    global_batch = int(cfg.train.batch_size)
+    if accum < 1:
+        raise ValueError(f"engine.grad_accum_steps must be >= 1, got {accum}")
+    if global_batch % (world_size * accum):
+        raise ValueError(f"train.batch_size={global_batch} (the global batch) must be divisible "
+                         f"by world size {world_size} × engine.grad_accum_steps {accum}")
+    wanted: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // (world_size * accum),
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.engine.grad_clip or 0.0),
+    }
+    changed = [f"{k}: {ds[k]} -> {v}" for k, v in wanted.items() if k in ds and ds[k] != v]
+    ds.update(wanted)
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            log.warning("deepspeed config: dropping its %r section; hpcbrain passes a torch Adam "
+                        "(train.lr, train.weight_decay)", section)
+            ds.pop(section)
+    if ds.get("fp16", {}).get("enabled"):
+        changed.append("fp16.enabled: true -> false (hpcbrain supports fp32 and bf16)")
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    if bool(ds.get("bf16", {}).get("enabled", False)) != bf16:
+        changed.append(f"bf16.enabled -> {bf16} (train.precision)")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bool(bf16)}
+    if bf16:
+        # bf16 parameters need bf16 BatchNorm running statistics (CPU batch_norm refuses the
+        # mix); statistics a method accumulates on purpose stay fp32 (LSOR's ΔG).
+        types = ds.setdefault("data_types", {})
+        types.setdefault("buffer_dtype", "bf16")
+        keep = types.get("keep_in_fp32_modules")
+        keep = [] if keep in (None, "auto") else list(keep)
+        types["keep_in_fp32_modules"] = keep + [f"^{name}$" for name in fp32_buffers
+                                                if f"^{name}$" not in keep]
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg.engine.zero_stage is not None:
+        stage = int(cfg.engine.zero_stage)
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {stage}")
+        if zero.get("stage", 0) != stage:
+            changed.append(f"zero_optimization.stage: {zero.get('stage', 0)} -> {stage}")
+        zero["stage"] = stage
+    ds.setdefault("steps_per_print", 10**9)   # our trainer logs; DeepSpeed's own is noise
+    if changed and dist.is_global_rank0():
+        log.info("deepspeed config %s, set from the hpcbrain config: %s",
+                 cfg.engine.deepspeed_config, "; ".join(changed))
+    return ds
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, ds_config: dict[str, Any]):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        import deepspeed
+
+        if not dist.is_initialized():
+            raise RuntimeError("engine.name=deepspeed needs a process group: call "
+                               "hpcbrain.dist.setup_distributed(require_group=True, "
+                               "via_deepspeed=True) first")
+        fp32_buffers = {name: buf.dtype for name, buf in method.named_buffers()
+                        if name in getattr(type(method), "fp32_buffers", ())}
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=method, optimizer=optimizer, config=ds_config)
+        self.torch_optimizer = optimizer   # what DeepSpeed steps (directly only at ZeRO-0 fp32)
+        self.method = method
+        method.parameter_writer = ParameterWriter(self)
+        self.device = device
+        self.ds_config = ds_config
+        self.bf16 = bool(self.model.bfloat16_enabled())
+        self.grad_accum_steps = int(self.model.gradient_accumulation_steps())
+        self.zero_stage = int(self.model.zero_optimization_stage())
+        self._check_fp32_buffers(fp32_buffers)
+
+    def _check_fp32_buffers(self, before: dict[str, torch.dtype]) -> None:
+        """Statistics a method accumulates (LSOR's ΔG EMA) must not be rounded to bf16."""
+        for name, buf in self.method.named_buffers():
+            if name in before and buf.dtype != before[name]:
+                buf.data = buf.data.to(before[name])
+                log.info("deepspeed cast buffer %s to %s; restored %s", name, buf.dtype,
+                         before[name])
+
+    @torch.no_grad()
+    def write_parameter(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """New value for `param` in the model AND in DeepSpeed's fp32 master copy (ZeRO 1–3,
+        bf16), its Adam moments zeroed. Call on every rank with the same value. Writing
+        `param.data` alone is undone by the next step, which copies the old master back.
+
+        Everything here is local to each rank (its own partition), so ranks holding no piece
+        of `param` cannot fall out of step with the others."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        value = value.detach().to(device=self.device, dtype=torch.float32)
+        stepped = self.model.global_steps > 0   # Adam state exists (same answer on every rank)
+        if hasattr(param, "ds_id"):             # ZeRO-3: the parameter lives in partitions
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if dist.is_global_rank0():
+                    param.data.copy_(value.to(param.dtype))
+            safe_set_full_fp32_param(param, value)
+            if stepped:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(param, torch.zeros_like(value), key)
+            return
+        param.data.copy_(value.to(param.dtype))
+        mapping = getattr(param, "_hp_mapping", False)
+        if mapping is False:                    # ZeRO-0 fp32: DeepSpeed steps our torch Adam
+            self.torch_optimizer.state.pop(param, None)
+            return
+        safe_set_full_fp32_param(param, value)  # ZeRO-1/2 and the bf16 optimizer
+        if stepped and mapping is not None:
+            link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+            if link is not None:                # links fragments to the (loaded) Adam state
+                link()
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in mapping.optim_fragment:
+                    mapping.optim_fragment[key].zero_()
+
+    def train_step(self, batch: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+        self.model.train()
+        # As DDP: BatchNorm running statistics follow rank 0, so every rank (and the
+        # checkpoint, which holds rank 0's module state) has the same model.
+        dist.broadcast_buffers(self.method)
+        losses = self.model(to_device(batch, self.device))
+        check_finite(losses, where)
+        self.model.backward(losses["loss"])   # scales by 1/accumulation steps itself
+        self.model.step()                     # steps the optimizer at accumulation boundaries
+        return {k: v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        self.method.eval()
+        # ZeRO-3 gathers a module's parameters in its forward hooks; validation_step is not a
+        # forward of the top module, so its own parameters (LSOR's G) are gathered here.
+        with self._gathered(list(self.method.parameters(recurse=False))):
+            return self.method.validation_step(to_device(batch, self.device))
+
+    def _gathered(self, params: list[nn.Parameter]):
+        if self.zero_stage != 3 or not params:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def full_parameters(self):
+        """All parameters whole on every rank (read-only; a collective under ZeRO-3)."""
+        return self._gathered(list(self.method.parameters()))
+
+    def method_state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's state with every parameter whole and in fp32 (DeepSpeed's master
+        weights where it keeps them). A collective under ZeRO: call on every rank."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in self.method.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            full = param.detach() if full is None else full
+            shape = getattr(param, "ds_shape", param.shape)   # ZeRO-3 holds a partition
+            state[name] = full.reshape(shape).to("cpu", torch.float32)
+        for name, value in self.method.state_dict().items():
+            if name not in state:   # buffers: never partitioned
+                state[name] = value.detach().to("cpu")
+        return state
+
+    def export_method(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """A fresh fp32 method (from `build`) holding the trained state; call on every rank."""
+        state = self.method_state_dict()
+        method = build()
+        method.load_state_dict(state)   # copies cast bf16 buffers back to fp32
+        return method.to(self.device).eval()
+
+    @property
+    def lr(self) -> float:
+        return float(self.model.get_lr()[0])
+
+    # --- checkpoints: every rank writes its shard ---------------------------------------------
+    def latest_checkpoint(self, run_dir: Path) -> Path | None:
+        tag = checkpoint.latest_deepspeed_tag(run_dir)
+        return checkpoint.deepspeed_dir(run_dir) / tag if tag else None
+
+    def save_checkpoint(self, run_dir: Path, global_step: int,
+                        client_state: dict[str, Any]) -> Path:
+        folder = checkpoint.deepspeed_dir(run_dir)
+        tag = checkpoint.deepspeed_tag(global_step)
+        self.model.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+        if dist.is_global_rank0():
+            checkpoint.prune_deepspeed(run_dir)
+        dist.barrier()
+        return folder / tag
+
+    def load_checkpoint(self, run_dir: Path) -> dict[str, Any] | None:
+        tag = checkpoint.latest_deepspeed_tag(run_dir)
+        if tag is None:
+            if checkpoint.latest_checkpoint(run_dir) is not None:
+                raise CheckpointMismatchError(
+                    f"{run_dir} holds single/DDP checkpoints but engine.name=deepspeed: resume "
+                    f"with engine.name=ddp, or start a new run with another run.name")
+            return None
+        folder = checkpoint.deepspeed_dir(run_dir)
+        path, client_state = self.model.load_checkpoint(str(folder), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {folder / tag}")
+        client_state = dict(client_state or {})
+        client_state["path"] = folder / tag
+        return client_state
