@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# Under CI the real-cluster tests must run: install the dev cluster's Debian packages up front
+# so a missing package fails here, loudly, rather than as a skipped test.
 test: setup
+	@if [ "$${CI:-}" = true ]; then slurm/devcluster/start.sh --install-only; fi
 	$(PY) -m pytest
 
 # Synthetic cohort -> cohort store -> LSOR training -> evaluation and registry. Re-running

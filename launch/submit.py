@@ -1,8 +1,18 @@
 #!/usr/bin/env python
-"""Launch a training job: `python launch/submit.py --cfg lsor.yaml --local [key=value ...]`.
+"""Launch training on Slurm (submitit), or here with --local.
 
---local trains in this process (one CPU or GPU, no Slurm): the debug mode that runs the same
-code a Slurm job runs.
+    python launch/submit.py --cfg lsor.yaml --nodes 2 --gpus-per-node 4 --partition gpu
+    python launch/submit.py --cfg lsor.yaml --cfg smoke.yaml --nodes 2 --wait data.store=...
+    python launch/submit.py --cfg lsor.yaml --cfg slurm/profiles/gpu-cluster.yaml --dry-run
+    python launch/submit.py --cfg lsor.yaml --folds 5 --sweep train.lr=1e-3,5e-4   # one job array
+    python launch/submit.py --cfg lsor.yaml --local                                  # no Slurm
+
+Configs merge in order (bare names resolve under configs/), then key=value overrides, then the
+flags (--nodes, --gpus-per-node, --partition, --time, --account, --engine), which set the
+`slurm` (and `engine`) sections. One task per GPU; on CPU-only partitions (gpus_per_node 0)
+slurm.tasks_per_node tasks per node. Jobs requeue themselves on preemption and at the time
+limit and resume from the run folder's latest checkpoint, in the same MLflow run.
+Exit status: 0 ok, 1 a job failed (--wait), 2 a bad request (config, cluster, flags).
 """
 from __future__ import annotations
 
@@ -12,41 +22,165 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--cfg", action="append", default=[], metavar="FILE",
                         help="config file, repeatable, merged in order (bare names resolve "
-                             "under configs/)")
-    parser.add_argument("--local", action="store_true",
-                        help="train in this process without Slurm (debug mode)")
+                             "under configs/; cluster profiles are in slurm/profiles/)")
+    parser.add_argument("--nodes", type=int, help="nodes per job (slurm.nodes)")
+    parser.add_argument("--gpus-per-node", type=int, metavar="G",
+                        help="GPUs per node = tasks per node (slurm.gpus_per_node); 0 for a "
+                             "CPU-only partition, where slurm.tasks_per_node applies")
+    parser.add_argument("--partition", help="Slurm partition (slurm.partition), checked with sinfo")
+    parser.add_argument("--time", metavar="T",
+                        help="time limit per (re)queued job: minutes, H:MM:SS or D-HH:MM:SS "
+                             "(slurm.time_min)")
+    parser.add_argument("--account", help="Slurm account to charge (slurm.account)")
+    parser.add_argument("--engine", choices=["ddp", "deepspeed"], help="engine.name")
+    parser.add_argument("--folds", type=int, metavar="K",
+                        help="cross-validation: K jobs (data.fold=0..K-1) as one job array")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one job per value, repeatable (product); one job array")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true",
+                      help="train in this process without Slurm (debug mode)")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the sbatch script and the resolved config; submit nothing")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for the job(s); exit 1 if one failed")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
 
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    from hpcbrain.launcher import parse_time_min
+
+    flags = {"slurm.nodes": args.nodes, "slurm.gpus_per_node": args.gpus_per_node,
+             "slurm.partition": args.partition, "slurm.account": args.account,
+             "slurm.time_min": parse_time_min(args.time) if args.time is not None else None,
+             "engine.name": args.engine}
+    return [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hpcbrain.config import ConfigError, load_config
-    from hpcbrain.data.store import StoreError
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hpcbrain.config import ConfigError
+    from hpcbrain.launcher import LaunchError
 
     try:
-        cfg = load_config(args.cfg, args.overrides)
+        overrides = [*args.overrides, *flag_overrides(args)]
+        if args.local:
+            return run_local(args, overrides)
+        return submit(args, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.local:
-        print("error: only --local is supported in this version (Slurm submission is not "
-              "implemented yet); rerun with --local", file=sys.stderr)
-        return 2
-    from hpcbrain.job import run_training
-
-    try:
-        result = run_training(cfg)
-    except StoreError as exc:
+    except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_summary(result)
+    except OmegaConfBaseException as exc:
+        print(f"error: config: {str(exc).splitlines()[0]} (a shell ${{VAR}} in a config value is "
+              f"an OmegaConf interpolation: write $VAR or \\${{VAR}})", file=sys.stderr)
+        return 2
+
+
+def run_local(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hpcbrain.data.store import StoreError
+    from hpcbrain.job import run_training
+    from hpcbrain.launcher import expand_jobs, parse_sweeps
+
+    configs, _, _ = expand_jobs(args.cfg, overrides, folds=args.folds,
+                             sweeps=parse_sweeps(args.sweep))
+    for cfg in configs:
+        try:
+            result = run_training(cfg)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print_summary(result)
     return 0
+
+
+def submit(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from hpcbrain import launcher
+
+    plan = launcher.plan_launch(args.cfg, overrides, folds=args.folds, sweeps=args.sweep)
+    if args.dry_run:
+        print_dry_run(plan, OmegaConf)
+        return 0
+    for cfg in plan.configs[:1]:
+        if not Path(cfg.data.store).exists():
+            print(f"warning: data.store {cfg.data.store} does not exist on this machine; the job "
+                  f"fails unless the nodes see it", file=sys.stderr)
+    jobs = launcher.launch(plan)
+    print_submitted(plan, jobs)
+    if not args.wait:
+        return 0
+    failed = 0
+    for job, result, error in launcher.wait(jobs):
+        out, err = launcher.task_log_paths(job)
+        if error is None:
+            print(f"job {job.job_id} finished: {result.global_step} steps, {result.epochs} epochs, "
+                  f"run folder {result.run_dir}")
+            print(f"  MLflow run:        {result.run_id} ({result.tracking_uri})")
+            if result.model_uri:
+                print(f"  registered model:  {result.model_uri}")
+        else:
+            failed += 1
+            print(f"job {job.job_id} FAILED: {headline(error)}\n  logs: {out}\n        {err}\n"
+                  f"{str(error).strip()}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def headline(error: BaseException) -> str:
+    """The exception line of a job's traceback (submitit puts the whole trace in the message)."""
+    lines = [line.strip() for line in str(error).split("You can check full logs")[0].splitlines()]
+    lines = [line for line in lines if line and not set(line) <= {"-"}]
+    return lines[-1] if lines else type(error).__name__
+
+
+def print_dry_run(plan, OmegaConf) -> None:
+    from hpcbrain.launcher import sbatch_script
+
+    p = plan.parameters
+    print(f"# --dry-run: nothing submitted. {len(plan.configs)} job(s), {p['nodes']} node(s) x "
+          f"{p['ntasks_per_node']} task(s) = world size {plan.world_size}; requeues after a "
+          f"time limit: up to {plan.max_requeues} (slurm.max_requeues); logs in {plan.log_dir}")
+    print("# ---- sbatch script (submitit writes it as <log dir>/<job id>_submission.sh) ----")
+    print(sbatch_script(plan))
+    if plan.is_array:
+        print(f"# ---- job array: {len(plan.names)} elements ----")
+        for index, name in enumerate(plan.names):
+            print(f"#   [{index}] {name}")
+    print(f"# ---- resolved config ({plan.names[0]}) ----")
+    print(OmegaConf.to_yaml(plan.configs[0], resolve=True), end="")
+
+
+def print_submitted(plan, jobs) -> None:
+    from hpcbrain.launcher import task_log_paths, tracking_summary
+
+    p = plan.parameters
+    where = p.get("partition") or "the default partition"
+    first = jobs[0].job_id.split("_")[0]
+    kind = f"job array {first} ({len(jobs)} elements)" if plan.is_array else f"job {first}"
+    print(f"submitted {kind}: {p['nodes']} node(s) x {p['ntasks_per_node']} task(s) on {where}")
+    for job, cfg in zip(jobs, plan.configs):
+        out, err = task_log_paths(job)
+        uri, run_id = tracking_summary(cfg)
+        print(f"job {job.job_id}  run {cfg.run.name}")
+        print(f"  run folder:  {Path(cfg.run.root) / cfg.run.name}")
+        print(f"  logs:        {out}\n               {err}   (other ranks: _<rank>_ in the name)")
+        print(f"  MLflow:      {uri}, experiment {cfg.tracking.experiment}, "
+              + (f"continuing run {run_id}" if run_id else
+                 "run id written to <run folder>/mlflow_run_id when the job starts"))
+    print(f"follow: squeue -j {first}; sacct -j {first}; tail -f {task_log_paths(jobs[0])[1]}")
 
 
 def print_summary(result) -> None:
