@@ -70,6 +70,7 @@ class TrainConfig:
     log_every_steps: int = 10
     checkpoint_every_steps: Optional[int] = None   # also checkpoint mid-epoch (preemptible jobs)
     num_threads: Optional[int] = None           # torch intra-op threads on CPU; None = default
+    channels_last: bool = True       # 3D conv weights in channels-last layout (~1.6× faster on CPU)
     lr_step_every_epochs: Optional[int] = None  # lr × lr_gamma every this many epochs; None = constant
     lr_gamma: float = 1.0
 

@@ -4,10 +4,11 @@ The only module that ties data, method and engine together.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,10 @@ def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
     store = open_store(cfg)
     method = build_method(cfg)
     method.to(device)
+    if cfg.train.channels_last:
+        # oneDNN (CPU) and cuDNN pick their faster channels-last 3D kernels from the weights'
+        # layout; measured 1.2 s vs 1.9 s per LSOR step at 32³ on this 2-core CPU.
+        method.to(memory_format=torch.channels_last_3d)
     split, train_set, val_set = build_datasets(cfg, store, method.batch_kind)
     engine = build_engine(cfg, method, device)
     tracker = make_tracker(cfg, run_dir, dist.is_global_rank0())
@@ -146,6 +151,13 @@ def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
         tracker.log_artifact(run_dir / "config.yaml")
     status = "FAILED"
     try:
+        done = load_result(run_dir)
+        if done is not None and trainer.progress.epoch >= cfg.train.epochs:
+            # A finished run rerun (the demo twice, a requeue after the end): keep its model
+            # version instead of registering the same weights again.
+            log.info("run %s is already complete; its encoder is %s", run_dir, done.model_uri)
+            status = "FINISHED"
+            return done
         progress = trainer.fit()
         result = TrainingResult(run_dir, progress.global_step, progress.epoch,
                                 tracking_uri=tracking_uri(cfg), run_id=trainer.run_id)
@@ -154,10 +166,35 @@ def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
         trained = engine.export_method(lambda: build_method(cfg))
         if dist.is_global_rank0():
             finish_on_rank0(cfg, trained, store, split, tracker, run_dir, result)
+            save_result(result)
         status = "FINISHED"
         return result
     finally:
         tracker.finish(status)
+
+
+RESULT_FILE = "result.json"
+
+
+def save_result(result: TrainingResult) -> Path:
+    """The finished run's summary, written last: its presence means evaluation and
+    registration are done."""
+    path = result.run_dir / RESULT_FILE
+    summary = {k: v for k, v in asdict(result).items() if k != "run_dir"}
+    summary["figures"] = [str(f) for f in result.figures or []]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_result(run_dir: Path) -> TrainingResult | None:
+    path = run_dir / RESULT_FILE
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    summary["figures"] = [Path(f) for f in summary.get("figures") or []]
+    return TrainingResult(run_dir=run_dir, **summary)
 
 
 def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,

@@ -186,7 +186,7 @@ def print_submitted(plan, jobs) -> None:
 def print_summary(result) -> None:
     print(f"run folder:        {result.run_dir}")
     for name, value in sorted((result.metrics or {}).items()):
-        print(f"{name:<19}{value:.3f}")
+        print(f"{name + ':':<26}{value:.3f}")
     if result.figures:
         print(f"figures:           {', '.join(str(f) for f in result.figures)}")
     print(f"tracking URI:      {result.tracking_uri}")

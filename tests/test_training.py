@@ -145,6 +145,12 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     assert "config.yaml" in artifacts and "figures" in artifacts
     assert (result.run_dir / "figures" / "som_heatmaps.png").stat().st_size > 1000
 
+    # Rerunning a finished run (the demo twice, a requeue after the end) registers nothing new.
+    again = run_training(cfg)
+    assert again.model_uri == result.model_uri and again.global_step == result.global_step
+    versions = mlflow.MlflowClient().search_model_versions("name='test-encoder'")
+    assert len(versions) == 1
+
 
 def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path, monkeypatch):
     import nibabel as nib

@@ -1,0 +1,218 @@
+"""Age regression on frozen features: the AdapN paper's evaluation (after Barbano et al. 2023).
+
+Ridge regression on the (standardised) features of the training scans, its alpha chosen by an
+inner cross-validation over the training scans (folds by subject, so two scans of one subject
+never sit on both sides), then the mean absolute error of the predicted age on the test scans.
+Repeated over seeds (the inner folds are shuffled with each seed) and reported as mean ± std.
+
+    result = ridge_age_mae(train_x, train_y, test_x, test_y, groups=train_subjects)
+
+After a contrastive training run the job calls `evaluate_after_training` on rank 0: features of
+the train and test scans of the run's split (un-augmented), the ridge evaluation, MLflow metrics
+``ridge/test_mae_mean`` … and a table comparing every run of the experiment that has them
+(``ridge_comparison.md`` / ``.csv``, logged as artifacts).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RidgeResult", "ridge_age_mae", "extract_features", "evaluate_after_training",
+           "comparison_table", "DEFAULT_ALPHAS", "METRIC"]
+
+DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+METRIC = "ridge/test_mae_mean"
+
+
+@dataclass
+class RidgeResult:
+    mae_mean: float                  # test MAE, mean over seeds
+    mae_std: float                   # … and its std (population, over seeds)
+    mae_per_seed: list[float]
+    alpha_per_seed: list[float]
+    train_mae_mean: float            # in-sample MAE of the refit ridge (for over-fit checks)
+    n_train: int
+    n_test: int
+    seeds: list[int] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "ridge/") -> dict[str, float]:
+        out = {f"{prefix}test_mae_mean": self.mae_mean, f"{prefix}test_mae_std": self.mae_std,
+               f"{prefix}train_mae_mean": self.train_mae_mean,
+               f"{prefix}n_train": float(self.n_train), f"{prefix}n_test": float(self.n_test)}
+        for seed, mae, alpha in zip(self.seeds, self.mae_per_seed, self.alpha_per_seed):
+            out[f"{prefix}test_mae_seed{seed}"] = mae
+            out[f"{prefix}alpha_seed{seed}"] = alpha
+        return out
+
+
+def _inner_cv(n: int, groups: Optional[np.ndarray], folds: int, seed: int):
+    from sklearn.model_selection import GroupKFold, KFold
+
+    if groups is None:
+        return KFold(n_splits=max(2, min(folds, n)), shuffle=True, random_state=seed)
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise ValueError("ridge inner CV needs training scans of at least 2 subjects")
+    return GroupKFold(n_splits=max(2, min(folds, n_groups)), shuffle=True, random_state=seed)
+
+
+def ridge_age_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                  test_y: np.ndarray, *, groups: Optional[Sequence] = None,
+                  seeds: Sequence[int] | int = 5, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                  cv: int = 5, standardize: bool = True) -> RidgeResult:
+    """Ridge (alpha by inner CV on the training scans, scored by MAE) → test MAE, per seed.
+
+    train_x [n, d], train_y [n]; groups [n] (subject of each training scan: inner folds keep a
+    subject together; None = plain shuffled K-fold). seeds: a list, or a count (0 … k−1).
+    The chosen alpha is refit on all training scans before predicting the test scans.
+    """
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import mean_absolute_error
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x = np.asarray(train_x, dtype=np.float64)
+    test_x = np.asarray(test_x, dtype=np.float64)
+    train_y = np.asarray(train_y, dtype=np.float64).reshape(-1)
+    test_y = np.asarray(test_y, dtype=np.float64).reshape(-1)
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"features must be [n, d] with the same d, got {train_x.shape} and "
+                         f"{test_x.shape}")
+    if train_x.shape[0] != train_y.size or test_x.shape[0] != test_y.size:
+        raise ValueError("one age per scan is needed")
+    if train_y.size < 4 or test_y.size < 1:
+        raise ValueError(f"ridge evaluation needs >= 4 training and >= 1 test scans, got "
+                         f"{train_y.size} and {test_y.size}")
+    if not (np.isfinite(train_y).all() and np.isfinite(test_y).all()):
+        raise ValueError("ridge evaluation: every scan needs a finite age")
+    group_array = None if groups is None else np.asarray(groups).astype(str)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    maes, chosen, train_maes = [], [], []
+    for seed in seed_list:
+        model = make_pipeline(StandardScaler(), Ridge()) if standardize else make_pipeline(Ridge())
+        search = GridSearchCV(model, {"ridge__alpha": [float(a) for a in alphas]},
+                              cv=_inner_cv(train_y.size, group_array, cv, seed),
+                              scoring="neg_mean_absolute_error", refit=True)
+        search.fit(train_x, train_y, groups=group_array)
+        maes.append(float(mean_absolute_error(test_y, search.predict(test_x))))
+        train_maes.append(float(mean_absolute_error(train_y, search.predict(train_x))))
+        chosen.append(float(search.best_params_["ridge__alpha"]))
+    return RidgeResult(float(np.mean(maes)), float(np.std(maes)), maes, chosen,
+                       float(np.mean(train_maes)), int(train_y.size), int(test_y.size),
+                       seed_list)
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, store, indices: np.ndarray,
+                     device: torch.device, batch_size: int = 16) -> np.ndarray:
+    """Frozen features [n, d] (float64) of the store's scans `indices`, un-augmented, eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    try:
+        for start in range(0, len(indices), batch_size):
+            chunk = np.asarray(indices[start:start + batch_size])
+            x = torch.from_numpy(np.stack([store.read_image(int(i)) for i in chunk]))[:, None]
+            out.append(encoder(x.to(device=device, dtype=torch.float32)).double().cpu())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of runs (dicts with run, method, backbone, mae_mean, mae_std, n_test),
+    best first, then a per-method summary when a method has several runs."""
+    rows = sorted(rows, key=lambda r: (r["mae_mean"], r["run"]))
+    lines = ["| run | method | backbone | test MAE (mean ± std over seeds) | test scans |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {r.get('backbone', '')} | "
+                     f"{r['mae_mean']:.3f} ± {r['mae_std']:.3f} | {int(r.get('n_test', 0))} |")
+    by_method: dict[str, list[float]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["mae_mean"])
+    if any(len(v) > 1 for v in by_method.values()):
+        lines += ["", "| method | runs | test MAE (mean ± std over runs) |", "|---|---|---|"]
+        for method, values in sorted(by_method.items(), key=lambda kv: np.mean(kv[1])):
+            lines.append(f"| {method} | {len(values)} | {np.mean(values):.3f} ± "
+                         f"{np.std(values):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _experiment_rows(cfg) -> list[dict[str, Any]]:
+    """Every run of the configured MLflow experiment that logged the ridge metric."""
+    import mlflow
+
+    from hpcbrain.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return []
+    rows = []
+    for run in client.search_runs([experiment.experiment_id], max_results=1000):
+        metrics, params = run.data.metrics, run.data.params
+        if METRIC not in metrics:
+            continue
+        rows.append({"run": run.info.run_name or run.info.run_id, "run_id": run.info.run_id,
+                     "method": params.get("method", "?"),
+                     "backbone": params.get("model.backbone", ""),
+                     "mae_mean": float(metrics[METRIC]),
+                     "mae_std": float(metrics.get("ridge/test_mae_std", float("nan"))),
+                     "n_test": float(metrics.get("ridge/n_test", 0))})
+    return rows
+
+
+def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
+                            step: int) -> Optional[dict[str, float]]:
+    """The job's hook (rank 0, after training): ridge age MAE of a contrastive method's frozen
+    features, logged to MLflow with the experiment's comparison table. None for other methods
+    or when contrastive.evaluate is off. Test scans: the split's test fold, else its
+    validation scans (data.n_folds=1); skipped with a warning when there are none."""
+    if not getattr(method, "ridge_evaluation", False) or not cfg.contrastive.evaluate:
+        return None
+    test = split.test if len(split.test) else split.val
+    if len(split.train) < 4 or len(test) == 0:
+        log.warning("ridge evaluation skipped: %d train and %d test scans", len(split.train),
+                    len(test))
+        return None
+    device = next(method.parameters()).device
+    encoder = method.encoder()
+    train_x = extract_features(encoder, store, split.train, device)
+    test_x = extract_features(encoder, store, test, device)
+    ages = np.asarray(store.column("age"), dtype=np.float64)
+    subjects = np.asarray(store.column("subject")).astype(str)
+    c = cfg.contrastive
+    result = ridge_age_mae(train_x, ages[split.train], test_x, ages[test],
+                           groups=subjects[split.train], seeds=int(c.ridge_seeds),
+                           alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv))
+    metrics = result.metrics()
+    tracker.log_metrics(metrics, step=step)
+    log.info("ridge age MAE on %d %s scans: %.3f ± %.3f years (alphas %s)", result.n_test,
+             "test" if len(split.test) else "validation", result.mae_mean, result.mae_std,
+             result.alpha_per_seed)
+    run_dir = Path(run_dir)
+    (run_dir / "ridge.json").write_text(json.dumps(asdict(result), indent=1))
+    if getattr(tracker, "enabled", False):
+        rows = _experiment_rows(cfg)
+        if rows:
+            table = comparison_table(rows)
+            (run_dir / "ridge_comparison.md").write_text(table)
+            with open(run_dir / "ridge_comparison.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            tracker.log_artifact(run_dir / "ridge_comparison.md")
+            tracker.log_artifact(run_dir / "ridge_comparison.csv")
+        tracker.log_artifact(run_dir / "ridge.json")
+    return metrics
