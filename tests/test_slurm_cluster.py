@@ -96,6 +96,18 @@ def sacct_states(job_id: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def settled_sacct_states(job_id: str, timeout_s: float = 60.0) -> list[str]:
+    """sacct's states once the last one is final: the accounting record lags the job's own
+    result files by a few seconds, so a job whose results are in may still read RUNNING."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = sacct_states(job_id)
+        if (states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED")) \
+                or time.monotonic() > deadline:
+            return states
+        time.sleep(1.0)
+
+
 def sacct_nodes(job_id: str) -> str:
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"],
                          capture_output=True, text=True, check=True).stdout
@@ -167,7 +179,7 @@ def test_preempted_job_requeues_and_resumes_in_the_same_mlflow_run(devcluster, c
     results = job.results()                # waits through the requeue
     elapsed = time.monotonic() - started
 
-    states = sacct_states(job_id)
+    states = settled_sacct_states(job_id)
     assert "REQUEUED" in states, f"job {job_id} was not requeued: {states}"
     assert states[-1] == "COMPLETED", states
     rank0_log = (tmp_path / "slurm-logs" / job_id / f"{job_id}_0_log.err").read_text()
