@@ -102,6 +102,24 @@ def build_cohort_store(root: str | Path, *, name: str = "cohort.zarr",
     return path
 
 
+def build_age_contrast_store(root: str | Path, *, subjects: int = 8, visits: int = 3,
+                             size: int = 16) -> Path:
+    """A tiny store whose image contrast grows with age (the default conftest ages), so a
+    trained encoder's latents spread with age instead of collapsing as pure noise does."""
+    ages = np.array([60.0 + 3.0 * s + 1.5 * v for s in range(subjects) for v in range(visits)])
+    rng = np.random.default_rng(0)
+    pattern = rng.standard_normal((size,) * 3)
+    images = ((ages[:, None, None, None] - 70.0) / 5.0 * pattern
+              + 0.2 * rng.standard_normal((len(ages),) + (size,) * 3))
+    return build_cohort_store(root, subjects=subjects, visits=visits, size=size,
+                              images=images.astype(np.float32), scans_per_shard=6)
+
+
+@pytest.fixture
+def age_contrast_store(tmp_path) -> Path:
+    return build_age_contrast_store(tmp_path)
+
+
 @pytest.fixture
 def make_store():
     """Factory fixture: `make_store(root, **kwargs) -> Path`; see `build_cohort_store`."""

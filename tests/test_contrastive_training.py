@@ -13,17 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def store(tmp_path, make_store):
-    # 8 subjects × 3 visits of 16³ images whose contrast grows with age (conftest ages 60–82.5)
-    n_subjects, visits, size = 8, 3, 16
-    ages = np.array([60.0 + 3.0 * s + 1.5 * v for s in range(n_subjects) for v in range(visits)])
-    rng = np.random.default_rng(0)
-    pattern = rng.standard_normal((size,) * 3)
-    images = ((ages[:, None, None, None] - 70.0) / 5.0 * pattern
-              + 0.2 * rng.standard_normal((len(ages),) + (size,) * 3))
-    return make_store(tmp_path, subjects=n_subjects, visits=visits, size=size,
-                      images=images.astype(np.float32), scans_per_shard=6)
-
+def store(age_contrast_store):
+    return age_contrast_store
 
 def test_adapn_run_training_with_tracking(store, tmp_path, monkeypatch):
     import mlflow

@@ -29,7 +29,6 @@ import socket
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -69,16 +68,6 @@ def tiny_config(store, run_root, name, *extra):
         f"run.root={run_root}", f"run.name={name}", "tracking.enabled=false", *extra])
 
 
-def write_store(tmp_path: Path, make_store) -> Path:
-    # Contrast growing with age so latents spread over the grid (as in test_training.py).
-    n_subjects, visits, size = 8, 3, 16
-    ages = np.array([60.0 + 3.0 * s + 1.5 * v for s in range(n_subjects) for v in range(visits)])
-    rng = np.random.default_rng(0)
-    pattern = rng.standard_normal((size,) * 3)
-    images = ((ages[:, None, None, None] - 70.0) / 5.0 * pattern
-              + 0.2 * rng.standard_normal((len(ages),) + (size,) * 3))
-    return make_store(tmp_path, subjects=n_subjects, visits=visits, size=size,
-                      images=images.astype(np.float32), scans_per_shard=6)
 
 
 def method_state(method) -> dict[str, torch.Tensor]:
@@ -315,9 +304,8 @@ def _one_process_worker(_, store: str, root: str, out: str) -> None:
     torch.save(results, Path(out) / "engines.pt")
 
 
-def test_one_process_gives_the_same_result_through_every_engine(tmp_path, make_store):
-    store = write_store(tmp_path, make_store)
-    mp.spawn(_one_process_worker, args=(str(store), str(tmp_path / "runs"), str(tmp_path)),
+def test_one_process_gives_the_same_result_through_every_engine(tmp_path, age_contrast_store):
+    mp.spawn(_one_process_worker, args=(str(age_contrast_store), str(tmp_path / "runs"), str(tmp_path)),
              nprocs=1, join=True)
     results = torch.load(tmp_path / "engines.pt")
     for name, (warmup, _) in ENGINE_RUNS.items():
@@ -372,10 +360,10 @@ def _resume_worker(rank: int, port: int, store: str, root: str, uri: str, out: s
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    from conftest import build_cohort_store
+    from conftest import build_age_contrast_store
 
     tmp_path = tmp_path_factory.mktemp("resume")
-    store = write_store(tmp_path, build_cohort_store)
+    store = build_age_contrast_store(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mp.spawn(_resume_worker, args=(free_port(), str(store), str(tmp_path / "runs"), uri,
                                    str(tmp_path)), nprocs=WORLD, join=True)

@@ -26,7 +26,7 @@ scans in the batch, nn_final, nn_step)`; with two views per scan an anchor keeps
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
