@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from hpcbrain import dist
 from hpcbrain.config import save_config
 from hpcbrain.data.store import CohortStore, StoreError
-from hpcbrain.engine.backends import resolve_engine_name
+from hpcbrain.engine.backends import build_engine, needs_process_group, resolve_engine_name
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +90,9 @@ def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
     return split, train, val
 
 
-def build_engine(cfg: DictConfig, method, device: torch.device):
-    """single | ddp | deepspeed (cfg.engine.name) around the method; see engine/backends.py."""
-    from hpcbrain.engine.backends import build_engine as make_engine
-
-    return make_engine(cfg, method, device)
-
-
 def setup_process_group(cfg: DictConfig) -> dist.DistState:
     """The process group the launcher's environment describes (torchrun, Slurm, submitit, or
     none); DDP and DeepSpeed get a one-process group when nothing launched us. Idempotent."""
-    from hpcbrain.engine.backends import needs_process_group
-
     return dist.setup_distributed(backend=cfg.engine.backend,
                                   timeout_minutes=cfg.engine.timeout_minutes,
                                   require_group=needs_process_group(cfg.engine.name),
