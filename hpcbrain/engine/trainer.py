@@ -37,7 +37,7 @@ def lr_at_epoch(base_lr: float, epoch: int, every: int | None, gamma: float) -> 
 @dataclass
 class Progress:
     epoch: int = 0          # the epoch running or next to run (= epochs completed)
-    global_step: int = 0    # optimizer steps taken so far
+    global_step: int = 0    # train steps (micro-batches under accumulation) taken so far
     step_in_epoch: int = 0  # steps of `epoch` already taken (a mid-epoch checkpoint resumes here)
     epoch_sums: dict[str, float] = field(default_factory=dict)  # loss sums of those steps
 
