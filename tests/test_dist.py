@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from hpcbrain import dist
-from hpcbrain.dist import DistributedSetupError, detect_launch_env
+from hpcbrain.dist import DistributedSetupError, detect_launch_env, free_port
 
 WORLD = 2
 
@@ -171,16 +170,10 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory):
     out = tmp_path_factory.mktemp("gather")
-    mp.spawn(_gather_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_gather_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -25,7 +25,6 @@ test (one process, no group) compares with its own single-process reference.
 from __future__ import annotations
 
 import os
-import socket
 import types
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 import torch.multiprocessing as mp
 
 from hpcbrain.config import load_config
+from hpcbrain.dist import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +43,6 @@ WORLD = 2
 # ---------------------------------------------------------------------------------------------
 # helpers (module level: spawned workers import them)
 # ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun_env(rank: int, world: int, port: int) -> None:
     """What torchrun would export for this rank (the workers then use hpcbrain.dist's setup)."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),

@@ -6,7 +6,6 @@
   (and equal to a single process encoding the concatenated data).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
+from hpcbrain.dist import free_port
 from hpcbrain.methods.lsor import LSOR, ema_update
 
 WORLD = 2
@@ -54,12 +54,6 @@ def pair_batches(lo, hi):
     return [{k: v[i:i + 2] for k, v in sl.items()} for i in range(0, hi - lo, 2)]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -83,7 +77,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("lsor_dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
