@@ -28,19 +28,30 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SynthSummary", "AgingModel", "synthesize_cohort", "MARKER"]
+__all__ = ["SynthSummary", "AgingModel", "aging_model", "synthesize_cohort", "MARKER", "PRESETS",
+           "AGE_DISTRIBUTIONS", "LEARNABILITY"]
 
 GROUPS = ("NC", "sMCI", "pMCI", "AD")
 # LSOR paper's ADNI-1 cohort (632 subjects): the proportions every synthetic cohort follows.
 LSOR_GROUP_COUNTS = {"NC": 185, "sMCI": 193, "pMCI": 135, "AD": 119}
 # Written last into derivatives/synth/: its presence marks a folder as a complete synth output.
 MARKER = Path("derivatives") / "synth" / "synth_parameters.json"
+# How well age can be predicted from the images, measured on the cohort just written.
+LEARNABILITY = Path("derivatives") / "synth" / "learnability.json"
+#: "registered": what scans look like after affine registration to MNI (the pipelines behind
+#: both papers register); "raw": unregistered head size and pose, for testing registration.
+PRESETS = ("registered", "raw")
+AGE_DISTRIBUTIONS = ("normal", "uniform", "bimodal")
+# The learnability report scores the volumes as `hpcbrain convert --shape 32` stores them, and
+# needs enough subjects for a 5-fold subject-grouped cross-validation.
+REPORT_SIZE = 32
+MIN_SUBJECTS_FOR_REPORT = 10
 BIDS_VERSION = "1.9.0"
 SCALE_SLOPE = 0.1            # NIfTI scl_slope of every image: int16 stores intensity / 0.1
 INTENSITY_SCALE = 1000.0     # template intensity (0..1) -> image units (WM ~ 860, CSF ~ 280)
@@ -61,7 +72,10 @@ class AgingModel:
     baseline_gap: dict = field(default_factory=lambda: {"NC": 0.0, "sMCI": 2.0, "pMCI": 4.0,
                                                         "AD": 8.0})
     baseline_gap_sd: float = 3.0
-    # baseline age ~ N(mean, sd) clipped (LSOR cohort: mean 75-76 in every group)
+    # baseline age within `baseline_age_range`: "normal" ~ N(mean, sd) clipped (LSOR cohort:
+    # mean 75-76 in every group), "uniform", or "bimodal" (a dense young and a dense old mode,
+    # sparse in between: the non-uniform label density AdapN was made for)
+    baseline_age_distribution: str = "normal"
     baseline_age_mean: float = 75.5
     baseline_age_sd: float = 7.0
     baseline_age_range: tuple = (60.0, 90.0)
@@ -84,7 +98,9 @@ class AgingModel:
     ventricle_reach_mm: float = 25.0        # tissue within this distance is pushed aside
     cortex_per_year: float = 0.012          # fraction of the outer GM signal lost per year
     cortex_max: float = 0.7
-    # subject anatomy and pose
+    # subject anatomy and pose (the "raw", unregistered look; `aging_model("registered")` shrinks
+    # them to what is left after an affine registration to MNI)
+    preset: str = "raw"
     head_scale_mean: dict = field(default_factory=lambda: {"M": 1.03, "F": 0.97})
     head_scale_sd: float = 0.03
     deformation_rms_mm: float = 3.0
@@ -99,6 +115,64 @@ class AgingModel:
     noise_scan_jitter: float = 0.1          # scan's sigma = subject's * U(1 -/+ jitter)
 
 
+def aging_model(preset: str = "registered", *, age_distribution: str = "normal",
+                age_range: tuple[float, float] | None = None,
+                brain_age_gap_sd: float | None = None) -> AgingModel:
+    """The generative model of a preset, with the cohort's age distribution and brain-age gap.
+
+    "registered" removes what an affine registration to MNI removes: head size differences
+    (scale sd 1 %, no sex difference), pose (0.3° / 0.3 mm), and leaves a milder residual warp
+    (1.5 mm rms) and bias field (sd 0.02) -- the variant measured in docs/synthetic-cohort.md,
+    where the ageing signal is 6 % of the voxel variance instead of 0.8 %. "raw" is the
+    unregistered look (AgingModel's defaults)."""
+    if preset not in PRESETS:
+        raise ValueError(f"synth: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if age_distribution not in AGE_DISTRIBUTIONS:
+        raise ValueError(f"synth: unknown age distribution {age_distribution!r}; choose one of "
+                         f"{', '.join(AGE_DISTRIBUTIONS)}")
+    changes: dict = {"preset": preset, "baseline_age_distribution": age_distribution}
+    if preset == "registered":
+        changes.update(head_scale_mean={"M": 1.0, "F": 1.0}, head_scale_sd=0.01,
+                       rotation_sd_deg=0.3, translation_sd_mm=0.3, deformation_rms_mm=1.5,
+                       bias_sd=0.02, bias_scan_sd=0.005)
+    if age_range is not None:
+        lo, hi = (float(a) for a in age_range)
+        if not (0.0 <= lo < hi <= 120.0):
+            raise ValueError(f"synth: age range must satisfy 0 <= LO < HI <= 120, got {lo} {hi}")
+        # a normal distribution centred on the range, the range spanning ±2.15 sd (60-90: sd 7)
+        changes.update(baseline_age_range=(lo, hi), baseline_age_mean=(lo + hi) / 2,
+                       baseline_age_sd=(hi - lo) / 4.3)
+    if brain_age_gap_sd is not None:
+        if not 0.0 <= float(brain_age_gap_sd) <= 20.0:
+            raise ValueError(f"synth: brain-age gap sd must lie in [0, 20] years, got "
+                             f"{brain_age_gap_sd}")
+        changes["baseline_gap_sd"] = float(brain_age_gap_sd)
+    return replace(AgingModel(), **changes)
+
+
+def _baseline_age(rng: np.random.Generator, model: AgingModel) -> float:
+    lo, hi = model.baseline_age_range
+    kind = model.baseline_age_distribution
+    if kind == "normal":
+        age = rng.normal(model.baseline_age_mean, model.baseline_age_sd)
+    elif kind == "uniform":
+        age = rng.uniform(lo, hi)
+    elif kind == "bimodal":
+        # 45 % around each end (centres 15 % in from the ends, sd 7 % of the range), 10 %
+        # spread uniformly: the middle third holds ~15 % of the subjects instead of ~50 %.
+        width = hi - lo
+        pick = rng.random()
+        if pick < 0.45:
+            age = rng.normal(lo + 0.15 * width, 0.07 * width)
+        elif pick < 0.9:
+            age = rng.normal(hi - 0.15 * width, 0.07 * width)
+        else:
+            age = rng.uniform(lo, hi)
+    else:
+        raise ValueError(f"synth: unknown age distribution {kind!r}")
+    return round(float(np.clip(age, lo, hi)), 2)
+
+
 @dataclass(frozen=True)
 class SynthSummary:
     """What `synthesize_cohort` wrote."""
@@ -111,12 +185,14 @@ class SynthSummary:
     shape: tuple[int, int, int]
     group_counts: dict
     elapsed_s: float
+    preset: str = "registered"
+    learnability: dict | None = None     # what derivatives/synth/learnability.json holds
 
     def __str__(self) -> str:
         groups = ", ".join(f"{g} {n}" for g, n in self.group_counts.items())
         return (f"{self.n_subjects} subjects ({groups}), {self.n_scans} scans of "
-                f"{'x'.join(map(str, self.shape))} at {self.voxel_size_mm:g} mm, seed "
-                f"{self.seed} -> {self.out_dir} in {self.elapsed_s:.1f} s")
+                f"{'x'.join(map(str, self.shape))} at {self.voxel_size_mm:g} mm, {self.preset} "
+                f"preset, seed {self.seed} -> {self.out_dir} in {self.elapsed_s:.1f} s")
 
 
 # ----------------------------------------------------------------------------- subjects
@@ -179,9 +255,7 @@ def _plan_subject(k: int, group: str, seed: int, model: AgingModel) -> _Subject:
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k, 0)))
     sex = "M" if rng.random() < 0.5 else "F"
     n_visits = 2 + int(rng.choice(4, p=model.visit_count_p))
-    lo, hi = model.baseline_age_range
-    ages = [round(float(np.clip(rng.normal(model.baseline_age_mean, model.baseline_age_sd),
-                                lo, hi)), 2)]
+    ages = [_baseline_age(rng, model)]
     for _ in range(n_visits - 1):
         gap = float(rng.choice(model.visit_gaps)) + rng.uniform(-1, 1) * model.visit_gap_jitter
         ages.append(round(ages[-1] + round(float(np.clip(gap, 0.5, 2.0)), 2), 2))
@@ -659,8 +733,17 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
-                      voxel_size_mm: float = 2.0, progress: bool = True) -> SynthSummary:
+                      voxel_size_mm: float = 2.0, progress: bool = True,
+                      preset: str = "registered", age_distribution: str = "normal",
+                      age_range: tuple[float, float] | None = None,
+                      brain_age_gap_sd: float | None = None,
+                      learnability: bool = True) -> SynthSummary:
     """Write a synthetic longitudinal BIDS cohort of `n_subjects` to `out_dir`.
+
+    `preset`, `age_distribution`, `age_range` and `brain_age_gap_sd` choose the generative model
+    (`aging_model`). With `learnability` (and at least 4 subjects) the cohort's learnability
+    report -- constant predictor, subject-grouped ridge on the 32³ voxels, oracle -- goes to
+    derivatives/synth/learnability.json (`hpcbrain.data.learnability`).
 
     Refuses (ValueError) a non-empty `out_dir` that is not a previous synth output, and replaces
     one that is. The dataset is built in a hidden sibling folder and renamed at the end, so an
@@ -680,7 +763,11 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
 
     from tqdm.auto import tqdm
 
-    model = AgingModel()
+    from hpcbrain.data.convert import preprocess_array
+    from hpcbrain.data.learnability import cohort_learnability
+
+    model = aging_model(preset, age_distribution=age_distribution, age_range=age_range,
+                        brain_age_gap_sd=brain_age_gap_sd)
     subjects = [_plan_subject(k, g, seed, model) for k, g in enumerate(assign_groups(n_subjects))]
     n_scans = sum(len(s.sessions) for s in subjects)
     tpl = _template(voxel_size_mm)
@@ -690,6 +777,8 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
     tmp.chmod(0o755)          # mkdtemp makes it private; the dataset is meant to be shared
     try:
         ventricle_ml = {}
+        want_report = learnability and n_subjects >= MIN_SUBJECTS_FOR_REPORT
+        report_volumes, report_rows = [], []
         with tqdm(total=n_scans, desc="synth", unit="scan", disable=not progress) as bar:
             for s in subjects:
                 warp = _subject_warp(s, tpl, model)
@@ -702,7 +791,20 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
                     anat.mkdir(parents=True)
                     name = f"{s.participant_id}_{session.session_id}_T1w.nii.gz"
                     _write_nifti(anat / name, image, tpl, s.orientation)
+                    if want_report:
+                        report_volumes.append(preprocess_array(image, (voxel_size_mm,) * 3,
+                                                               REPORT_SIZE)[0].ravel())
+                        report_rows.append((s.index, session.age, session.brain_age))
                     bar.update()
+        report = None
+        if want_report:
+            subject_ids, ages, brain_ages = (np.array(c) for c in zip(*report_rows))
+            report = cohort_learnability(np.stack(report_volumes), ages, brain_ages,
+                                         subject_ids, seed=seed)
+            report.update(preset=preset, age_distribution=age_distribution,
+                          input_size=REPORT_SIZE)
+            (tmp / LEARNABILITY).parent.mkdir(parents=True, exist_ok=True)
+            _json(tmp / LEARNABILITY, report)
         _write_tables(tmp, subjects, seed, voxel_size_mm, model, ventricle_ml)
         _check_out_dir(out_dir)       # it may have filled up while we worked
         _publish(tmp, out_dir)
@@ -712,4 +814,5 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
     counts = {g: sum(s.group == g for s in subjects) for g in GROUPS}
     return SynthSummary(out_dir=out_dir, n_subjects=n_subjects, n_scans=n_scans, seed=seed,
                         voxel_size_mm=voxel_size_mm, shape=tpl.out_shape, group_counts=counts,
-                        elapsed_s=time.perf_counter() - started)
+                        elapsed_s=time.perf_counter() - started, preset=preset,
+                        learnability=report)
