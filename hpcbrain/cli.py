@@ -55,9 +55,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from hpcbrain.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(load_config()))  # $MLFLOW_TRACKING_URI or the project db
-    latents = embed_scans(args.model, args.scans, batch_size=args.batch_size)
-    write_latents(args.out, args.scans, latents)
-    print(f"wrote {latents.shape[0]} latents of dimension {latents.shape[1]} to {args.out}")
+    embedding = embed_scans(args.model, args.scans, batch_size=args.batch_size)
+    try:
+        write_latents(args.out, args.scans, embedding, similarity=args.similarity)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n, dim = embedding.latents.shape
+    som = (f" with their best-matching node on the {embedding.grid[0]}×{embedding.grid[1]} SOM "
+           f"grid" if embedding.grid else "")
+    print(f"wrote {n} latents of dimension {dim}{som} to {args.out}")
     return 0
 
 
@@ -121,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("scans", nargs="+", type=Path, help=".nii or .nii.gz files")
     embed.add_argument("--out", required=True, type=Path, help="latents.csv or latents.npy")
     embed.add_argument("--batch-size", type=int, default=8)
+    embed.add_argument("--similarity", action="store_true",
+                       help="LSOR models: add the similarity grid ρ (columns rho_ROW_COL)")
     embed.set_defaults(func=_cmd_embed)
 
     for name, func, text in (("train", _cmd_train, "train in this process (local debug mode)"),

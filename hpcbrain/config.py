@@ -89,6 +89,9 @@ class LSORConfig:
     ema_alpha: float = 0.99          # reference-trajectory EMA decay
     kmeans_max_iter: int = 300
     kmeans_n_init: int = 3           # k-means restarts at the SOM initialisation
+    init_bn_mode: str = "batch"      # BatchNorm statistics of the k-means encoding: batch
+                                     # (as training steps see latents; official) | running
+    node_lr_scale: float = 1.0       # SOM nodes G learn at train.lr × this (paper: 1)
 
 
 @dataclass

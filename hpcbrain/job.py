@@ -196,7 +196,9 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
     """Interpretability figures and metrics, then the encoder into the model registry."""
     from hpcbrain.evaluate.interpretability import evaluate_som
 
-    report = evaluate_som(method, store, split.train, run_dir / "figures")
+    # The grid is described over every scan of the store (what `hpcbrain embed` of the cohort
+    # gives): its quality is a property of the map, not a prediction scored on held-out data.
+    report = evaluate_som(method, store, np.arange(len(store)), run_dir / "figures")
     if report is not None:
         tracker.log_metrics(report.metrics, step=result.global_step)
         for figure in report.figures:
@@ -211,4 +213,5 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
         result.metrics = {**(result.metrics or {}), **ridge}
     size = cfg.data.input_size
     example = torch.from_numpy(np.stack([store.read_image(i) for i in split.train[:2]]))[:, None]
-    result.model_uri = tracker.log_encoder(method.encoder(), example.reshape(-1, 1, size, size, size))
+    result.model_uri = tracker.log_encoder(method.encoder(), example.reshape(-1, 1, size, size, size),
+                                           extra_files=method.registry_files(run_dir / "registry"))

@@ -46,7 +46,8 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
-    def log_encoder(self, encoder: Any, example: Any) -> str | None: return None
+    def log_encoder(self, encoder: Any, example: Any,
+                    extra_files: list[Path] | None = None) -> str | None: return None
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -90,11 +91,13 @@ class MlflowTracker(NullTracker):
     def log_figure(self, figure: Any, name: str) -> None:
         self._mlflow.log_figure(figure, name)
 
-    def log_encoder(self, encoder: Any, example: Any) -> str | None:
+    def log_encoder(self, encoder: Any, example: Any,
+                    extra_files: list[Path] | None = None) -> str | None:
         """Log the encoder (pytorch flavour, with signature); register it and set the alias.
 
         Returns the `models:/NAME@ALIAS` URI, or the run's model URI when registration is off.
         `example` must hold at least 2 volumes: torch.export freezes a batch dimension of 1.
+        `extra_files` land in the model's ``extra_files/`` folder (LSOR: its SOM grid).
         """
         import copy
 
@@ -109,7 +112,8 @@ class MlflowTracker(NullTracker):
         name = self.cfg.tracking.registered_model
         info = mlflow.pytorch.log_model(encoder, name="encoder", signature=signature,
                                         input_example=example.numpy(),
-                                        registered_model_name=name or None)
+                                        registered_model_name=name or None,
+                                        extra_files=[str(f) for f in extra_files or []] or None)
         if not name:
             return info.model_uri
         alias = self.cfg.tracking.alias

@@ -2,6 +2,8 @@
 resume after a kill equals an uninterrupted run, a NaN stops cleanly, the registry round trip."""
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -163,20 +165,34 @@ def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "latents.csv"
     assert main(["embed", result.model_uri, *map(str, scans), "--out", str(out),
-                 "--batch-size", "2"]) == 0
-    rows = out.read_text().splitlines()
-    assert rows[0].startswith("path,z0,z1")
-    assert len(rows) == 4
+                 "--batch-size", "2", "--similarity"]) == 0
+    with open(out, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header, rows = reader.fieldnames, list(reader)
+    latent_columns = [c for c in header if c.startswith("z")]
+    rho_columns = [f"rho_{r}_{c}" for r in range(2) for c in range(2)]
+    assert header == ["path", *latent_columns, "som_row", "som_col", *rho_columns]
+    assert len(rows) == 3 and [r["path"] for r in rows] == list(map(str, scans))
 
     from hpcbrain.methods.lsor import LSOR
 
     method = LSOR(cfg)
     method.load_state_dict(final_state(result.run_dir)[0])
     method.eval()
-    volume = torch.from_numpy(load_scan(scans[2], 16)[0])[None, None]
-    expected = method.encoder()(volume)[0].detach().numpy()
-    got = np.array([float(v) for v in rows[3].split(",")[1:]])
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    volumes = torch.from_numpy(np.stack([load_scan(s, 16)[0] for s in scans]))[:, None]
+    expected = method.encoder()(volumes).detach()
+    got = torch.tensor([[float(r[c]) for c in latent_columns] for r in rows])
+    np.testing.assert_allclose(got[2].numpy(), expected[2].numpy(), rtol=1e-4, atol=1e-4)
+    # the best-matching node and the similarity grid of the registered model's own SOM
+    bmu = method.bmu(expected)
+    assert [int(r["som_row"]) * 2 + int(r["som_col"]) for r in rows] == bmu.tolist()
+    rho = np.array([[float(r[c]) for c in rho_columns] for r in rows])
+    np.testing.assert_allclose(rho, method.similarity(expected).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rho.sum(axis=1), 1.0, atol=1e-4)
+
+    plain = tmp_path / "plain.csv"
+    assert main(["embed", result.model_uri, str(scans[0]), "--out", str(plain)]) == 0
+    assert plain.read_text().splitlines()[0].endswith("som_row,som_col")
 
     bad = tmp_path / "bad.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), bad)

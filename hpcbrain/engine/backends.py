@@ -49,8 +49,10 @@ def needs_process_group(name: str) -> bool:
 
 
 def build_optimizer(cfg: Any, method: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adam(method.parameters(), lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
+    """Adam over the method's parameter groups, each at train.lr × its ``lr_scale``."""
+    groups = [{**group, "lr": float(cfg.train.lr) * float(group.get("lr_scale", 1.0))}
+              for group in method.parameter_groups()]
+    return torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def build_engine(cfg: Any, method: nn.Module, device: torch.device):

@@ -165,16 +165,20 @@ class Trainer:
             self._apply_lr_schedule(epoch)
             self.method.on_epoch_start(epoch, self.encode_batches())
             train_means = self._train_epoch(epoch)
+            with self.engine.full_parameters():
+                health = self.method.on_epoch_end(epoch, self.encode_batches())
             val_means = self.validate()
             self.progress = Progress(epoch=epoch + 1, global_step=self.progress.global_step)
             metrics = {f"epoch/train_{k}": v for k, v in train_means.items()}
             metrics.update({f"epoch/val_{k}": v for k, v in val_means.items()})
             metrics["epoch/epoch"] = epoch
+            metrics.update(health)
             self.tracker.log_metrics(metrics, step=self.progress.global_step)
             self.save_checkpoint()
             if self.rank == 0:
                 summary = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()
                                    if k.endswith("loss"))
+                summary += "".join(f" {k.split('/')[-1]}={v:.4g}" for k, v in health.items())
                 log.info("epoch %d/%d done: %s", epoch + 1, epochs, summary)
         return self.progress
 
@@ -190,7 +194,7 @@ class Trainer:
                                              getattr(self.engine, "torch_optimizer", None))
                           if o is not None}.values():
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * float(group.get("lr_scale", 1.0))
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         first = self.progress.step_in_epoch        # > 0 after a mid-epoch resume

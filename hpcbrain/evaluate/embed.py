@@ -6,10 +6,13 @@ trained on a store sees new NIfTI files the way it saw its training data.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from hpcbrain.methods.lsor import SOM_FILE
 
 
 def model_input_size(model_uri: str) -> int:
@@ -21,15 +24,38 @@ def model_input_size(model_uri: str) -> int:
     return int(shape[-1])
 
 
-def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8) -> np.ndarray:
-    """(len(scans), D) latents of the NIfTI files `scans`."""
+@dataclass
+class Embedding:
+    """What `embed_scans` returns: latents [N, D] and, for a model that carries a SOM grid
+    (LSOR), each scan's best-matching node (row, col) and its similarity grid ρ [N, Nr·Nc]."""
+
+    latents: np.ndarray
+    grid: tuple[int, int] | None = None
+    som_row: np.ndarray | None = None
+    som_col: np.ndarray | None = None
+    similarity: np.ndarray | None = None
+
+
+def _som_of(model_dir: Path) -> dict | None:
+    path = model_dir / "extra_files" / SOM_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as som:
+        return {"nodes": som["nodes"], "grid": tuple(int(v) for v in som["grid"])}
+
+
+def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8) -> Embedding:
+    """Latents of the NIfTI files `scans` (and their SOM nodes when the model has a grid)."""
+    import mlflow.artifacts
     import mlflow.pytorch
     import torch
 
     from hpcbrain.data.convert import BadScanError, load_scan
+    from hpcbrain.methods.lsor import similarity_grid, squared_distances
 
     size = model_input_size(model_uri)
-    encoder = mlflow.pytorch.load_model(model_uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    encoder = mlflow.pytorch.load_model(str(model_dir))
     latents = []
     for start in range(0, len(scans), batch_size):
         volumes = []
@@ -41,21 +67,51 @@ def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8
         with torch.no_grad():
             batch = torch.from_numpy(np.stack(volumes))[:, None]
             latents.append(encoder(batch).numpy())
-    return np.concatenate(latents)
+    result = Embedding(np.concatenate(latents))
+    som = _som_of(model_dir)
+    if som is not None:
+        z = torch.from_numpy(result.latents).to(torch.float64)
+        nodes = torch.from_numpy(som["nodes"]).to(torch.float64)
+        bmu = squared_distances(z, nodes).argmin(dim=1).numpy()
+        result.grid = som["grid"]
+        result.som_row, result.som_col = np.divmod(bmu, som["grid"][1])
+        result.similarity = similarity_grid(z, nodes).numpy()
+    return result
 
 
-def write_latents(path: Path, scans: Sequence[str | Path], latents: np.ndarray) -> Path:
-    """CSV (path, z0, z1, ...) or .npy by the file's suffix; written atomically."""
+def write_latents(path: Path, scans: Sequence[str | Path], embedding: Embedding,
+                  similarity: bool = False) -> Path:
+    """CSV or .npy by the file's suffix; written atomically.
+
+    CSV columns: path, z0…z{D-1}; with a SOM grid som_row, som_col (row-major grid, the
+    best-matching node) and, with `similarity`, rho_<row>_<col> for every node. A .npy holds the
+    latents only."""
     path = Path(path)
+    latents = embedding.latents
+    if similarity and embedding.similarity is None:
+        raise ValueError("--similarity needs a model with a SOM grid (an LSOR encoder); this "
+                         "model has none")
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".npy":
         with open(tmp, "wb") as handle:
             np.save(handle, latents)
     else:
+        header = ["path", *(f"z{k}" for k in range(latents.shape[1]))]
+        has_som = embedding.grid is not None
+        if has_som:
+            header += ["som_row", "som_col"]
+            rows, cols = embedding.grid
+            if similarity:
+                header += [f"rho_{r}_{c}" for r in range(rows) for c in range(cols)]
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", *(f"z{k}" for k in range(latents.shape[1]))])
-            for scan, row in zip(scans, latents):
-                writer.writerow([str(scan), *(f"{v:.6g}" for v in row)])
+            writer.writerow(header)
+            for i, (scan, row) in enumerate(zip(scans, latents)):
+                cells = [str(scan), *(f"{v:.6g}" for v in row)]
+                if has_som:
+                    cells += [int(embedding.som_row[i]), int(embedding.som_col[i])]
+                    if similarity:
+                        cells += [f"{v:.6g}" for v in embedding.similarity[i]]
+                writer.writerow(cells)
     tmp.replace(path)
     return path

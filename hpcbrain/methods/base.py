@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -60,8 +61,23 @@ class Method(torch.nn.Module):
     def on_epoch_start(self, epoch: int, encode_batches: Callable[[], Iterable[dict]]) -> None:
         self.epoch = int(epoch)
 
+    def on_epoch_end(self, epoch: int, encode_batches: Callable[[], Iterable[dict]]) -> dict[str, float]:
+        """Called on every rank after each training epoch (it may run collectives); returns
+        health metrics worth logging and showing on the progress line (same on every rank)."""
+        return {}
+
     def scalars(self) -> dict[str, float]:
         return {}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a group's ``lr_scale`` multiplies train.lr for its
+        parameters (and every lr schedule applied to it). Default: one group of everything."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
+    def registry_files(self, folder: Path) -> list[Path]:
+        """Files (written into `folder`) that travel with the registered encoder, for what
+        `hpcbrain embed` adds to the latents (LSOR: its SOM grid). Default: none."""
+        return []
 
     def encoder(self) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -25,6 +25,9 @@ docs/lsor-decisions.md.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -45,6 +48,9 @@ __all__ = [
     "grid_distances",
     "squared_distances",
     "lsor_losses",
+    "som_health_sums",
+    "som_health",
+    "batch_norm_mode",
     "grid_neighbour_cost",
     "reorder_to_grid",
     "kmeans_grid_init",
@@ -53,9 +59,39 @@ __all__ = [
 ]
 
 _EPS = 1e-12
+log = logging.getLogger(__name__)
 #: Optional keys of a pair batch holding global scan indices of x_u / x_v; when present the SOM
 #: initialisation de-duplicates scans (k-means sees each scan once) and pairs.
 SCAN_INDEX_KEYS = ("index_u", "index_v")
+
+
+#: The SOM file registered with an LSOR encoder (`LSOR.registry_files`, read by `hpcbrain embed`).
+SOM_FILE = "som.npz"
+#: BatchNorm statistics the k-means initialisation encodes with (see `LSOR.initialise_som`).
+INIT_BN_MODES = ("batch", "running")
+
+
+@contextlib.contextmanager
+def batch_norm_mode(module: nn.Module, use_batch_statistics: bool):
+    """No-grad encoding context: every BatchNorm normalises with its batch's statistics
+    (``use_batch_statistics``) or with its running statistics (eval mode); dropout-like layers
+    are in eval mode either way. Running statistics and training modes are restored on exit, so
+    encoding never changes the model."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    if use_batch_statistics:
+        for m in norms:
+            m.train()
+    try:
+        yield
+    finally:
+        for m, state in zip(norms, saved):
+            for key, value in state.items():
+                getattr(m, key).copy_(value)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _dist_ready() -> bool:
@@ -139,6 +175,47 @@ def ema_update(ref: Tensor, dz: Tensor, cluster: Tensor, alpha: float) -> Tensor
     old = ref.detach().to(acc)
     new = torch.where(counts > 0, alpha * old + (1.0 - alpha) * mean, old)
     return new.to(ref.dtype)
+
+
+def som_health_sums(z: Tensor, G: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Additive SOM-health statistics of latents z [B, D] against nodes G [K, D], as one float64
+    vector (so ranks can all-reduce it in one collective):
+    [count per node (K) | Σ‖z − g_bmu‖ | Σ topographic errors | B | Σz (D) | Σ‖z‖²].
+
+    A topographic error is a latent whose two nearest nodes are not grid neighbours
+    (Manhattan grid distance ≠ 1, the 4-neighbourhood the SOM kernel is built on)."""
+    z = z.detach().to(torch.float64)
+    G = G.detach().to(device=z.device, dtype=torch.float64)
+    n_nodes = G.shape[0]
+    d = squared_distances(z, G)
+    if n_nodes >= 2:
+        nearest = d.topk(2, dim=1, largest=False).indices
+        bmu, second = nearest[:, 0], nearest[:, 1]
+        apart = grid_distances(bmu, grid).gather(1, second.reshape(-1, 1)).reshape(-1) != 1
+    else:
+        bmu = d.argmin(dim=1)
+        apart = torch.zeros_like(bmu, dtype=torch.bool)
+    counts = torch.bincount(bmu, minlength=n_nodes).to(torch.float64)
+    qe = d.gather(1, bmu.reshape(-1, 1)).clamp_min(0).sqrt().sum()
+    return torch.cat([counts, qe.reshape(1), apart.sum().to(torch.float64).reshape(1),
+                      torch.tensor([float(z.shape[0])], dtype=torch.float64, device=z.device),
+                      z.sum(dim=0), (z ** 2).sum().reshape(1)])
+
+
+def som_health(sums: Tensor, n_nodes: int) -> dict[str, Any]:
+    """Occupancy, quantisation error (mean distance to the BMU), topographic error (share),
+    latent mean and spread (rms distance to the mean) from `som_health_sums` (summed over
+    batches and ranks)."""
+    sums = sums.to(torch.float64)
+    counts = sums[:n_nodes]
+    qe, te, n = (float(v) for v in sums[n_nodes:n_nodes + 3])
+    z_sum, z_sq = sums[n_nodes + 3:-1], float(sums[-1])
+    n = max(n, 1.0)
+    mean = z_sum / n
+    spread = max(z_sq / n - float((mean ** 2).sum()), 0.0) ** 0.5
+    return {"occupied_nodes": int((counts > 0).sum()), "quantisation_error": qe / n,
+            "topographic_error": te / n, "latent_mean": mean, "latent_spread": spread,
+            "counts": counts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +481,13 @@ class LSOR(Method):
         self.ema_alpha = float(c.ema_alpha)
         self.kmeans_max_iter = int(c.kmeans_max_iter)
         self.kmeans_n_init = int(_cfg(cfg, "lsor.kmeans_n_init", 3))
+        self.init_bn_mode = str(_cfg(cfg, "lsor.init_bn_mode", "batch"))
+        self.node_lr_scale = float(_cfg(cfg, "lsor.node_lr_scale", 1.0))
+        if not self.node_lr_scale > 0:
+            raise ValueError(f"lsor.node_lr_scale must be > 0, got {self.node_lr_scale}")
+        if self.init_bn_mode not in INIT_BN_MODES:
+            raise ValueError(f"lsor.init_bn_mode must be one of {', '.join(INIT_BN_MODES)}, "
+                             f"got {self.init_bn_mode!r}")
         if min(self.grid) < 1:
             raise ValueError(f"lsor.grid_rows/grid_cols must be >= 1, got {self.grid}")
         if not 0 <= self.warmup_epochs <= self.epochs:
@@ -419,6 +503,8 @@ class LSOR(Method):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self._tau = self.tau_max
         self._som_step = 0
+        # (latent mean, G) at the last epoch end, for the drift-vs-node-movement health metric
+        self._previous_epoch_state: Optional[tuple[Tensor, Tensor]] = None
 
     # --- interface ----------------------------------------------------------------------------
     def encoder(self) -> nn.Module:
@@ -448,6 +534,52 @@ class LSOR(Method):
         if epoch >= self.warmup_epochs and not self.som_active():
             self.initialise_som(encode_batches)
 
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int, encode_batches: Callable[[], Iterable[dict]]) -> dict[str, float]:
+        """SOM health over the training scans, encoded as evaluation and `hpcbrain embed` see
+        them (running BatchNorm statistics): occupied nodes, quantisation and topographic
+        error, and how far the latent cloud moved this epoch against how far the nodes moved.
+        A collective when a process group is up (one all-reduce)."""
+        n_nodes = self.grid[0] * self.grid[1]
+        with batch_norm_mode(self, use_batch_statistics=False):
+            sums = None
+            for batch in encode_batches():
+                x_u, x_v, _ = self._unpack(batch)
+                z = self.net.encoder(torch.cat([x_u, x_v], dim=0))
+                part = som_health_sums(z, self.G, self.grid)
+                sums = part if sums is None else sums + part
+        if sums is None:
+            sums = torch.zeros(n_nodes + self.latent_dim + 4, dtype=torch.float64,
+                               device=self.G.device)
+        if _dist_ready() and dist.get_world_size() > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        health = som_health(sums, n_nodes)
+        nodes = self.G.detach().to(torch.float64)
+        metrics = {"latent_spread": health["latent_spread"]}
+        previous = self._previous_epoch_state
+        if previous is not None:
+            metrics["latent_drift"] = float((health["latent_mean"] - previous[0]).norm())
+            if previous[1].shape == nodes.shape:
+                metrics["node_movement"] = float((nodes - previous[1]).norm(dim=1).mean())
+        self._previous_epoch_state = (health["latent_mean"], nodes.clone())
+        if self.som_active():
+            metrics.update(occupied_nodes=float(health["occupied_nodes"]),
+                           quantisation_error=health["quantisation_error"],
+                           topographic_error=health["topographic_error"],
+                           centroid_gap=float((nodes.mean(0) - health["latent_mean"]).norm()))
+            if health["occupied_nodes"] < n_nodes / 2:
+                log.warning(
+                    "SOM health after epoch %d: only %d of %d nodes are any training scan's "
+                    "best-matching node (latents moved %.3g, nodes %.3g this epoch). The grid is "
+                    "collapsing: train without augmentation (data.augment.flip=false "
+                    "data.augment.rotation_deg=0 data.augment.translation_vox=0), keep "
+                    "lsor.init_bn_mode=batch, and give the SOM phase more steps (a smaller "
+                    "train.batch_size or more train.epochs); see docs/lsor-decisions.md",
+                    epoch + 1, health["occupied_nodes"], n_nodes,
+                    metrics.get("latent_drift", float("nan")),
+                    metrics.get("node_movement", float("nan")))
+        return {f"som/{key}": value for key, value in metrics.items()}
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return self._losses(batch, update_ema=self.training)
 
@@ -459,6 +591,23 @@ class LSOR(Method):
             return self._losses(batch, update_ema=False)
         finally:
             self.train(was_training)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The SOM nodes G at ``lsor.node_lr_scale`` × train.lr, everything else at train.lr
+        (docs/lsor-decisions.md: Adam moves a node by about lr per coordinate and step)."""
+        others = [p for name, p in self.named_parameters() if name != "G"]
+        return [{"params": others, "lr_scale": 1.0},
+                {"params": [self.G], "lr_scale": self.node_lr_scale}]
+
+    def registry_files(self, folder: Path) -> list[Path]:
+        """``som.npz`` (G, ΔG, grid shape) beside the registered encoder: `hpcbrain embed` reads it
+        to give each scan its best-matching node and similarity grid."""
+        path = Path(folder) / SOM_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, nodes=self.G.detach().to("cpu", torch.float32).numpy(),
+                 trajectories=self.dG.detach().to("cpu", torch.float32).numpy(),
+                 grid=np.array(self.grid, dtype=np.int64))
+        return [path]
 
     # --- evaluation helpers ---------------------------------------------------------------------
     @torch.no_grad()
@@ -546,14 +695,15 @@ class LSOR(Method):
         return G, dG
 
     def initialise_som(self, encode_batches: Callable[[], Iterable[dict]]) -> None:
-        """Encode all training pairs (eval mode, no grad), k-means → G, ΔG; identical on every
-        rank (gathered to rank 0, computed there, broadcast). Sets ``initialised``."""
-        was_training = self.training
-        self.eval()
-        try:
+        """Encode all training pairs (no grad), k-means → G, ΔG; identical on every rank
+        (gathered to rank 0, computed there, broadcast). Sets ``initialised``.
+
+        ``lsor.init_bn_mode``: "batch" (default, as the official code) encodes with BatchNorm's
+        batch statistics -- the latents the SOM phase's training steps see, which differ from
+        the running-statistics latents by 74 % of their spread at this point -- without moving
+        the running statistics; "running" encodes in eval mode."""
+        with batch_norm_mode(self, use_batch_statistics=self.init_bn_mode == "batch"):
             rows = self._collect_rows(encode_batches)
-        finally:
-            self.train(was_training)
         n_nodes = self.grid[0] * self.grid[1]
         if _dist_ready() and dist.get_world_size() > 1:
             device = self.G.device
@@ -592,3 +742,7 @@ class LSOR(Method):
             self.G.data.copy_(G.to(device=self.G.device, dtype=self.G.dtype))
         self.dG.copy_(dG.to(device=self.dG.device, dtype=self.dG.dtype))
         self.initialised.fill_(True)
+        if self._previous_epoch_state is not None:
+            # node movement is counted from the initialised grid, not from the random nodes
+            self._previous_epoch_state = (self._previous_epoch_state[0],
+                                          G.detach().to(self.G.device, torch.float64).clone())
