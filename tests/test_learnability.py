@@ -74,7 +74,7 @@ def test_synth_presets_report_their_learnability(tmp_path):
         assert written["preset"] == preset and written["input_size"] == 32
         reports[preset] = written
     registered, raw = reports["registered"], reports["raw"]
-    assert registered["brain_age_variance_share"] > 2 * raw["brain_age_variance_share"]
+    assert registered["brain_age_variance_share"] > 1.5 * raw["brain_age_variance_share"]
     assert registered["ridge_brain_age"]["r2"] > raw["ridge_brain_age"]["r2"]
     assert registered["ridge_brain_age"]["r2"] > 0.8
     # the same subjects and ages: the tables do not depend on the preset

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from hpcbrain.methods import build_method
 from hpcbrain.methods.lsor import (
     LSOR,
+    batch_norm_mode,
     ema_update,
     grid_neighbour_cost,
     init_reference_trajectories,
@@ -352,21 +353,35 @@ def test_reference_trajectories_pair_clusters_after_reordering():
         torch.testing.assert_close(dG[k], expect, rtol=0, atol=1e-5)
 
 
-def test_initialise_som_end_to_end_and_dedup():
-    m = make_model()
+def _expected_init(m, batches, use_batch_statistics):
+    """G, ΔG computed by hand from the model's latents: each training batch encoded as one
+    [x_u; x_v] forward, with its own batch statistics or the running ones."""
+    with torch.no_grad(), batch_norm_mode(m, use_batch_statistics=use_batch_statistics):
+        z = [m.encoder()(torch.cat([b["x_u"], b["x_v"]])) for b in batches]
+    n = [b["x_u"].shape[0] for b in batches]
+    z_u = torch.cat([zi[:k] for zi, k in zip(z, n)])
+    z_v = torch.cat([zi[k:] for zi, k in zip(z, n)])
+    dt = torch.cat([b["dt"] for b in batches])
+    G = kmeans_grid_init(torch.cat([z_u, z_v]), (2, 3), seed=0)
+    return G, init_reference_trajectories(z_u, (z_v - z_u) / dt[:, None], G)
+
+
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_initialise_som_end_to_end_and_dedup(mode):
+    m = make_model(init_bn_mode=mode)
     batches = make_batches(8, 3, with_idx=True)
+    running = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
     # repeat the first batch (as a padding sampler would): de-duplicated by index_u / index_v
     m.on_epoch_start(2, lambda: iter(batches + batches[:1]))
     assert m.initialised.item() and m.training
-    with torch.no_grad():
-        m.eval()
-        z_u = torch.cat([m.encoder()(b["x_u"]) for b in batches])
-        z_v = torch.cat([m.encoder()(b["x_v"]) for b in batches])
-        dt = torch.cat([b["dt"] for b in batches])
-    G = kmeans_grid_init(torch.cat([z_u, z_v]), (2, 3), seed=0)
+    for key, value in running.items():       # encoding never moves the running statistics
+        torch.testing.assert_close(m.state_dict()[key], value)
+    G, dG = _expected_init(m, batches, use_batch_statistics=mode == "batch")
     torch.testing.assert_close(m.G.detach(), G, rtol=1e-4, atol=1e-5)
-    dG = init_reference_trajectories(z_u, (z_v - z_u) / dt[:, None], G)
     torch.testing.assert_close(m.dG, dG, rtol=1e-4, atol=1e-5)
+    # and the two modes really differ at initialisation (so the choice matters)
+    other, _ = _expected_init(m, batches, use_batch_statistics=mode != "batch")
+    assert not torch.allclose(other, G, atol=1e-3)
 
 
 def test_warmup_zero_initialises_at_epoch_zero():

@@ -3,7 +3,9 @@
 * ema_update: one all_reduce of [sums | counts] → every rank equals a single process on the
   concatenated batch;
 * SOM init: latents gathered to rank 0, k-means there, G/ΔG broadcast → identical on both ranks
-  (and equal to a single process encoding the concatenated data).
+  (and equal to a single process encoding the same batches: with `init_bn_mode=batch` a latent
+  depends on its batch's statistics, so the single process sees the ranks' batches);
+* SOM health: per-rank sums all-reduced once → every rank logs the single-process values.
 """
 import os
 
@@ -68,8 +70,10 @@ def _worker(rank, port, out_dir):
         model = LSOR(make_cfg())
         lo, hi = PAIR_SPLIT[rank]
         model.on_epoch_start(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
+        health = model.on_epoch_end(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
         torch.save({"ema": ema, "G": model.G.detach().clone(), "dG": model.dG.clone(),
-                    "init": bool(model.initialised.item())}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "init": bool(model.initialised.item()), "health": health},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -94,8 +98,28 @@ def test_kmeans_init_identical_on_all_ranks_and_equal_to_single_process(results)
     assert all(r["init"] for r in results)
     assert torch.equal(results[0]["G"], results[1]["G"])
     assert torch.equal(results[0]["dG"], results[1]["dG"])
-    torch.manual_seed(0)
-    single = LSOR(make_cfg())
-    single.on_epoch_start(single.warmup_epochs, lambda: iter(pair_batches(0, 9)))
+    single = _single_process()
     torch.testing.assert_close(results[0]["G"], single.G.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results[0]["dG"], single.dG, rtol=1e-4, atol=1e-5)
+
+
+def _ranks_batches():
+    return [b for lo, hi in PAIR_SPLIT for b in pair_batches(lo, hi)]
+
+
+def _single_process():
+    torch.manual_seed(0)
+    single = LSOR(make_cfg())
+    single.on_epoch_start(single.warmup_epochs, lambda: iter(_ranks_batches()))
+    return single
+
+
+def test_som_health_is_the_single_process_value_on_every_rank(results):
+    single = _single_process()
+    expected = single.on_epoch_end(single.warmup_epochs, lambda: iter(_ranks_batches()))
+    assert {"som/occupied_nodes", "som/quantisation_error", "som/topographic_error",
+            "som/latent_spread"} <= set(expected)
+    for r in range(WORLD):
+        assert results[r]["health"].keys() == expected.keys()
+        for key, value in expected.items():
+            assert results[r]["health"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -292,3 +292,56 @@ def test_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="voxel_size_mm"):
         synthesize_cohort(tmp_path / "a", 2, voxel_size_mm=0.5)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _baseline_ages(model, n=4000):
+    rng = np.random.default_rng(0)
+    return np.array([synth._baseline_age(rng, model) for _ in range(n)])
+
+
+def test_age_distributions_have_their_documented_shape():
+    lo, hi = 60.0, 90.0
+    third = (hi - lo) / 3
+    shares = {}
+    for kind in synth.AGE_DISTRIBUTIONS:
+        ages = _baseline_ages(synth.aging_model(age_distribution=kind, age_range=(lo, hi)))
+        assert ages.min() >= lo and ages.max() <= hi
+        shares[kind] = np.mean((ages > lo + third) & (ages < hi - third))
+    # normal: sd = range / 4.3 = 6.98, the middle third is ±5 years = ±0.72 sd: 52.6 %;
+    # uniform: a third; bimodal: two modes 2.6 sd from the middle third, which holds the
+    # uniform 10 %'s third and the modes' tails: ~3.4 %
+    assert shares["normal"] == pytest.approx(0.526, abs=0.03)
+    assert shares["uniform"] == pytest.approx(1 / 3, abs=0.04)
+    assert shares["bimodal"] == pytest.approx(0.034, abs=0.012)
+    narrow = _baseline_ages(synth.aging_model(age_distribution="uniform", age_range=(20, 30)))
+    assert narrow.min() >= 20 and narrow.max() <= 30
+
+
+def test_presets_and_their_errors():
+    registered, raw = synth.aging_model("registered"), synth.aging_model("raw")
+    assert raw == synth.AgingModel(preset="raw")          # raw keeps the unregistered look
+    assert registered.head_scale_mean == {"M": 1.0, "F": 1.0}
+    assert registered.head_scale_sd < raw.head_scale_sd
+    assert registered.rotation_sd_deg < raw.rotation_sd_deg
+    assert registered.translation_sd_mm < raw.translation_sd_mm
+    assert registered.deformation_rms_mm < raw.deformation_rms_mm
+    assert synth.aging_model(brain_age_gap_sd=1.0).baseline_gap_sd == 1.0
+    with pytest.raises(ValueError, match="unknown preset 'mni'"):
+        synth.aging_model("mni")
+    with pytest.raises(ValueError, match="unknown age distribution 'flat'"):
+        synth.aging_model(age_distribution="flat")
+    with pytest.raises(ValueError, match="LO < HI"):
+        synth.aging_model(age_range=(80, 60))
+    with pytest.raises(ValueError, match="gap sd"):
+        synth.aging_model(brain_age_gap_sd=-1)
+
+
+def test_cli_synth_rejects_a_bad_option_with_a_clear_error(tmp_path, capsys):
+    from hpcbrain.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "c"), "--subjects", "2", "--age-range",
+                 "90", "60", "--quiet"]) == 2
+    assert "LO < HI" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -3,6 +3,7 @@ resume after a kill equals an uninterrupted run, a NaN stops cleanly, the regist
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +105,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(store, t
 
 def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     import mlflow
+    import mlflow.artifacts
     import mlflow.pytorch
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -131,11 +133,32 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     assert run.data.params["train.epochs"] == "3"
     for name in ("train/loss", "train/recon", "train/som", "train/dir", "schedule/tau",
                  "schedule/lr", "throughput/samples_per_s", "epoch/val_loss",
-                 "som/dcor_age", "som/dcor_adas_cog", "som/dcor_pmci_ad_percent"):
+                 "som/dcor_age", "som/dcor_adas_cog", "som/dcor_pmci_ad_percent",
+                 "som/dcor_age_p", "som/occupied_nodes",
+                 # SOM health, per epoch
+                 "som/quantisation_error", "som/topographic_error", "som/latent_drift",
+                 "som/node_movement", "som/latent_spread"):
         assert name in run.data.metrics, name
+    # health is logged at every epoch end (latent drift from the second epoch on)
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "som/latent_drift")
+    assert len(history) == 2
+    p_values = [run.data.metrics[k] for k in run.data.metrics if k.startswith("som/dcor_")
+                and k.endswith("_p")]
+    assert p_values and all(1 / 1001 <= p <= 1 for p in p_values)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert "config.yaml" in artifacts and "figures" in artifacts
-    assert (result.run_dir / "figures" / "som_heatmaps.png").stat().st_size > 1000
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "figures")}
+    for figure in ("fig2_som_heatmaps.png", "fig2d_node_images.png",
+                   "fig3_similarity_by_age_and_group.png", "fig4_latent_pca.png"):
+        assert (result.run_dir / "figures" / figure).stat().st_size > 1000
+        assert f"figures/{figure}" in logged
+    # the registered model carries its SOM grid
+    from hpcbrain.methods.lsor import SOM_FILE
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri))
+    with np.load(model_dir / "extra_files" / SOM_FILE) as som:
+        np.testing.assert_array_equal(som["nodes"], reference.G.detach().numpy())
+        assert tuple(som["grid"]) == (2, 2)
 
     # Rerunning a finished run (the demo twice, a requeue after the end) registers nothing new.
     again = run_training(cfg)

@@ -32,7 +32,8 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def score_seed(seed: int, out: Path, subjects: int, extra: list[str]) -> dict:
+def score_seed(seed: int, out: Path, subjects: int, extra: list[str],
+               synth_args: list[str]) -> dict:
     from hpcbrain.data.store import CohortStore
     from hpcbrain.evaluate.interpretability import scan_values, score_grid
 
@@ -41,7 +42,7 @@ def score_seed(seed: int, out: Path, subjects: int, extra: list[str]) -> dict:
     bids, store = folder / "bids", folder / "cohort.zarr"
     if not (store / "zarr.json").exists():
         run([str(venv / "hpcbrain"), "synth", "--out", str(bids), "--subjects", str(subjects),
-             "--seed", str(seed), "--quiet"])
+             "--seed", str(seed), "--quiet", *synth_args])
         run([str(venv / "hpcbrain"), "convert", str(bids), "--out", str(store), "--shape", "32",
              "--workers", "2", "--quiet"])
     uri = f"sqlite:///{out.resolve()}/mlflow.db"
@@ -76,11 +77,16 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "lsor-grid")
+    parser.add_argument("--preset", default="registered", choices=["registered", "raw"])
+    parser.add_argument("--age-distribution", default="normal",
+                        choices=["normal", "uniform", "bimodal"])
     parser.add_argument("overrides", nargs="*", help="config overrides for every training run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    results = [score_seed(s, args.out, args.subjects, args.overrides) for s in args.seeds]
+    synth_args = ["--preset", args.preset, "--age-distribution", args.age_distribution]
+    results = [score_seed(s, args.out, args.subjects, args.overrides, synth_args)
+               for s in args.seeds]
     lines = ["| seed | scans | occupied | dCor age | p | dCor brain age | p | train s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -97,7 +103,8 @@ def main() -> int:
     table = "\n".join(lines)
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "table.json").write_text(json.dumps({"results": results, "targets": TARGETS,
-                                                     "overrides": args.overrides}, indent=2))
+                                                     "overrides": args.overrides,
+                                                     "synth": synth_args}, indent=2))
     print(table)
     return 0
 

@@ -159,7 +159,7 @@ def _baseline_age(rng: np.random.Generator, model: AgingModel) -> float:
         age = rng.uniform(lo, hi)
     elif kind == "bimodal":
         # 45 % around each end (centres 15 % in from the ends, sd 7 % of the range), 10 %
-        # spread uniformly: the middle third holds ~15 % of the subjects instead of ~50 %.
+        # spread uniformly: the middle third holds ~3.4 % of the subjects (normal: ~53 %).
         width = hi - lo
         pick = rng.random()
         if pick < 0.45:
