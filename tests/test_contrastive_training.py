@@ -23,8 +23,9 @@ def test_adapn_run_training_with_tracking(store, tmp_path, monkeypatch):
 
     logged = []
 
-    def record_encoder(self, encoder, example):   # skip the slow model logging, check the input
+    def record_encoder(self, encoder, example, extra_files=None):   # skip the slow logging
         logged.append(encoder(example).shape)
+        assert not extra_files        # only LSOR ships files (its SOM) with its encoder
         return None
 
     monkeypatch.setattr(MlflowTracker, "log_encoder", record_encoder)

@@ -539,7 +539,8 @@ class LSOR(Method):
         """SOM health over the training scans, encoded as evaluation and `hpcbrain embed` see
         them (running BatchNorm statistics): occupied nodes, quantisation and topographic
         error, and how far the latent cloud moved this epoch against how far the nodes moved.
-        A collective when a process group is up (one all-reduce)."""
+        Scans are taken as the pair batches hold them (a scan in several pairs counts once per
+        pair). A collective when a process group is up (one all-reduce)."""
         n_nodes = self.grid[0] * self.grid[1]
         with batch_norm_mode(self, use_batch_statistics=False):
             sums = None
