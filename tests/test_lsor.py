@@ -409,3 +409,22 @@ def test_state_dict_round_trip_and_no_reinit_on_resume():
     fresh.on_epoch_start(2, must_not_run)
     fresh.on_epoch_start(3, must_not_run)
     assert torch.equal(fresh.G.detach(), m.G.detach())
+
+
+def test_som_health_warns_about_a_collapsed_grid_only_once_tau_has_shrunk(caplog):
+    """epochs 4, warm-up 2: the SOM phase is epochs 2-3, half of it done at the end of epoch 2;
+    at the end of epoch 1 (the grid just initialised) none of it is."""
+    m = _initialised_model()
+    with torch.no_grad():
+        m.G.data[1:] += 1e3                  # every latent's best-matching node is node 0
+    batches = make_batches(8, 3)
+    with caplog.at_level("WARNING", logger="hpcbrain.methods.lsor"):
+        early = m.on_epoch_end(1, lambda: iter(batches))
+    assert early["som/occupied_nodes"] == 1 and not caplog.records
+    with caplog.at_level("WARNING", logger="hpcbrain.methods.lsor"):
+        late = m.on_epoch_end(2, lambda: iter(batches))
+    assert late["som/occupied_nodes"] == 1
+    assert late["som/latent_drift"] == pytest.approx(0.0, abs=1e-9)   # nothing trained between
+    assert late["som/node_movement"] == 0.0
+    (record,) = caplog.records
+    assert "only 1 of 6 nodes" in record.getMessage() and "node_lr_scale" in record.getMessage()
