@@ -86,6 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hpcbrain.data.synth import AGE_DISTRIBUTIONS, PRESETS   # numpy only: --help stays fast
+
     parser = argparse.ArgumentParser(prog="hpcbrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -94,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--subjects", type=int, default=20)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--voxel-size", type=float, default=2.0, help="mm (2 = MNI152 2 mm)")
-    synth.add_argument("--preset", choices=["registered", "raw"], default="registered",
+    synth.add_argument("--preset", choices=PRESETS, default="registered",
                        help="registered: as after affine registration to MNI (default); raw: "
                             "unregistered head size and pose")
-    synth.add_argument("--age-distribution", choices=["normal", "uniform", "bimodal"],
+    synth.add_argument("--age-distribution", choices=AGE_DISTRIBUTIONS,
                        default="normal", help="baseline ages (bimodal: dense young and old "
                                               "modes, sparse middle)")
     synth.add_argument("--age-range", nargs=2, type=float, metavar=("LO", "HI"), default=None,

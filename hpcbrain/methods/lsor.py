@@ -560,8 +560,7 @@ class LSOR(Method):
         previous = self._previous_epoch_state
         if previous is not None:
             metrics["latent_drift"] = float((health["latent_mean"] - previous[0]).norm())
-            if previous[1].shape == nodes.shape:
-                metrics["node_movement"] = float((nodes - previous[1]).norm(dim=1).mean())
+            metrics["node_movement"] = float((nodes - previous[1]).norm(dim=1).mean())
         self._previous_epoch_state = (health["latent_mean"], nodes.clone())
         if self.som_active():
             metrics.update(occupied_nodes=float(health["occupied_nodes"]),
