@@ -1,4 +1,4 @@
-"""The `hpcbrain` command: synth, convert, train, embed, config.
+"""The `hpcbrain` command: synth, convert, train, embed, predict-age, config.
 
 Heavy imports (torch, zarr, mlflow) happen inside each sub-command so `hpcbrain --help` is fast.
 """
@@ -68,6 +68,24 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict_age(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from hpcbrain.config import load_config
+    from hpcbrain.evaluate.age_predictor import predict_ages, write_ages
+    from hpcbrain.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(load_config()))  # $MLFLOW_TRACKING_URI or the project db
+    try:
+        ages = predict_ages(args.model, args.scans, batch_size=args.batch_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_ages(args.out, args.scans, ages)
+    print(f"wrote {len(ages)} predicted ages (mean {float(ages.mean()):.1f} years) to {args.out}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -134,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LSOR models: add the similarity grid ρ (columns rho_ROW_COL)")
     embed.set_defaults(func=_cmd_embed)
 
+    predict = sub.add_parser("predict-age", help="predict each scan's age with a registered "
+                                                 "age model (a contrastive run's encoder + ridge)")
+    predict.add_argument("model", help="e.g. models:/hpcbrain-adapn-age@current (set "
+                                       "MLFLOW_TRACKING_URI for a non-default store)")
+    predict.add_argument("scans", nargs="+", type=Path, help=".nii or .nii.gz files")
+    predict.add_argument("--out", required=True, type=Path, help="ages.csv (path, predicted_age)")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.set_defaults(func=_cmd_predict_age)
+
     for name, func, text in (("train", _cmd_train, "train in this process (local debug mode)"),
                              ("config", _cmd_config, "print the resolved config")):
         cmd = sub.add_parser(name, help=text)
@@ -152,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Errors about the user's input get one clear line; anything else is a bug: traceback.
     user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError)
-    if args.command == "embed":
+    if args.command in ("embed", "predict-age"):
         from hpcbrain.data.convert import BadScanError
 
         user_errors += (BadScanError,)

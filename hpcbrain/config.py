@@ -103,9 +103,21 @@ class ContrastiveConfig:
     nn_final: int = 14               # AdapN: neighbourhood size (scans) at the end of training
     nn_step: int = 1                 # AdapN: epochs between neighbourhood shrinks; 0 = no schedule
     distance: str = "manhattan"      # AdapN neighbours: manhattan | euclidean | chebyshev | cosine
+                                     # | similarity (top-k dot product, official)
     far_lambda: Optional[float] = None   # AdapN appendix: weight non-nearest by (r/d)^λ; None = drop
     max_shift: bool = False          # AdapN/Exponential: the official code's s − max_t s (docs/adapn.md)
-    nnclr_queue: int = 1024          # NNCLR support set size (projections of earlier batches)
+    # Official-code variants (configs/adapn-official.yaml turns them all on; docs/adapn.md)
+    weight_norm: str = "anchor"      # kernel weights normalised per anchor (Eq. 2) | global (official)
+    nn_epoch_base: int = 0           # Algorithm 1's epoch counted from 0 | 1 (official loop)
+    nn_min_batch: int = 0            # AdapN: no neighbourhood (= Exponential) below this many
+                                     # scans per global batch (official: 32)
+    base_temperature: Optional[float] = None   # loss × temperature/base_temperature (official 0.07)
+    rnc_similarity: str = "dot"      # Rank-N-Contrast: dot (z·z/τ) | neg_l2 (−‖z_i − z_k‖/τ, official)
+    rnc_features: str = "projection" # ... on unit projections | backbone features (official)
+    nnclr_queue: int = 1024          # NNCLR support set size (projections of earlier batches);
+                                     # capped at the training set's scan count
+    nnclr_exclude_self: bool = True  # NNCLR: the anchor's own scan (an earlier view) is never
+                                     # its neighbour
     # The two views per scan are drawn from this (on top of data.augment, applied once per scan)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(
         p=0.5, flip=False, rotation_deg=0.0, translation_vox=0.0, cutout_size=0, noise_std=0.0))
@@ -121,6 +133,8 @@ class TrackingConfig:
     uri: Optional[str] = None        # None: $MLFLOW_TRACKING_URI, else sqlite in the project
     experiment: str = "hpcbrain"
     registered_model: Optional[str] = "hpcbrain-lsor-encoder"   # None: do not register
+    registered_age_model: Optional[str] = None   # contrastive runs: encoder + ridge head, age
+                                     # per scan (`hpcbrain predict-age`); None: not logged
     alias: str = "current"
     enabled: bool = True
 

@@ -29,6 +29,7 @@ class TrainingResult:
     global_step: int
     epochs: int
     model_uri: str | None = None
+    age_model_uri: str | None = None     # contrastive runs: encoder + ridge (predict-age)
     tracking_uri: str | None = None
     run_id: str | None = None
     figures: list[Path] | None = None
@@ -113,7 +114,7 @@ def run_training(cfg: DictConfig) -> TrainingResult:
 
 def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
     from hpcbrain.engine.trainer import Trainer
-    from hpcbrain.methods import build_method
+    from hpcbrain.methods import build_method, get_method_class
     from hpcbrain.tracking import make_tracker, tracking_uri
 
     if cfg.train.num_threads:
@@ -121,10 +122,12 @@ def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(cfg)
+    method_class = get_method_class(cfg.method)
+    split, train_set, val_set = build_datasets(cfg, store, method_class.batch_kind)
+    method_class.resolve_config(cfg, len(train_set))
     if dist.is_global_rank0():
         save_config(cfg, run_dir / "config.yaml")
-
-    store = open_store(cfg)
     method = build_method(cfg)
     method.to(device)
     if cfg.train.channels_last and resolve_engine_name(cfg.engine.name,
@@ -133,7 +136,6 @@ def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
         # layout; measured 1.2 s vs 1.9 s per LSOR step at 32³ on this 2-core CPU. DeepSpeed
         # flattens parameters into contiguous buffers and refuses channels-last strides.
         method.to(memory_format=torch.channels_last_3d)
-    split, train_set, val_set = build_datasets(cfg, store, method.batch_kind)
     engine = build_engine(cfg, method, device)
     tracker = make_tracker(cfg, run_dir, dist.is_global_rank0())
     trainer = Trainer(cfg, engine, train_set, val_set, run_dir, tracker)
@@ -207,11 +209,15 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
         result.figures = report.figures
     from hpcbrain.evaluate.ridge import evaluate_after_training
 
-    ridge = evaluate_after_training(cfg, method, store, split, tracker, run_dir,
-                                    result.global_step)   # contrastive methods: age MAE
-    if ridge is not None:
-        result.metrics = {**(result.metrics or {}), **ridge}
+    age = evaluate_after_training(cfg, method, store, split, tracker, run_dir,
+                                  result.global_step)   # contrastive methods: age MAE
     size = cfg.data.input_size
     example = torch.from_numpy(np.stack([store.read_image(i) for i in split.train[:2]]))[:, None]
-    result.model_uri = tracker.log_encoder(method.encoder(), example.reshape(-1, 1, size, size, size),
+    example = example.reshape(-1, 1, size, size, size)
+    result.model_uri = tracker.log_encoder(method.encoder(), example,
                                            extra_files=method.registry_files(run_dir / "registry"))
+    if age is not None:
+        result.metrics = {**(result.metrics or {}), **age.metrics}
+        if cfg.tracking.registered_age_model:
+            result.age_model_uri = tracker.log_model(age.predictor, example, "age_predictor",
+                                                     cfg.tracking.registered_age_model)

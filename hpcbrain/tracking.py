@@ -48,6 +48,8 @@ class NullTracker:
     def log_figure(self, figure: Any, name: str) -> None: ...
     def log_encoder(self, encoder: Any, example: Any,
                     extra_files: list[Path] | None = None) -> str | None: return None
+    def log_model(self, module: Any, example: Any, artifact: str, registered_name: str | None,
+                  extra_files: list[Path] | None = None) -> str | None: return None
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -93,11 +95,20 @@ class MlflowTracker(NullTracker):
 
     def log_encoder(self, encoder: Any, example: Any,
                     extra_files: list[Path] | None = None) -> str | None:
-        """Log the encoder (pytorch flavour, with signature); register it and set the alias.
+        """Log the encoder (pytorch flavour, with signature) as `tracking.registered_model`;
+        see `log_model`. `extra_files` land in the model's ``extra_files/`` folder (LSOR: its
+        SOM grid)."""
+        return self.log_model(encoder, example, "encoder", self.cfg.tracking.registered_model,
+                              extra_files)
 
-        Returns the `models:/NAME@ALIAS` URI, or the run's model URI when registration is off.
-        `example` must hold at least 2 volumes: torch.export freezes a batch dimension of 1.
-        `extra_files` land in the model's ``extra_files/`` folder (LSOR: its SOM grid).
+    def log_model(self, module: Any, example: Any, artifact: str, registered_name: str | None,
+                  extra_files: list[Path] | None = None) -> str | None:
+        """Log a torch module (pytorch flavour, signature from `example`) under `artifact`;
+        register it as `registered_name` and point `tracking.alias` at the new version.
+
+        Returns the `models:/NAME@ALIAS` URI, or the run's model URI when `registered_name` is
+        empty. `example` must hold at least 2 volumes: torch.export freezes a batch dimension
+        of 1.
         """
         import copy
 
@@ -105,21 +116,20 @@ class MlflowTracker(NullTracker):
         import torch
         from mlflow.models import infer_signature
 
-        encoder = copy.deepcopy(encoder).eval().to("cpu", torch.float32)
+        module = copy.deepcopy(module).eval().to("cpu", torch.float32)
         with torch.no_grad():
-            latents = encoder(example)
-        signature = infer_signature(example.numpy(), latents.numpy())
-        name = self.cfg.tracking.registered_model
-        info = mlflow.pytorch.log_model(encoder, name="encoder", signature=signature,
+            outputs = module(example)
+        signature = infer_signature(example.numpy(), outputs.numpy())
+        info = mlflow.pytorch.log_model(module, name=artifact, signature=signature,
                                         input_example=example.numpy(),
-                                        registered_model_name=name or None,
+                                        registered_model_name=registered_name or None,
                                         extra_files=[str(f) for f in extra_files or []] or None)
-        if not name:
+        if not registered_name:
             return info.model_uri
         alias = self.cfg.tracking.alias
         self._mlflow.MlflowClient().set_registered_model_alias(
-            name, alias, str(info.registered_model_version))
-        return f"models:/{name}@{alias}"
+            registered_name, alias, str(info.registered_model_version))
+        return f"models:/{registered_name}@{alias}"
 
     def finish(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)

@@ -132,6 +132,8 @@ def submit(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"  MLflow run:        {result.run_id} ({result.tracking_uri})")
             if result.model_uri:
                 print(f"  registered model:  {result.model_uri}")
+            if result.age_model_uri:
+                print(f"  age predictor:     {result.age_model_uri}")
         else:
             failed += 1
             print(f"job {job.job_id} FAILED: {headline(error)}\n  logs: {out}\n        {err}\n"
@@ -194,6 +196,8 @@ def print_summary(result) -> None:
         print(f"MLflow run:        {result.run_id}")
     if result.model_uri:
         print(f"registered model:  {result.model_uri}")
+    if result.age_model_uri:
+        print(f"age predictor:     {result.age_model_uri}  (hpcbrain predict-age)")
     if grid:   # LSOR: the grid's quality last, where a reader of the demo looks
         print(f"SOM grid (all scans): {grid.get('som/occupied_nodes', float('nan')):.0f} "
               f"occupied nodes")

@@ -55,6 +55,17 @@ def loss_sums(z2_all, support):
         "rnc": lambda z, lab, a: L.rnc_loss(z, lab[:, 0], anchors=a, **common),
         "simclr": lambda z, lab, a: L.simclr_loss(z, lab[:, 1], anchors=a, **common),
         "nnclr": lambda z, lab, a: L.nnclr_loss(z[:, :4], z[:, 4:], support, anchors=a, **common),
+        # the official-code variants (configs/adapn-official.yaml, rnc-official.yaml, NNCLR ids)
+        "adapn_official": lambda z, lab, a: L.adapn_loss(
+            z, lab[:, 0], 3, sigma=SIGMA, max_shift=True, weight_norm="global",
+            distance="similarity", anchors=a, **common),
+        "yaware_global": lambda z, lab, a: L.yaware_loss(z, lab[:, 0], sigma=SIGMA,
+                                                         weight_norm="global", anchors=a, **common),
+        "rnc_neg_l2": lambda z, lab, a: L.rnc_loss(z, lab[:, 0], similarity="neg_l2", anchors=a,
+                                                   **common),
+        "nnclr_exclude_self": lambda z, lab, a: L.nnclr_loss(
+            z[:, :4], z[:, 4:], support, support_ids=torch.tensor([0, 1, 2, 3, 9]),
+            ids=lab[:, 1].long(), anchors=a, **common),
     }
 
 
@@ -99,7 +110,7 @@ def _worker(rank, port, out_dir):
         out = {}
         labels = torch.stack([y, ids], 1)[lo:hi]
         for name, fn in loss_sums(z2, support).items():
-            emb = (torch.cat([z, z2], 1) if name == "nnclr" else z)[lo:hi].clone().requires_grad_()
+            emb = (torch.cat([z, z2], 1) if name.startswith("nnclr") else z)[lo:hi].clone().requires_grad_()
             loss = global_batch_loss(fn, emb, labels)
             loss.backward()
             out[name] = (loss.detach(), emb.grad)
@@ -136,7 +147,7 @@ def test_every_loss_equals_single_process_on_the_concatenated_batch(ranks):
     z, z2, support, y, ids, _ = data()
     labels = torch.stack([y, ids], 1)
     for name, fn in loss_sums(z2, support).items():
-        emb = (torch.cat([z, z2], 1) if name == "nnclr" else z).clone().requires_grad_()
+        emb = (torch.cat([z, z2], 1) if name.startswith("nnclr") else z).clone().requires_grad_()
         n = emb.shape[0]
         single = fn(emb, labels, torch.arange(n)) / n
         single.backward()

@@ -62,3 +62,86 @@ def test_adapn_run_training_with_tracking(store, tmp_path, monkeypatch):
     assert {"ridge_comparison.md", "ridge_comparison.csv", "ridge.json"} <= artifacts
     table = (result.run_dir / "ridge_comparison.md").read_text()
     assert "| adapn-tiny | adapn | resnet18 |" in table
+
+
+def test_registered_age_predictor_round_trip(store, tmp_path, monkeypatch):
+    """The run registers encoder + ridge as one model; `hpcbrain predict-age` on NIfTI files
+    gives what the ridge, refitted here on the run's training split, predicts from the
+    encoder's features of the same scans."""
+    import csv
+
+    import nibabel as nib
+
+    from hpcbrain.cli import main
+    from hpcbrain.data.convert import load_scan
+    from hpcbrain.data.store import CohortStore
+    from hpcbrain.engine import checkpoint
+    from hpcbrain.evaluate.ridge import extract_features, fit_ridge
+    from hpcbrain.job import build_datasets
+    from hpcbrain.methods import build_method
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(["adapn.yaml"], [
+        f"data.store={store}", "data.input_size=16", "data.n_folds=1", "data.val_fraction=0.25",
+        "data.num_workers=0", "model.resnet_width=2", "model.projection_dim=8",
+        "train.epochs=2", "train.batch_size=4", "train.max_steps_per_epoch=2",
+        "train.precision=fp32", "train.num_threads=1", "contrastive.nn_final=2",
+        "contrastive.ridge_seeds=1", "contrastive.ridge_cv=2",
+        f"run.root={tmp_path / 'runs'}", "run.name=age", f"tracking.uri={uri}",
+        "tracking.registered_model=t-encoder", "tracking.registered_age_model=t-age"])
+    result = run_training(cfg)
+    assert result.age_model_uri == "models:/t-age@current"
+
+    rng = np.random.default_rng(3)
+    scans = []
+    for k in range(3):   # new files, another grid than the store's
+        path = tmp_path / f"scan{k}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random((18, 20, 17)).astype(np.float32),
+                                 np.diag([2.0, 2.0, 2.0, 1.0])), path)
+        scans.append(path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "ages.csv"
+    assert main(["predict-age", result.age_model_uri, *map(str, scans), "--out", str(out)]) == 0
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["path"] for r in rows] == list(map(str, scans))
+    got = np.array([float(r["predicted_age"]) for r in rows])
+
+    method = build_method(cfg)
+    state = checkpoint.load(checkpoint.latest_checkpoint(result.run_dir))
+    method.load_state_dict(state["engine"]["method"])
+    method.eval()
+    cohort = CohortStore(store)
+    split, _, _ = build_datasets(cfg, cohort, "scans")
+    train_x = extract_features(method.encoder(), cohort, split.train, torch.device("cpu"))
+    ages = np.asarray(cohort.column("age"), dtype=np.float64)
+    subjects = np.asarray(cohort.column("subject")).astype(str)
+    ridge = fit_ridge(train_x, ages[split.train], groups=subjects[split.train], seed=0,
+                      alphas=list(cfg.contrastive.ridge_alphas), cv=2)
+    volumes = torch.from_numpy(np.stack([load_scan(s, 16)[0] for s in scans]))[:, None]
+    with torch.no_grad():
+        expected = ridge.predict(method.encoder()(volumes).double().numpy())
+    assert not method.backbone.training        # extract_features left the eval mode alone
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+    # the encoder is no age model: a clear error instead of a CSV of feature vectors
+    assert main(["predict-age", result.model_uri, str(scans[0]), "--out",
+                 str(tmp_path / "bad.csv")]) == 2
+    assert not (tmp_path / "bad.csv").exists()
+
+
+def test_age_predictor_equals_the_fitted_ridge():
+    from hpcbrain.evaluate.age_predictor import AgePredictor
+    from hpcbrain.evaluate.ridge import fit_ridge
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5)) * [1, 10, 0.1, 3, 1] + [0, 5, -2, 0, 1]
+    y = x @ [1.0, 0.2, -3.0, 0.5, 0.0] + 70 + rng.normal(size=40)
+    groups = np.repeat(np.arange(10), 4)
+    ridge = fit_ridge(x, y, groups=groups, cv=3)
+    predictor = AgePredictor.from_ridge(torch.nn.Identity(), ridge)
+    got = predictor(torch.from_numpy(x).float()).numpy()
+    np.testing.assert_allclose(got, ridge.predict(x), rtol=1e-5, atol=1e-3)
+    plain = fit_ridge(x, y, groups=groups, cv=3, standardize=False)
+    np.testing.assert_allclose(AgePredictor.from_ridge(torch.nn.Identity(), plain)(
+        torch.from_numpy(x).float()).numpy(), plain.predict(x), rtol=1e-5, atol=1e-3)

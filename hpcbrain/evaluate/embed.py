@@ -44,19 +44,26 @@ def _som_of(model_dir: Path) -> dict | None:
         return {"nodes": som["nodes"], "grid": tuple(int(v) for v in som["grid"])}
 
 
-def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8) -> Embedding:
-    """Latents of the NIfTI files `scans` (and their SOM nodes when the model has a grid)."""
+def load_registered(model_uri: str):
+    """(torch module, its downloaded model folder, S of the S³ input) of a logged model."""
     import mlflow.artifacts
     import mlflow.pytorch
-    import torch
-
-    from hpcbrain.data.convert import BadScanError, load_scan
-    from hpcbrain.methods.lsor import similarity_grid, squared_distances
 
     size = model_input_size(model_uri)
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    encoder = mlflow.pytorch.load_model(str(model_dir))
-    latents = []
+    return mlflow.pytorch.load_model(str(model_dir)), model_dir, size
+
+
+def apply_to_scans(module, scans: Sequence[str | Path], size: int,
+                   batch_size: int = 8) -> np.ndarray:
+    """`module` on the NIfTI files `scans`, preprocessed as the converter does (`load_scan`),
+    in batches; its outputs concatenated along the first axis. A bad file raises BadScanError
+    naming it."""
+    import torch
+
+    from hpcbrain.data.convert import BadScanError, load_scan
+
+    outputs = []
     for start in range(0, len(scans), batch_size):
         volumes = []
         for path in scans[start:start + batch_size]:
@@ -65,9 +72,18 @@ def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8
             except BadScanError as exc:
                 raise BadScanError(f"{path}: {exc}") from None
         with torch.no_grad():
-            batch = torch.from_numpy(np.stack(volumes))[:, None]
-            latents.append(encoder(batch).numpy())
-    result = Embedding(np.concatenate(latents))
+            outputs.append(module(torch.from_numpy(np.stack(volumes))[:, None]).numpy())
+    return np.concatenate(outputs)
+
+
+def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8) -> Embedding:
+    """Latents of the NIfTI files `scans` (and their SOM nodes when the model has a grid)."""
+    import torch
+
+    from hpcbrain.methods.lsor import similarity_grid, squared_distances
+
+    encoder, model_dir, size = load_registered(model_uri)
+    result = Embedding(apply_to_scans(encoder, scans, size, batch_size))
     som = _som_of(model_dir)
     if som is not None:
         z = torch.from_numpy(result.latents).to(torch.float64)

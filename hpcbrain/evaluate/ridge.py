@@ -26,8 +26,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RidgeResult", "ridge_age_mae", "extract_features", "evaluate_after_training",
-           "comparison_table", "DEFAULT_ALPHAS", "METRIC"]
+__all__ = ["RidgeResult", "ridge_age_mae", "fit_ridge", "extract_features", "evaluate_after_training",
+           "comparison_table", "DEFAULT_ALPHAS", "METRIC", "AgeEvaluation"]
 
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 METRIC = "ridge/test_mae_mean"
@@ -65,6 +65,27 @@ def _inner_cv(n: int, groups: Optional[np.ndarray], folds: int, seed: int):
     return GroupKFold(n_splits=max(2, min(folds, n_groups)), shuffle=True, random_state=seed)
 
 
+def fit_ridge(train_x: np.ndarray, train_y: np.ndarray, *, groups: Optional[Sequence] = None,
+              seed: int = 0, alphas: Sequence[float] = DEFAULT_ALPHAS, cv: int = 5,
+              standardize: bool = True):
+    """The fitted model `ridge_age_mae` scores: (StandardScaler →) Ridge, alpha chosen by an
+    inner CV on the training scans (grouped by subject when `groups` is given, shuffled with
+    `seed`), refit on all of them. A fitted sklearn GridSearchCV (``best_estimator_``)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_y = np.asarray(train_y, dtype=np.float64).reshape(-1)
+    group_array = None if groups is None else np.asarray(groups).astype(str)
+    model = make_pipeline(StandardScaler(), Ridge()) if standardize else make_pipeline(Ridge())
+    search = GridSearchCV(model, {"ridge__alpha": [float(a) for a in alphas]},
+                          cv=_inner_cv(train_y.size, group_array, cv, seed),
+                          scoring="neg_mean_absolute_error", refit=True)
+    search.fit(np.asarray(train_x, dtype=np.float64), train_y, groups=group_array)
+    return search
+
+
 def ridge_age_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                   test_y: np.ndarray, *, groups: Optional[Sequence] = None,
                   seeds: Sequence[int] | int = 5, alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -75,11 +96,7 @@ def ridge_age_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     subject together; None = plain shuffled K-fold). seeds: a list, or a count (0 … k−1).
     The chosen alpha is refit on all training scans before predicting the test scans.
     """
-    from sklearn.linear_model import Ridge
     from sklearn.metrics import mean_absolute_error
-    from sklearn.model_selection import GridSearchCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     train_x = np.asarray(train_x, dtype=np.float64)
     test_x = np.asarray(test_x, dtype=np.float64)
@@ -95,15 +112,11 @@ def ridge_age_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                          f"{train_y.size} and {test_y.size}")
     if not (np.isfinite(train_y).all() and np.isfinite(test_y).all()):
         raise ValueError("ridge evaluation: every scan needs a finite age")
-    group_array = None if groups is None else np.asarray(groups).astype(str)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     maes, chosen, train_maes = [], [], []
     for seed in seed_list:
-        model = make_pipeline(StandardScaler(), Ridge()) if standardize else make_pipeline(Ridge())
-        search = GridSearchCV(model, {"ridge__alpha": [float(a) for a in alphas]},
-                              cv=_inner_cv(train_y.size, group_array, cv, seed),
-                              scoring="neg_mean_absolute_error", refit=True)
-        search.fit(train_x, train_y, groups=group_array)
+        search = fit_ridge(train_x, train_y, groups=groups, seed=seed, alphas=alphas, cv=cv,
+                           standardize=standardize)
         maes.append(float(mean_absolute_error(test_y, search.predict(test_x))))
         train_maes.append(float(mean_absolute_error(train_y, search.predict(train_x))))
         chosen.append(float(search.best_params_["ridge__alpha"]))
@@ -173,12 +186,22 @@ def _experiment_rows(cfg) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass
+class AgeEvaluation:
+    """What `evaluate_after_training` gives the job: the logged metrics and the age predictor
+    (the encoder with the first seed's ridge, fitted on the training scans)."""
+    metrics: dict[str, float]
+    predictor: torch.nn.Module
+
+
 def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
-                            step: int) -> Optional[dict[str, float]]:
+                            step: int) -> Optional[AgeEvaluation]:
     """The job's hook (rank 0, after training): ridge age MAE of a contrastive method's frozen
     features, logged to MLflow with the experiment's comparison table. None for other methods
     or when contrastive.evaluate is off. Test scans: the split's test fold, else its
     validation scans (data.n_folds=1); skipped with a warning when there are none."""
+    from hpcbrain.evaluate.age_predictor import AgePredictor
+
     if not getattr(method, "ridge_evaluation", False) or not cfg.contrastive.evaluate:
         return None
     test = split.test if len(split.test) else split.val
@@ -215,4 +238,7 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
             tracker.log_artifact(run_dir / "ridge_comparison.md")
             tracker.log_artifact(run_dir / "ridge_comparison.csv")
         tracker.log_artifact(run_dir / "ridge.json")
-    return metrics
+    fitted = fit_ridge(train_x, ages[split.train], groups=subjects[split.train],
+                       seed=result.seeds[0], alphas=[float(a) for a in c.ridge_alphas],
+                       cv=int(c.ridge_cv))
+    return AgeEvaluation(metrics, AgePredictor.from_ridge(encoder, fitted))

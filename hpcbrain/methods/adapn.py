@@ -46,6 +46,7 @@ from torch import Tensor
 __all__ = [
     "DISTANCES",
     "KERNELS",
+    "WEIGHT_NORMS",
     "LOSSES",
     "nn_schedule",
     "kernel_weights",
@@ -56,11 +57,15 @@ __all__ = [
     "yaware_loss",
     "threshold_loss",
     "rnc_loss",
+    "RNC_SIMILARITIES",
     "simclr_loss",
     "nnclr_loss",
 ]
 
-DISTANCES = ("manhattan", "euclidean", "chebyshev", "cosine")
+DISTANCES = ("manhattan", "euclidean", "chebyshev", "cosine", "similarity")
+#: how the kernel weights of an anchor are normalised: per anchor (Eq. 2) or over the batch
+#: (the official code's Σ_{i,k} w_ik·(−log p_ik) / Σ_{i,k} w_ik)
+WEIGHT_NORMS = ("anchor", "global")
 KERNELS = ("rbf", "gaussian", "cauchy")
 #: the registered loss names (one contrastive method each)
 LOSSES = ("adapn", "exponential", "threshold", "yaware", "rnc", "simclr", "nnclr")
@@ -123,6 +128,10 @@ def pairwise_distance(a: Tensor, b: Tensor, distance: str = "manhattan") -> Tens
         return torch.cdist(a, b, p=float("inf"))
     if distance == "cosine":
         return 1.0 - F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    if distance == "similarity":
+        # the official code's NN_nb_selection="similarity": top-k of the dot product; on unit
+        # projections the same order as cosine and euclidean
+        return -(a @ b.T)
     raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
@@ -192,13 +201,27 @@ def _similarities(z: Tensor, idx: Tensor, temperature: float) -> Tensor:
 
 
 def _positive_weights(y: Tensor, idx: Tensor, kernel: str, sigma: float,
-                      own: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(w [A, N], ŵ [A, N]): kernel weights and their per-anchor normalisation over t ≠ i
-    (ŵ = 0 on the diagonal; rows without any weight give ŵ = 0, i.e. l_i = 0)."""
+                      own: Tensor, dtype: torch.dtype,
+                      weight_norm: str = "anchor") -> tuple[Tensor, Tensor]:
+    """(w [A, N], ŵ [A, N]): kernel weights and their normalisation, ŵ = 0 on the diagonal.
+
+    ``anchor`` (Eq. 2): ŵ_ik = w_ik / Σ_{t≠i} w_it (rows without any weight give l_i = 0).
+    ``global`` (the official code): ŵ_ik = N·w_ik / Σ_{j, t≠j} w_jt over ALL N rows, so that the
+    mean over anchors of l_i is Σ_{i,k} w_ik·(−log p_ik) / Σ_{i,k} w_ik whichever anchors a
+    process owns (the total needs only the labels, which every rank has).
+    """
+    if weight_norm not in WEIGHT_NORMS:
+        raise ValueError(f"weight_norm must be one of {', '.join(WEIGHT_NORMS)}, got {weight_norm!r}")
     yf = y.detach().reshape(-1).to(dtype)
     w = kernel_weights(yf[idx], yf, kernel, float(sigma))
     w_off = w.masked_fill(own, 0.0)
-    w_hat = w_off / w_off.sum(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    tiny = torch.finfo(dtype).tiny
+    if weight_norm == "global":
+        n = yf.numel()
+        w_all = kernel_weights(yf, yf, kernel, float(sigma))
+        total = w_all.sum() - w_all.diagonal().sum()
+        return w, w_off * (n / total.clamp_min(tiny))
+    w_hat = w_off / w_off.sum(dim=1, keepdim=True).clamp_min(tiny)
     return w, w_hat
 
 
@@ -220,7 +243,8 @@ def _exclusive_prefix_lse(values_sorted: Tensor) -> Tensor:
 def adapn_loss(z: Tensor, y: Tensor, nn_nb: int, *, sigma: float, temperature: float,
                distance: str = "manhattan", kernel: str = "rbf",
                far_lambda: Optional[float] = None, max_shift: bool = False,
-               anchors: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+               weight_norm: str = "anchor", anchors: Optional[Tensor] = None,
+               reduction: str = "mean") -> Tensor:
     """AdapN (DESIGN.md): mean over anchors of
     l_i = −Σ_{k≠i} ŵ_ik·(s_ik − log Σ_{t∈NN(i)} exp(s_it·(1 − w_it))).
 
@@ -231,6 +255,7 @@ def adapn_loss(z: Tensor, y: Tensor, nn_nb: int, *, sigma: float, temperature: f
     Barbano's), which replaces s by s − max_t s_it (row max over all samples, the anchor
     included, no gradient) before multiplying by (1 − w): NOT a constant shift, it weights each
     denominator term by exp(−max_t s_it·(1 − w_it)) (docs/adapn.md). Off by default (Eq. 2).
+    weight_norm: ``anchor`` (Eq. 2) or ``global`` (the official code; see `_positive_weights`).
     anchors/reduction: see the module docstring.
     """
     _check(z, y, temperature, reduction)
@@ -240,7 +265,7 @@ def adapn_loss(z: Tensor, y: Tensor, nn_nb: int, *, sigma: float, temperature: f
     s = _similarities(z, idx, temperature)
     if max_shift:
         s = s - s.detach().amax(dim=1, keepdim=True)
-    w, w_hat = _positive_weights(y, idx, kernel, sigma, own, s.dtype)
+    w, w_hat = _positive_weights(y, idx, kernel, sigma, own, s.dtype, weight_norm)
     neighbours = nearest_neighbour_mask(z, nn_nb, distance, idx)
     logits = s * (1.0 - w)
     if far_lambda is None or bool(neighbours.sum(dim=1).eq(n - 1).all()):
@@ -263,31 +288,32 @@ def adapn_loss(z: Tensor, y: Tensor, nn_nb: int, *, sigma: float, temperature: f
 
 
 def exponential_loss(z: Tensor, y: Tensor, *, sigma: float, temperature: float,
-                     kernel: str = "rbf", max_shift: bool = False,
+                     kernel: str = "rbf", max_shift: bool = False, weight_norm: str = "anchor",
                      anchors: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Exponential: l_i = −Σ_{k≠i} ŵ_ik·(s_ik − log Σ_{t≠i} exp(s_it·(1 − w_it)))
-    (max_shift: as in `adapn_loss`)."""
+    (max_shift, weight_norm: as in `adapn_loss`)."""
     return adapn_loss(z, y, max(z.shape[0] - 1, 1), sigma=sigma, temperature=temperature,
-                      kernel=kernel, max_shift=max_shift, anchors=anchors, reduction=reduction)
+                      kernel=kernel, max_shift=max_shift, weight_norm=weight_norm,
+                      anchors=anchors, reduction=reduction)
 
 
 def yaware_loss(z: Tensor, y: Tensor, *, sigma: float, temperature: float,
-                kernel: str = "rbf", anchors: Optional[Tensor] = None,
-                reduction: str = "mean") -> Tensor:
+                kernel: str = "rbf", weight_norm: str = "anchor",
+                anchors: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Y-Aware: l_i = −Σ_{k≠i} ŵ_ik·(s_ik − log Σ_{t≠i} exp(s_it))."""
     _check(z, y, temperature, reduction)
     n = z.shape[0]
     idx = _anchor_index(anchors, n, z.device)
     own = _self_mask(idx, n)
     s = _similarities(z, idx, temperature)
-    _, w_hat = _positive_weights(y, idx, kernel, sigma, own, s.dtype)
+    _, w_hat = _positive_weights(y, idx, kernel, sigma, own, s.dtype, weight_norm)
     log_den = torch.logsumexp(s.masked_fill(own, float("-inf")), dim=1, keepdim=True)
     return _reduce(_weighted_nll(s, log_den, w_hat), reduction)
 
 
 def threshold_loss(z: Tensor, y: Tensor, *, sigma: float, temperature: float,
-                   kernel: str = "rbf", anchors: Optional[Tensor] = None,
-                   reduction: str = "mean") -> Tensor:
+                   kernel: str = "rbf", weight_norm: str = "anchor",
+                   anchors: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Threshold: l_i = −Σ_{k≠i} ŵ_ik·(s_ik − log(exp(s_ik) + Σ_{t≠i: w_it < w_ik} exp(s_it))).
 
     Per anchor the samples are sorted by w; the denominator of the pair (i, k) is the positive
@@ -299,7 +325,7 @@ def threshold_loss(z: Tensor, y: Tensor, *, sigma: float, temperature: float,
     idx = _anchor_index(anchors, n, z.device)
     own = _self_mask(idx, n)
     s = _similarities(z, idx, temperature)
-    w, w_hat = _positive_weights(y, idx, kernel, sigma, own, s.dtype)
+    w, w_hat = _positive_weights(y, idx, kernel, sigma, own, s.dtype, weight_norm)
     key = w.masked_fill(own, float("inf"))          # the anchor sorts last, never "<" anything
     key_sorted, order = torch.sort(key, dim=1)
     prefix = _exclusive_prefix_lse(s.gather(1, order))
@@ -311,15 +337,33 @@ def threshold_loss(z: Tensor, y: Tensor, *, sigma: float, temperature: float,
 # ---------------------------------------------------------------------------------------------
 # Rank-N-Contrast, SimCLR, NNCLR
 # ---------------------------------------------------------------------------------------------
-def rnc_loss(z: Tensor, y: Tensor, *, temperature: float, anchors: Optional[Tensor] = None,
-             reduction: str = "mean") -> Tensor:
+RNC_SIMILARITIES = ("dot", "neg_l2")
+
+
+def rnc_loss(z: Tensor, y: Tensor, *, temperature: float, similarity: str = "dot",
+             anchors: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Rank-N-Contrast: l_i = −1/(N−1)·Σ_{k≠i} (s_ik − log Σ_{t∈S_ik} exp(s_it)),
-    S_ik = {t ≠ i : |y_i − y_t| ≥ |y_i − y_k|} (so k ∈ S_ik). O(A·N) memory."""
+    S_ik = {t ≠ i : |y_i − y_t| ≥ |y_i − y_k|} (so k ∈ S_ik). O(A·N) memory
+    (neg_l2: O(A·N·d)).
+
+    similarity: ``dot`` s = z_i·z_k/τ (the family's, on unit projections), or ``neg_l2``
+    s = −‖z_i − z_k‖₂/τ (the RnC paper and official code, on un-normalised encoder features
+    with τ = 2)."""
     _check(z, y, temperature, reduction)
+    if similarity not in RNC_SIMILARITIES:
+        raise ValueError(f"rnc similarity must be one of {', '.join(RNC_SIMILARITIES)}, "
+                         f"got {similarity!r}")
     n = z.shape[0]
     idx = _anchor_index(anchors, n, z.device)
     own = _self_mask(idx, n)
-    s = _similarities(z, idx, temperature)
+    if similarity == "dot":
+        s = _similarities(z, idx, temperature)
+    else:
+        zf = z.to(torch.promote_types(z.dtype, torch.float32))
+        diff = zf[idx].unsqueeze(1) - zf.unsqueeze(0)               # [A, N, d]
+        # the norm's gradient at 0 (the anchor itself, masked below) would be NaN: add a tiny
+        # floor inside the square root; it changes no distance above 1e-6
+        s = -torch.sqrt((diff ** 2).sum(-1) + 1e-12) / float(temperature)
     yf = y.detach().reshape(-1).to(s.dtype)
     neg_gap = -(yf[idx].reshape(-1, 1) - yf.reshape(1, -1)).abs()   # −|y_i − y_t|
     key = neg_gap.masked_fill(own, float("inf"))                     # the anchor sorts last
@@ -350,6 +394,7 @@ def simclr_loss(z: Tensor, ids: Tensor, *, temperature: float,
 
 
 def nnclr_loss(z1: Tensor, z2: Tensor, support: Optional[Tensor], *, temperature: float,
+               support_ids: Optional[Tensor] = None, ids: Optional[Tensor] = None,
                anchors: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """NNCLR, symmetrised: for anchor i, q1_i = the support vector most similar (dot product)
     to z1_i (no gradient),
@@ -357,7 +402,9 @@ def nnclr_loss(z1: Tensor, z2: Tensor, support: Optional[Tensor], *, temperature
         l_i = ½·[−log softmax_k(q1_i·z2_k/τ)[i] − log softmax_k(q2_i·z1_k/τ)[i]].
 
     support [M, d] (a queue of earlier view-1 projections); None or empty: q = z (SimCLR's
-    two-view cross-entropy). z1, z2 [N, d], row i of both views of the same scan.
+    two-view cross-entropy). z1, z2 [N, d], row i of both views of the same scan. With
+    ``support_ids`` [M] and ``ids`` [N] (scan ids), a support row of the anchor's own scan is
+    never its neighbour (an anchor with no other candidate keeps its own view).
     """
     if z1.shape != z2.shape:
         raise ValueError(f"the two views differ in shape: {tuple(z1.shape)} vs {tuple(z2.shape)}")
@@ -366,12 +413,19 @@ def nnclr_loss(z1: Tensor, z2: Tensor, support: Optional[Tensor], *, temperature
     idx = _anchor_index(anchors, n, z1.device)
     acc = torch.promote_types(z1.dtype, torch.float32)
     a1, a2 = z1.to(acc), z2.to(acc)
+    exclude = support_ids is not None and ids is not None
 
     def neighbour(q: Tensor) -> Tensor:
         if support is None or support.numel() == 0:
             return q.detach()
         bank = support.detach().to(acc)
-        return bank[(q.detach() @ bank.T).argmax(dim=1)]
+        similarity = q.detach() @ bank.T                                # [A, M]
+        if exclude:
+            own = ids.reshape(-1)[idx].reshape(-1, 1) == support_ids.reshape(1, -1)
+            similarity = similarity.masked_fill(own, float("-inf"))
+            best = bank[similarity.argmax(dim=1)]
+            return torch.where(own.all(dim=1, keepdim=True), q.detach(), best)
+        return bank[similarity.argmax(dim=1)]
 
     terms = []
     for anchor_view, other_view in ((a1, a2), (a2, a1)):

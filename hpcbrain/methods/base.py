@@ -74,6 +74,12 @@ class Method(torch.nn.Module):
         parameters (and every lr schedule applied to it). Default: one group of everything."""
         return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
+    @classmethod
+    def resolve_config(cls, cfg: Any, n_train_items: int) -> None:
+        """Settle config values that depend on the training set (`n_train_items` items of
+        ``batch_kind``) in place, before the method is built, so every later `build_method(cfg)`
+        (export, evaluation) builds the same shapes. Default: nothing to settle."""
+
     def registry_files(self, folder: Path) -> list[Path]:
         """Files (written into `folder`) that travel with the registered encoder, for what
         `hpcbrain embed` adds to the latents (LSOR: its SOM grid). Default: none."""

@@ -26,6 +26,7 @@ scans in the batch, nn_final, nn_step)`; with two views per scan an anchor keeps
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -39,6 +40,8 @@ from hpcbrain.methods.base import Method, register_method
 from hpcbrain.models.autoencoder import LSOREncoder
 from hpcbrain.models.heads import FEATURE_MODES, FeatureExtractor, ProjectionHead
 from hpcbrain.models.resnet3d import build_resnet3d
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ContrastiveMethod", "global_batch_loss", "gather_rows", "build_backbone",
            "view_generator", "CONTRASTIVE_METHODS"]
@@ -133,6 +136,27 @@ class ContrastiveMethod(Method):
         self.nn_step = int(c.nn_step)
         self.far_lambda = None if c.far_lambda is None else float(c.far_lambda)
         self.max_shift = bool(c.max_shift)
+        self.weight_norm = str(c.weight_norm)
+        self.nn_epoch_base = int(c.nn_epoch_base)
+        self.nn_min_batch = int(c.nn_min_batch)
+        self.loss_scale = 1.0 if c.base_temperature is None else \
+            self.temperature / float(c.base_temperature)
+        self.rnc_similarity = str(c.rnc_similarity)
+        self.rnc_on_backbone = str(c.rnc_features) == "backbone"
+        self.nnclr_exclude_self = bool(c.nnclr_exclude_self)
+        if self.weight_norm not in losses.WEIGHT_NORMS:
+            raise ValueError(f"contrastive.weight_norm must be one of {losses.WEIGHT_NORMS}, "
+                             f"not {self.weight_norm!r}")
+        if self.nn_epoch_base not in (0, 1):
+            raise ValueError(f"contrastive.nn_epoch_base must be 0 or 1, got {self.nn_epoch_base}")
+        if not self.loss_scale > 0:
+            raise ValueError(f"contrastive.base_temperature must be > 0, got {c.base_temperature}")
+        if self.rnc_similarity not in losses.RNC_SIMILARITIES:
+            raise ValueError(f"contrastive.rnc_similarity must be one of "
+                             f"{losses.RNC_SIMILARITIES}, not {self.rnc_similarity!r}")
+        if str(c.rnc_features) not in ("projection", "backbone"):
+            raise ValueError(f"contrastive.rnc_features must be projection or backbone, "
+                             f"not {c.rnc_features!r}")
         if self.kernel not in losses.KERNELS:
             raise ValueError(f"contrastive.kernel must be one of {losses.KERNELS}, not {self.kernel!r}")
         if self.distance not in losses.DISTANCES:
@@ -155,6 +179,8 @@ class ContrastiveMethod(Method):
             if size < 1:
                 raise ValueError(f"contrastive.nnclr_queue must be >= 1, got {size}")
             self.register_buffer("queue", torch.zeros(size, self.head.out_dim))
+            # scan id of each queued projection (−1: empty), so the anchor's own scan is skipped
+            self.register_buffer("queue_ids", torch.full((size,), -1, dtype=torch.long))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
@@ -167,8 +193,15 @@ class ContrastiveMethod(Method):
         return {"nn_nb": float(self._nn_nb)} if self.loss_name == "adapn" else {}
 
     def nn_nb_at(self, epoch: int, scans_in_batch: int) -> int:
-        """NN_nb (in scans) for a global batch of `scans_in_batch` scans."""
-        return losses.nn_schedule(epoch, self.epochs, scans_in_batch, self.nn_final, self.nn_step)
+        """NN_nb (in scans) for a global batch of `scans_in_batch` scans (epoch from 0).
+
+        Algorithm 1 at epoch + ``nn_epoch_base`` (the official loop counts from 1, so its first
+        epoch already shrinks the neighbourhood); the whole batch (= Exponential) when the batch
+        holds fewer than ``nn_min_batch`` scans (the official code's gate at 32)."""
+        if scans_in_batch < self.nn_min_batch:
+            return scans_in_batch
+        return losses.nn_schedule(epoch + self.nn_epoch_base, self.epochs, scans_in_batch,
+                                  self.nn_final, self.nn_step)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         ref = next(self.head.parameters())
@@ -178,16 +211,19 @@ class ContrastiveMethod(Method):
         index = (torch.arange(b) if index is None else torch.as_tensor(index)).reshape(-1)
         age = torch.as_tensor(batch["age"]).to(device=ref.device, dtype=torch.float32).reshape(-1)
         views = self.make_views(x, index)                            # [2B, 1, S, S, S]
-        z = self.head(self.backbone(views)).float()                 # [2B, d], unit rows
+        features = self.backbone(views)
+        z = self.head(features).float()                             # [2B, d], unit rows
+        if self.loss_name == "rnc" and self.rnc_on_backbone:
+            z = features.float()                                    # official RnC: encoder features
         # the loss in fp32 even inside a bf16 autocast region (similarities, distances, exps)
         with torch.autocast(device_type=z.device.type, enabled=False):
+            ids = index.to(device=z.device, dtype=torch.float64)
             if self.loss_name == "nnclr":
-                loss = self._nnclr(z[:b], z[b:])
+                loss = self._nnclr(z[:b], z[b:], ids)
             else:
-                ids = index.to(device=z.device, dtype=torch.float64)
                 labels = torch.stack([torch.cat([age, age]).double(), torch.cat([ids, ids])], 1)
                 loss = global_batch_loss(self._loss_sum, z, labels)
-        return {"loss": loss}
+        return {"loss": self.loss_scale * loss}
 
     # --- views ----------------------------------------------------------------------------------
     def make_views(self, x: Tensor, index: Tensor) -> Tensor:
@@ -206,6 +242,7 @@ class ContrastiveMethod(Method):
         """Σ l_i over `anchors` of the gathered batch (z [N, d], labels [N, 2] = age, scan id)."""
         y, ids = labels[:, 0], labels[:, 1]
         common = dict(temperature=self.temperature, anchors=anchors, reduction="sum")
+        weighted = dict(sigma=self.sigma, kernel=self.kernel, weight_norm=self.weight_norm)
         name = self.loss_name
         if name != "simclr" and not bool(torch.isfinite(y).all()):
             # checked on the gathered labels: every rank raises alike, none waits for the others
@@ -215,47 +252,61 @@ class ContrastiveMethod(Method):
             scans = z.shape[0] // N_VIEWS
             self._nn_nb = self.nn_nb_at(self.epoch, scans)
             neighbours = min(max(N_VIEWS * self._nn_nb - 1, 1), z.shape[0] - 1)
-            return losses.adapn_loss(z, y, neighbours, sigma=self.sigma, distance=self.distance,
-                                     kernel=self.kernel, far_lambda=self.far_lambda,
-                                     max_shift=self.max_shift, **common)
+            return losses.adapn_loss(z, y, neighbours, distance=self.distance,
+                                     far_lambda=self.far_lambda, max_shift=self.max_shift,
+                                     **weighted, **common)
         if name == "exponential":
-            return losses.exponential_loss(z, y, sigma=self.sigma, kernel=self.kernel,
-                                           max_shift=self.max_shift, **common)
+            return losses.exponential_loss(z, y, max_shift=self.max_shift, **weighted, **common)
         if name == "threshold":
-            return losses.threshold_loss(z, y, sigma=self.sigma, kernel=self.kernel, **common)
+            return losses.threshold_loss(z, y, **weighted, **common)
         if name == "yaware":
-            return losses.yaware_loss(z, y, sigma=self.sigma, kernel=self.kernel, **common)
+            return losses.yaware_loss(z, y, **weighted, **common)
         if name == "rnc":
-            return losses.rnc_loss(z, y, **common)
+            return losses.rnc_loss(z, y, similarity=self.rnc_similarity, **common)
         if name == "simclr":
             return losses.simclr_loss(z, ids, **common)
         raise AssertionError(name)
 
-    def _nnclr(self, z1: Tensor, z2: Tensor) -> Tensor:
-        support = self.queue[: int(self.queue_filled)] if int(self.queue_filled) else None
+    def _nnclr(self, z1: Tensor, z2: Tensor, ids: Tensor) -> Tensor:
+        filled = int(self.queue_filled)
+        support = self.queue[:filled] if filled else None
+        support_ids = self.queue_ids[:filled] if filled and self.nnclr_exclude_self else None
         d = z1.shape[1]
 
-        def loss_sum(z_all: Tensor, _labels: Tensor, anchors: Tensor) -> Tensor:
+        def loss_sum(z_all: Tensor, labels_all: Tensor, anchors: Tensor) -> Tensor:
             return losses.nnclr_loss(z_all[:, :d], z_all[:, d:], support,
-                                     temperature=self.temperature, anchors=anchors,
+                                     temperature=self.temperature, support_ids=support_ids,
+                                     ids=labels_all.reshape(-1).long(), anchors=anchors,
                                      reduction="sum")
 
         both = torch.cat([z1, z2], dim=1)
-        loss = global_batch_loss(loss_sum, both, torch.zeros(z1.shape[0], 1, device=z1.device))
+        loss = global_batch_loss(loss_sum, both, ids.reshape(-1, 1))
         if self.training:
-            self._enqueue(gather_rows(z1))
+            self._enqueue(gather_rows(z1), gather_rows(ids.reshape(-1, 1)).reshape(-1))
         return loss
 
     @torch.no_grad()
-    def _enqueue(self, rows: Tensor) -> None:
-        """FIFO ring of the global batch's view-1 projections (the same on every rank)."""
+    def _enqueue(self, rows: Tensor, ids: Tensor) -> None:
+        """FIFO ring of the global batch's view-1 projections and their scan ids (the same on
+        every rank)."""
         size = self.queue.shape[0]
         rows = rows.detach().to(self.queue.dtype)[-size:]
+        ids = ids.detach().to(device=self.queue_ids.device, dtype=torch.long)[-size:]
         ptr = int(self.queue_ptr)
         positions = (ptr + torch.arange(rows.shape[0], device=self.queue.device)) % size
         self.queue[positions] = rows
+        self.queue_ids[positions] = ids
         self.queue_ptr.fill_((ptr + rows.shape[0]) % size)
         self.queue_filled.fill_(min(int(self.queue_filled) + rows.shape[0], size))
+
+    @classmethod
+    def resolve_config(cls, cfg: Any, n_train_items: int) -> None:
+        """NNCLR: a support queue larger than the training set holds stale copies of the same
+        scans (the audit: 1,024 slots for ~114 scans), so it is capped at the training set."""
+        if cls.loss_name == "nnclr" and int(cfg.contrastive.nnclr_queue) > n_train_items:
+            log.info("contrastive.nnclr_queue %d capped at the %d training scans",
+                     int(cfg.contrastive.nnclr_queue), n_train_items)
+            cfg.contrastive.nnclr_queue = int(n_train_items)
 
 
 @register_method("adapn")

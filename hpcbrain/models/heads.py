@@ -49,6 +49,10 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # A new wrapper would report training=True whatever its modules are in, and code that
+        # restores "the mode it found" (eval helpers) would then put an eval-mode method's
+        # BatchNorm back into training mode.
+        self.training = backbone.training
 
     @property
     def mode(self) -> str:
