@@ -129,6 +129,13 @@ class ContrastiveConfig:
 
 
 @dataclass
+class SupervisedConfig:
+    """The supervised upper bound (method ``supervised``): backbone → linear → age, MSE."""
+    age_offset: float = 70.0         # target = (age − offset) / scale, years
+    age_scale: float = 10.0
+
+
+@dataclass
 class TrackingConfig:
     uri: Optional[str] = None        # None: $MLFLOW_TRACKING_URI, else sqlite in the project
     experiment: str = "hpcbrain"
@@ -193,6 +200,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     lsor: LSORConfig = field(default_factory=LSORConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -8,7 +8,8 @@ rank equal one process on the concatenated batch: loss value and gradients.
 * a tiny linear encoder wrapped in DDP: DDP's gradient average equals the single-process
   gradient of AdapN (neighbour sets crossing ranks);
 * the AdapN method itself (ResNet at 8³, two cutout views per scan, the NN_nb schedule on the
-  global batch) under DDP, BatchNorm in eval mode so that only the loss's distribution matters.
+  global batch) under DDP, BatchNorm in eval mode so that only the loss's distribution matters;
+  the supervised upper bound (same backbone, MSE on age) the same way.
 """
 from __future__ import annotations
 
@@ -85,11 +86,13 @@ def method_batch():
             "index": torch.tensor([10, 11, 12, 13, 14])}
 
 
-def build_method():
+def build_method(name: str = "adapn"):
     from hpcbrain.methods import build_method as build
 
     torch.manual_seed(0)
-    method = build(tiny_method_cfg())
+    cfg = tiny_method_cfg()
+    cfg.method = name                    # supervised: the same backbone, an MSE head
+    method = build(cfg)
     method.eval()                        # BatchNorm on running statistics: rank-independent
     method.set_progress(1, 0, 1)         # epoch 1: NN_nb = int(5 − 3/2) = 3 scans → 5 samples
     return method
@@ -131,6 +134,13 @@ def _worker(rank, port, out_dir):
         loss.backward()
         out["ddp_method"] = (loss.detach(), {n: p.grad.clone() for n, p in method.named_parameters()},
                              method.scalars()["nn_nb"])
+
+        supervised = build_method("supervised")
+        ddp = DistributedDataParallel(supervised)
+        loss = ddp(batch)["loss"]
+        loss.backward()
+        out["ddp_supervised"] = (loss.detach(),
+                                 {n: p.grad.clone() for n, p in supervised.named_parameters()})
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -183,4 +193,25 @@ def test_ddp_adapn_method_equals_single_process(ranks):
     for name, p in method.named_parameters():
         for rank in ranks:
             torch.testing.assert_close(rank["ddp_method"][1][name], p.grad, rtol=1e-4,
+                                       atol=1e-6, msg=name)
+
+
+def test_ddp_supervised_method_equals_single_process(ranks):
+    from hpcbrain.methods.contrastive import view_generator
+
+    method = build_method("supervised")
+    batch = method_batch()
+    loss = method(batch)["loss"]
+    loss.backward()
+    # the MSE of one process on all 5 scans (same cutout view as each rank draws)
+    with torch.no_grad():
+        views = torch.stack([method.view_transform(x, view_generator(method.seed, method.epoch, int(i)))
+                             for x, i in zip(batch["x"], batch["index"])])
+        expected = ((method.predict_age(views) - batch["age"]) / 10.0).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack([r["ddp_supervised"][0] for r in ranks]).mean(),
+                               loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in method.named_parameters():
+        for rank in ranks:
+            torch.testing.assert_close(rank["ddp_supervised"][1][name], p.grad, rtol=1e-4,
                                        atol=1e-6, msg=name)

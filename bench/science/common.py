@@ -1,0 +1,30 @@
+"""Helpers the science benchmarks share: running a command from the project root, and a
+synthetic cohort converted to a 32³ store (made once, reused when it exists)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = ROOT / ".venv" / "bin"
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    """Run `cmd` in the project root (echoed, long argument lists shortened); raise on failure."""
+    shown = " ".join(map(str, cmd))
+    print("+", shown if len(shown) < 400 else f"{shown[:400]} … ({len(cmd)} arguments)", flush=True)
+    subprocess.run(list(map(str, cmd)), check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def make_cohort(folder: Path, seed: int, subjects: int, synth_args: list[str],
+                shape: int = 32) -> Path:
+    """`hpcbrain synth` (4 mm voxels) + `hpcbrain convert --shape SHAPE` into
+    FOLDER/bids<seed> and FOLDER/cohort<seed>.zarr, unless the store exists."""
+    bids, store = folder / f"bids{seed}", folder / f"cohort{seed}.zarr"
+    if not (store / "zarr.json").exists():
+        run([VENV / "hpcbrain", "synth", "--out", bids, "--subjects", subjects, "--seed", seed,
+             "--voxel-size", "4", "--quiet", *synth_args])
+        run([VENV / "hpcbrain", "convert", bids, "--out", store, "--shape", shape,
+             "--workers", "2", "--quiet"])
+    return store
