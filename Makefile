@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hpcbrain-installed
 DEMO := runs/demo
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test test-fast clean-demo
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	@if [ "$${CI:-}" = true ]; then slurm/devcluster/start.sh --install-only; fi
 	$(PY) -m pytest
+
+# The inner loop: everything but the Slurm cluster and the multi-process (gloo) tests.
+test-fast: setup
+	$(PY) -m pytest -m "not slurm and not multiprocess"
 
 # Synthetic cohort -> cohort store -> LSOR training -> evaluation and registry. Re-running
 # reuses what is already built and resumes the training run.

@@ -80,11 +80,11 @@ def worker(rank: int, port: int, args, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(args.threads)
-    from hpcbrain import dist
+    from hpcbrain import process_group
     from hpcbrain.engine.backends import build_engine
     from hpcbrain.methods import lsor
 
-    dist.setup_distributed(require_group=True)
+    process_group.setup_distributed(require_group=True)
     try:
         cfg, method = build(args)
         engine = build_engine(cfg, method, torch.device("cpu"))
@@ -130,7 +130,7 @@ def worker(rank: int, port: int, args, out: str) -> None:
         results["params"] = sum(p.numel() for p in method.parameters())
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
-        dist.teardown()
+        process_group.teardown()
 
 
 def main(argv=None) -> int:

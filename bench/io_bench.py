@@ -13,7 +13,8 @@ For each output size S it measures
 - size on disk and number of files (for a store: its images array).
 Rows: the store as converted (float16 by default) read through `CohortStore.read_image` (which
 takes the shard fast path of `hpcbrain/data/shard_reader.py`); the same store read through plain
-zarr (what the fast path saves); the same volumes in a float32 store (to separate the dtype from the format); .nii.gz and .nii
+zarr (what the fast path saves); the same volumes in a float32 store (to separate the dtype from the
+format); .nii.gz and .nii
 (float32).
 
 Data: a synthetic BIDS cohort (`hpcbrain.data.synth`, 2 mm MNI grid) if importable, otherwise
@@ -97,7 +98,7 @@ def read_rate(read_one, n: int, repeats: int, seed: int) -> tuple[float, list[fl
     rates = []
     for _ in range(repeats):
         order = rng.permutation(n)
-        rates.append(n / timed(lambda: [read_one(int(i)) for i in order]))
+        rates.append(n / timed(lambda order=order: [read_one(int(i)) for i in order]))
     return statistics.median(rates), rates
 
 
@@ -162,7 +163,7 @@ def bench_size(src: Path, work: Path, size: int, args) -> list[dict]:
         folder.mkdir()
         paths = [folder / f"scan{i:05d}.{ext}" for i in range(n)]
 
-        def write_all():
+        def write_all(paths=paths):
             for p, v in zip(paths, volumes):
                 nib.save(nib.Nifti1Image(v, affine), p)
 

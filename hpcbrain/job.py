@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from hpcbrain import dist
+from hpcbrain import dist, process_group
 from hpcbrain.config import save_config
 from hpcbrain.data.store import CohortStore, StoreError
 from hpcbrain.engine.backends import build_engine, needs_process_group, resolve_engine_name
@@ -91,25 +91,30 @@ def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
     return split, train, val
 
 
-def setup_process_group(cfg: DictConfig) -> dist.DistState:
+def setup_process_group(cfg: DictConfig) -> process_group.DistState:
     """The process group the launcher's environment describes (torchrun, Slurm, submitit, or
     none); DDP and DeepSpeed get a one-process group when nothing launched us. Idempotent."""
-    return dist.setup_distributed(backend=cfg.engine.backend,
-                                  timeout_minutes=cfg.engine.timeout_minutes,
-                                  require_group=needs_process_group(cfg.engine.name),
-                                  via_deepspeed=cfg.engine.name == "deepspeed")
+    initializer = None
+    if cfg.engine.name == "deepspeed":
+        from hpcbrain.engine.deepspeed import DeepSpeedGroup
+
+        initializer = DeepSpeedGroup()
+    return process_group.setup_distributed(backend=cfg.engine.backend,
+                                           timeout_minutes=cfg.engine.timeout_minutes,
+                                           require_group=needs_process_group(cfg.engine.name),
+                                           initializer=initializer)
 
 
 def run_training(cfg: DictConfig) -> TrainingResult:
     """Train (or resume) the configured method on every rank the launcher started; on rank 0
     evaluate and register the encoder. Ends the process group if it started it."""
     group = setup_process_group(cfg)
-    dist.configure_logging()
+    process_group.configure_logging()
     try:
         return _train_in_group(cfg, group.device)
     finally:
         if group.created:
-            dist.teardown()
+            process_group.teardown()
 
 
 def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:

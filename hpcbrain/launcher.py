@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import submitit
 import submitit.helpers
-from submitit.core.utils import FailedJobError, FailedSubmissionError
 from omegaconf import DictConfig, OmegaConf
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from hpcbrain.config import PROJECT_ROOT, ConfigError, load_config, resolve_config_path
 
@@ -55,7 +55,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     """What every Slurm task runs: export torch.distributed's env from Slurm's, then train.
 
     Every task (one per GPU, or per CPU slot) runs `__call__`; `run_training` starts the process
-    group from the exported env (`hpcbrain.dist.setup_distributed`, with the config's engine
+    group from the exported env (`hpcbrain.process_group.setup_distributed`, with the config's engine
     backend and timeout) and ends it. When Slurm signals a time limit or a preemption, submitit
     calls `checkpoint()` on global rank 0 only, inside a signal handler, and requeues the job:
     the requeued job calls `__call__` again and `run_training` resumes from the run folder's

@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from hpcbrain.dist import free_port
 from hpcbrain.methods import adapn as L
+from hpcbrain.process_group import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 WORLD = 2
 SPLIT = [(0, 3), (3, 7)]          # 3 samples on rank 0, 4 on rank 1

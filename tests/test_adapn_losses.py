@@ -35,9 +35,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpcbrain.methods.adapn import (adapn_loss, exponential_loss, kernel_weights,
-                                    nearest_neighbour_mask, nnclr_loss, pairwise_distance,
-                                    rnc_loss, simclr_loss, threshold_loss, yaware_loss)
+from hpcbrain.methods.adapn import (
+    adapn_loss,
+    exponential_loss,
+    kernel_weights,
+    nearest_neighbour_mask,
+    nnclr_loss,
+    pairwise_distance,
+    rnc_loss,
+    simclr_loss,
+    threshold_loss,
+    yaware_loss,
+)
 
 E = math.exp
 LOG = math.log

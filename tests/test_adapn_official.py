@@ -19,8 +19,14 @@ import torch.nn.functional as F
 
 from hpcbrain.config import load_config
 from hpcbrain.methods import build_method
-from hpcbrain.methods.adapn import (adapn_loss, exponential_loss, nnclr_loss, rnc_loss,
-                                    threshold_loss, yaware_loss)
+from hpcbrain.methods.adapn import (
+    adapn_loss,
+    exponential_loss,
+    nnclr_loss,
+    rnc_loss,
+    threshold_loss,
+    yaware_loss,
+)
 
 E, LOG = math.exp, math.log
 SIGMA = (2 * math.log(2)) ** -0.5

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from hpcbrain import dist
-from hpcbrain.dist import DistributedSetupError, detect_launch_env, free_port
+from hpcbrain import dist, process_group
+from hpcbrain.process_group import DistributedSetupError, detect_launch_env, free_port
 
 WORLD = 2
 
@@ -33,7 +33,7 @@ def test_no_launcher_means_one_process():
 def test_torchrun_environment():
     env = detect_launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
                              "MASTER_ADDR": "node7", "MASTER_PORT": "29500"})
-    assert env == dist.LaunchEnv("torchrun", 3, 4, 1, "node7", 29500)
+    assert env == process_group.LaunchEnv("torchrun", 3, 4, 1, "node7", 29500)
 
 
 def test_half_set_torchrun_environment_names_what_is_missing():
@@ -45,17 +45,17 @@ def test_half_set_torchrun_environment_names_what_is_missing():
 
 
 def test_slurm_environment_derives_master_from_nodelist_and_port_from_job_id(monkeypatch):
-    monkeypatch.setattr(dist.shutil, "which", lambda name: None)   # no scontrol here
+    monkeypatch.setattr(process_group.shutil, "which", lambda name: None)   # no scontrol here
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
              "SLURM_JOB_NODELIST": "gpu[007-008,010],login1", "SLURM_JOB_ID": "123456"}
     env = detect_launch_env(slurm)
     assert (env.source, env.rank, env.world_size, env.local_rank) == ("slurm", 5, 8, 1)
     assert env.master_addr == "gpu007"
-    assert env.master_port == dist.master_port_for_job("123456")
+    assert env.master_port == process_group.master_port_for_job("123456")
     assert 20_000 <= env.master_port < 60_000
     # every task of the job derives the same port; another job another one
     assert detect_launch_env(dict(slurm, SLURM_PROCID="0")).master_port == env.master_port
-    assert dist.master_port_for_job("123457") != env.master_port
+    assert process_group.master_port_for_job("123457") != env.master_port
     # srun's per-step task count wins over the job's
     assert detect_launch_env(dict(slurm, SLURM_STEP_NUM_TASKS="6")).world_size == 6
 
@@ -75,33 +75,33 @@ def test_rank_outside_world_is_an_error():
 
 
 def test_expand_nodelist():
-    assert dist.expand_nodelist("node1") == ["node1"]
-    assert dist.expand_nodelist("n[1-3]") == ["n1", "n2", "n3"]
-    assert dist.expand_nodelist("gpu[08-10,12],cpu3") == ["gpu08", "gpu09", "gpu10", "gpu12",
+    assert process_group.expand_nodelist("node1") == ["node1"]
+    assert process_group.expand_nodelist("n[1-3]") == ["n1", "n2", "n3"]
+    assert process_group.expand_nodelist("gpu[08-10,12],cpu3") == ["gpu08", "gpu09", "gpu10", "gpu12",
                                                          "cpu3"]
 
 
 def test_without_a_group_everything_is_one_process():
-    state = dist.setup_distributed()
+    state = process_group.setup_distributed()
     assert not state.created and state.world_size == 1 and not dist.is_initialized()
     x = torch.randn(3, 2, requires_grad=True)
     assert dist.all_gather_with_grad(x) is x
     assert dist.broadcast_object("run-id") == "run-id"
     assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
-    dist.teardown()   # nothing to end
+    process_group.teardown()   # nothing to end
 
 
 def test_log_lines_carry_the_rank():
     level = logging.getLogger().level
-    dist.configure_logging()
+    process_group.configure_logging()
     try:
-        handler = next(h for h in logging.getLogger().handlers if isinstance(h, dist._RankHandler))
+        handler = next(h for h in logging.getLogger().handlers if isinstance(h, process_group._RankHandler))
         record = logging.LogRecord("hpcbrain.x", logging.INFO, __file__, 1, "hello", None, None)
         assert handler.filter(record)
         assert "[rank 0/1] INFO hpcbrain.x: hello" in handler.format(record)
         assert logging.getLogger().level == logging.INFO     # rank 0 logs INFO
     finally:
-        for h in [h for h in logging.getLogger().handlers if isinstance(h, dist._RankHandler)]:
+        for h in [h for h in logging.getLogger().handlers if isinstance(h, process_group._RankHandler)]:
             logging.getLogger().removeHandler(h)
         logging.getLogger().setLevel(level)
 
@@ -146,7 +146,7 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    state = dist.setup_distributed(timeout_minutes=2)
+    state = process_group.setup_distributed(timeout_minutes=2)
     result: dict = {"state": (state.source, state.rank, state.world_size, state.created)}
     try:
         for case in SIZES:
@@ -163,9 +163,9 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
             result["mismatch_error"] = str(exc)
         result["broadcast"] = dist.broadcast_object(f"run-of-rank-{rank}")
         result["gathered_objects"] = dist.all_gather_object({"rank": rank})
-        result["again"] = dist.setup_distributed().created       # idempotent, adopts
+        result["again"] = process_group.setup_distributed().created       # idempotent, adopts
     finally:
-        dist.teardown()
+        process_group.teardown()
     result["env_restored"] = "RANK" in os.environ and not dist.is_initialized()
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
@@ -186,6 +186,7 @@ def reference_grads(case: str) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", sorted(SIZES))
 def test_all_gather_with_grad_equals_autograd_on_the_concatenation(gathered, case):
     parts = rank_data(case)
@@ -197,12 +198,14 @@ def test_all_gather_with_grad_equals_autograd_on_the_concatenation(gathered, cas
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_local_slice_backward_is_wrong_and_the_test_sees_it(gathered):
     expected = reference_grads("equal")
     assert not torch.allclose(gathered[0]["wrong_variant_grad"], expected[0], atol=1e-3)
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_setup_from_torchrun_env_collectives_and_errors(gathered):
     for rank in range(WORLD):
         result = gathered[rank]

@@ -33,9 +33,9 @@ import torch
 import torch.multiprocessing as mp
 
 from hpcbrain.config import load_config
-from hpcbrain.dist import free_port
+from hpcbrain.process_group import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 WORLD = 2
 
@@ -208,9 +208,9 @@ def one_step(engine_name: str, model, batch, frozen_bn: bool):
 
 def _ddp_grad_worker(rank: int, port: int, out: str) -> None:
     torchrun_env(rank, WORLD, port)
-    from hpcbrain import dist
+    from hpcbrain import process_group
 
-    dist.setup_distributed(require_group=True)
+    process_group.setup_distributed(require_group=True)
     try:
         half = GLOBAL_PAIRS // WORLD
         batch = pair_batch(rank * half, (rank + 1) * half)
@@ -220,7 +220,7 @@ def _ddp_grad_worker(rank: int, port: int, out: str) -> None:
             result[frozen] = {"grads": grads, "dG": dG}
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
-        dist.teardown()
+        process_group.teardown()
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(ddp_step):
         assert got["grads"].keys() == grads.keys()
         for name, expected in grads.items():
             torch.testing.assert_close(got["grads"][name], expected, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, n=name: f"rank {rank} {n}: {m}")
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
         # the all-reduced EMA equals the single process's on the global batch, on every rank
         torch.testing.assert_close(got["dG"], dG, rtol=1e-5, atol=1e-6)
 
@@ -258,7 +258,7 @@ def test_ddp_gradients_with_local_batchnorm_equal_mean_of_per_rank_halves(ddp_st
         for name in per_half[0]:
             mean = sum(g[name] for g in per_half) / WORLD
             torch.testing.assert_close(got[name], mean, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, n=name: f"rank {rank} {n}: {m}")
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
     # ... and that is genuinely not the concatenated batch's gradient (BN statistics differ)
     name = next(k for k in concatenated if k.startswith("net.encoder"))
     assert not torch.allclose(ddp_step[0][False]["grads"][name], concatenated[name],
@@ -313,12 +313,12 @@ def test_one_process_gives_the_same_result_through_every_engine(tmp_path, age_co
 # ---------------------------------------------------------------------------------------------
 def _resume_worker(rank: int, port: int, store: str, root: str, uri: str, out: str) -> None:
     torchrun_env(rank, WORLD, port)
-    from hpcbrain import dist
-    from hpcbrain.engine.deepspeed import DeepSpeedEngine
+    from hpcbrain import process_group
+    from hpcbrain.engine.deepspeed import DeepSpeedEngine, DeepSpeedGroup
     from hpcbrain.engine.single import SingleEngine
     from hpcbrain.job import run_training
 
-    dist.setup_distributed(require_group=True, via_deepspeed=True)
+    process_group.setup_distributed(require_group=True, initializer=DeepSpeedGroup())
     loaded: list = []
     for cls in (DeepSpeedEngine, SingleEngine):
         def load_checkpoint(self, run_dir, _real=cls.load_checkpoint):
@@ -348,7 +348,7 @@ def _resume_worker(rank: int, port: int, store: str, root: str, uri: str, out: s
                 runs[run] = record
             results[engine] = runs
     finally:
-        dist.teardown()
+        process_group.teardown()
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from hpcbrain.config import load_config
-from hpcbrain.engine.backends import (NonFiniteLossError, SingleEngine, check_finite,
-                                      resolve_engine_name)
+from hpcbrain.engine.backends import NonFiniteLossError, SingleEngine, check_finite, resolve_engine_name
 from hpcbrain.engine.deepspeed import deepspeed_config
 
 

@@ -8,9 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from hpcbrain.methods import build_method
-from hpcbrain.methods.lsor import (
-    LSOR,
-    batch_norm_mode,
+from hpcbrain.methods.lsor import LSOR, batch_norm_mode
+from hpcbrain.methods.som import (
     ema_update,
     grid_neighbour_cost,
     init_reference_trajectories,

@@ -15,8 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from hpcbrain.dist import free_port
-from hpcbrain.methods.lsor import LSOR, ema_update
+from hpcbrain.methods.lsor import LSOR
+from hpcbrain.methods.som import ema_update
+from hpcbrain.process_group import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 WORLD = 2
 K, D = 5, 3

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from hpcbrain.evaluate.interpretability import grid_dcor, grid_dcor_test, node_statistics, score_grid
-from hpcbrain.methods.lsor import batch_norm_mode, som_health, som_health_sums
+from hpcbrain.methods.lsor import batch_norm_mode
+from hpcbrain.methods.som import som_health, som_health_sums
 
 
 def test_som_health_on_a_hand_worked_2x2_grid():

@@ -17,8 +17,15 @@ import sys
 import pytest
 
 from hpcbrain.config import PROJECT_ROOT
-from hpcbrain.launcher import (LaunchError, TrainingJob, _split_values, expand_jobs,
-                               parse_time_min, plan_launch, sbatch_script)
+from hpcbrain.launcher import (
+    LaunchError,
+    TrainingJob,
+    _split_values,
+    expand_jobs,
+    parse_time_min,
+    plan_launch,
+    sbatch_script,
+)
 
 SUBMIT = PROJECT_ROOT / "launch" / "submit.py"
 

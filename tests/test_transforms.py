@@ -3,8 +3,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hpcbrain.data.transforms import (Compose, Cutout, GaussianNoise, HemisphereFlip,
-                                      RandomAffine, affine_transform, build_augmentation)
+from hpcbrain.data.transforms import (
+    Compose,
+    Cutout,
+    GaussianNoise,
+    HemisphereFlip,
+    RandomAffine,
+    affine_transform,
+    build_augmentation,
+)
 
 
 def gen(seed=0):

@@ -84,8 +84,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from hpcbrain.data.store import (ATTRS_KEY, IMAGES, SCHEMA_VERSION, ImageLayout,
-                                 create_images_array, write_columns)
+from hpcbrain.data.store import (
+    ATTRS_KEY,
+    IMAGES,
+    SCHEMA_VERSION,
+    ImageLayout,
+    create_images_array,
+    write_columns,
+)
 
 PREPROCESSING_VERSION = 1
 MASK_FRACTION = 0.1

@@ -1,6 +1,6 @@
 """Engines: how one optimisation step is run. The method code is the same for every engine.
 
-    engine = build_engine(cfg, method, device)    # after hpcbrain.dist.setup_distributed(...)
+    engine = build_engine(cfg, method, device)    # after hpcbrain.process_group.setup_distributed(...)
 
 `engine.name` picks one of
 
@@ -20,9 +20,16 @@ import torch
 from torch import nn
 
 from hpcbrain import dist
-from hpcbrain.engine.single import (CheckpointMismatchError, NonFiniteLossError, SingleEngine,
-                                    bf16_supported, check_finite, peak_memory_mb, to_device,
-                                    use_bf16)
+from hpcbrain.engine.single import (
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    SingleEngine,
+    bf16_supported,
+    check_finite,
+    peak_memory_mb,
+    to_device,
+    use_bf16,
+)
 
 __all__ = ["ENGINES", "build_engine", "resolve_engine_name", "needs_process_group",
            "SingleEngine", "NonFiniteLossError", "CheckpointMismatchError", "bf16_supported",

@@ -33,7 +33,7 @@ class DDPEngine(SingleEngine):
                  grad_accum_steps: int = 1):
         if not dist.is_initialized():
             raise RuntimeError("engine.name=ddp needs a process group: call "
-                               "hpcbrain.dist.setup_distributed(require_group=True) first")
+                               "hpcbrain.process_group.setup_distributed(require_group=True) first")
         super().__init__(method, optimizer, device, bf16, grad_clip, grad_accum_steps)
         self.model = DistributedDataParallel(
             method,

@@ -45,10 +45,44 @@ from torch import nn
 
 from hpcbrain import dist
 from hpcbrain.engine import checkpoint
-from hpcbrain.engine.single import (CheckpointMismatchError, ParameterWriter, check_finite,
-                                    to_device)
+from hpcbrain.engine.single import CheckpointMismatchError, ParameterWriter, check_finite, to_device
 
 log = logging.getLogger(__name__)
+
+
+class DeepSpeedGroup:
+    """The `process_group.GroupInitializer` of DeepSpeed runs: `deepspeed.init_distributed`
+    makes (or wraps) the torch default group, so DeepSpeed's comm layer owns its backend, and
+    its destroy releases the groups DeepSpeed cached, so a later group in the same process
+    (tests, notebooks) starts clean."""
+
+    @staticmethod
+    def _import(device_type: str):
+        os.environ.setdefault("DS_ACCELERATOR", device_type)   # cuda | cpu: no guessing
+        import deepspeed
+
+        return deepspeed
+
+    def init_group(self, backend: str, timeout, rank: int, world_size: int,
+                   device: torch.device) -> None:
+        self._import(device.type).init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+            init_method="env://", rank=rank, world_size=world_size)
+
+    def adopt_group(self, timeout) -> None:
+        import torch.distributed as torch_dist
+
+        self._import("cuda" if torch.cuda.is_available() else "cpu").init_distributed(
+            dist_backend=torch_dist.get_backend(), auto_mpi_discovery=False, timeout=timeout)
+
+    def destroy_group(self) -> None:
+        import deepspeed.comm as ds_comm
+        import torch.distributed as torch_dist
+
+        if getattr(ds_comm.comm, "cdb", None) is not None:
+            ds_comm.destroy_process_group()
+        else:
+            torch_dist.destroy_process_group()
 
 
 def load_deepspeed_json(name: str | Path) -> dict[str, Any]:
@@ -128,8 +162,8 @@ class DeepSpeedEngine:
 
         if not dist.is_initialized():
             raise RuntimeError("engine.name=deepspeed needs a process group: call "
-                               "hpcbrain.dist.setup_distributed(require_group=True, "
-                               "via_deepspeed=True) first")
+                               "hpcbrain.process_group.setup_distributed(require_group=True, "
+                               "initializer=DeepSpeedGroup()) first")
         fp32_buffers = {name: buf.dtype for name, buf in method.named_buffers()
                         if name in getattr(type(method), "fp32_buffers", ())}
         self.model, self.optimizer, _, _ = deepspeed.initialize(

@@ -80,7 +80,7 @@ def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8
     """Latents of the NIfTI files `scans` (and their SOM nodes when the model has a grid)."""
     import torch
 
-    from hpcbrain.methods.lsor import similarity_grid, squared_distances
+    from hpcbrain.methods.som import similarity_grid, squared_distances
 
     encoder, model_dir, size = load_registered(model_uri)
     result = Embedding(apply_to_scans(encoder, scans, size, batch_size))

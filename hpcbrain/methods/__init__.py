@@ -1,4 +1,5 @@
 """Self-supervised methods: one `Method` object each, found by name (`build_method(cfg)`)."""
+from hpcbrain.methods import lsor as _lsor  # noqa: F401  (registers "lsor")
 from hpcbrain.methods.base import (
     Method,
     available_methods,
@@ -6,6 +7,5 @@ from hpcbrain.methods.base import (
     get_method_class,
     register_method,
 )
-from hpcbrain.methods import lsor as _lsor  # noqa: F401  (registers "lsor")
 
 __all__ = ["Method", "available_methods", "build_method", "get_method_class", "register_method"]

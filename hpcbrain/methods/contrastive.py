@@ -51,14 +51,10 @@ N_VIEWS = 2
 _VIEW_STREAM = 0x7669657773   # "views": keeps view draws apart from data.augment's draws
 
 
-def _world() -> int:
-    return dist.world_size() if dist.is_initialized() else 1
-
-
 def gather_rows(t: Tensor) -> Tensor:
     """Rank-ordered concatenation of every rank's rows, without an autograd graph (a plain
     all-gather; per-rank row counts may differ). The identity without a process group."""
-    if _world() == 1:
+    if dist.world_size() == 1:
         return t
     return dist.all_gather_with_grad(t.detach())
 
@@ -74,7 +70,7 @@ def global_batch_loss(loss_sum: Callable[[Tensor, Tensor, Tensor], Tensor], z: T
     mean loss, and DDP-averaged gradients equal one process's on the concatenated batch.
     Every rank must call it (it runs collectives).
     """
-    world = _world()
+    world = dist.world_size()
     if world == 1:
         anchors = torch.arange(z.shape[0], device=z.device)
         return loss_sum(z, labels, anchors) / z.shape[0]

@@ -103,7 +103,8 @@ class LSOREncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         expected = (self.in_channels, self.input_size, self.input_size, self.input_size)
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected volumes of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+            raise ValueError(f"expected volumes of shape [B, {', '.join(map(str, expected))}], "
+                             f"got {list(x.shape)}")
         return self.head(self.blocks(x)).flatten(1)
 
 
