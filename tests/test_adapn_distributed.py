@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from hpcbrain.methods import adapn as L
+from hpcbrain.methods import contrastive_losses as L
 from hpcbrain.process_group import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpcbrain.methods.adapn import (
+from hpcbrain.methods.contrastive_losses import (
     adapn_loss,
     exponential_loss,
     kernel_weights,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hpcbrain.config import load_config
 from hpcbrain.methods import build_method
-from hpcbrain.methods.adapn import (
+from hpcbrain.methods.contrastive_losses import (
     adapn_loss,
     exponential_loss,
     nnclr_loss,

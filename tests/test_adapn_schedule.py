@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpcbrain.engine.trainer import lr_at_epoch
-from hpcbrain.methods.adapn import nn_schedule
+from hpcbrain.methods.contrastive import nn_schedule
 
 
 # Paper setting: batch 32, NN_final 14, step 1, 50 epochs → total_steps 50,

@@ -1,6 +1,6 @@
 """The contrastive methods: AdapN and its baselines as `Method`s, one per loss.
 
-Registered names (losses in `hpcbrain.methods.adapn`): ``adapn``, ``exponential``,
+Registered names (losses in `hpcbrain.methods.contrastive_losses`): ``adapn``, ``exponential``,
 ``threshold``, ``yaware``, ``rnc``, ``simclr``, ``nnclr``.
 
 A training step on a batch of scans {x [B,1,S,S,S], age [B], index [B]}:
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from hpcbrain import dist
 from hpcbrain.data.transforms import build_augmentation
-from hpcbrain.methods import adapn as losses
+from hpcbrain.methods import contrastive_losses as losses
 from hpcbrain.methods.base import Method, register_method
 from hpcbrain.models.autoencoder import LSOREncoder
 from hpcbrain.models.heads import FEATURE_MODES, FeatureExtractor, ProjectionHead
@@ -43,7 +43,7 @@ from hpcbrain.models.resnet3d import build_resnet3d
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ContrastiveMethod", "global_batch_loss", "gather_rows", "build_backbone",
+__all__ = ["ContrastiveMethod", "global_batch_loss", "nn_schedule", "gather_rows", "build_backbone",
            "view_generator", "CONTRASTIVE_METHODS"]
 
 CONTRASTIVE_METHODS = losses.LOSSES
@@ -83,6 +83,30 @@ def global_batch_loss(loss_sum: Callable[[Tensor, Tensor, Tensor], Tensor], z: T
     anchors = torch.arange(start, start + z.shape[0], device=z.device)
     labels_all = meta[:, 1:].to(labels.dtype).reshape(-1, *labels.shape[1:])
     return loss_sum(z_all, labels_all, anchors) * (world / z_all.shape[0])
+
+
+def nn_schedule(epoch: int, max_epochs: int, batch_size: int, nn_final: int,
+                step_size: int) -> int:
+    """NN_nb(epoch), the paper's Algorithm 1 with ``epoch`` counted from 0.
+
+        steps_completed = ⌊epoch / step_size⌋
+        total_steps     = ⌊max_epochs / step_size⌋
+        decrement       = (batch_size − nn_final) / (total_steps − 1)
+        NN_nb           = max(int(batch_size − decrement · steps_completed), nn_final)
+
+    Epoch 0 gives ``batch_size``; the result is truncated to int and never below ``nn_final``.
+    Never divides by zero: ``step_size <= 0`` means no schedule (the whole batch, as the
+    official code's step size 0), and ``total_steps − 1`` is taken as at least 1 (with fewer
+    than two steps the first step holds the batch size and every later one ``nn_final``).
+    """
+    epoch, max_epochs = int(epoch), int(max_epochs)
+    batch_size, nn_final, step_size = int(batch_size), int(nn_final), int(step_size)
+    if step_size <= 0:
+        return max(batch_size, nn_final)
+    steps_completed = max(epoch, 0) // step_size
+    total_steps = max_epochs // step_size
+    decrement = (batch_size - nn_final) / float(max(total_steps - 1, 1))
+    return max(int(batch_size - (decrement * steps_completed)), nn_final)
 
 
 def view_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -196,7 +220,7 @@ class ContrastiveMethod(Method):
         holds fewer than ``nn_min_batch`` scans (the official code's gate at 32)."""
         if scans_in_batch < self.nn_min_batch:
             return scans_in_batch
-        return losses.nn_schedule(epoch + self.nn_epoch_base, self.epochs, scans_in_batch,
+        return nn_schedule(epoch + self.nn_epoch_base, self.epochs, scans_in_batch,
                                   self.nn_final, self.nn_step)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:

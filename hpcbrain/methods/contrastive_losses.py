@@ -1,4 +1,4 @@
-"""AdapN (Träuble et al., TMLR 2024) and the contrastive-regression family, vectorised.
+"""The contrastive-regression losses of AdapN (Träuble et al., TMLR 2024) and its baselines.
 
 Every loss takes L2-normalised projections ``z`` [N, d] of all N samples (views stacked) and
 per-sample labels; similarities are s_ik = z_i·z_k / temperature. Conventions (DESIGN.md):
@@ -7,27 +7,13 @@ per-sample labels; similarities are s_ik = z_i·z_k / temperature. Conventions (
   cauchy 1/(σΔ² + 1); per anchor normalised over t ≠ i: ŵ_ik = w_ik / Σ_{t≠i} w_it;
 * every loss is the mean over anchors of a per-anchor term l_i.
 
-Losses (l_i, k and t always ≠ i):
-
-* **AdapN** (`adapn_loss`, paper Eq. 2):
-  l_i = −Σ_k ŵ_ik (s_ik − log Σ_{t∈NN(i)} exp(s_it(1 − w_it))), NN(i) the `nn_nb` samples
-  nearest to i in embedding space (manhattan, euclidean, chebyshev, cosine = 1 − cos), selected
-  without gradient; all others when nn_nb ≥ N − 1. Optional (appendix A.1): non-nearest samples
-  stay in the denominator with weight ν_it = (r_i / d_it)^λ, r_i the distance of i's farthest
-  nearest neighbour (λ = 0: Exponential; λ → ∞: AdapN).
-* **Exponential** (Barbano et al. 2023): AdapN with every sample a neighbour.
-* **Y-Aware** (Dufumier et al. 2021): l_i = −Σ_k ŵ_ik (s_ik − log Σ_t exp(s_it)).
-* **Threshold** (Barbano et al. 2023): l_i = −Σ_k ŵ_ik (s_ik − log(exp(s_ik) +
-  Σ_{t: w_it < w_ik} exp(s_it))): for the pair (i, k), only samples less similar in age than k
-  are repelled. Computed from per-anchor sorted prefix log-sum-exps: O(N²) memory, no N³ tensor.
-* **Rank-N-Contrast** (Zha et al. 2023): l_i = −1/(N−1) Σ_k (s_ik − log Σ_{t∈S_ik} exp(s_it)),
-  S_ik = {t ≠ i : |y_i − y_t| ≥ |y_i − y_k|} (k included). Sorted prefixes again, O(N²).
-* **SimCLR** (NT-Xent): positives are the other samples with the same scan id:
-  l_i = −1/|P(i)| Σ_{p∈P(i)} (s_ip − log Σ_t exp(s_it)) (SupCon form; with two views exactly
-  NT-Xent). Anchors without positives contribute 0.
-* **NNCLR** (Dwibedi et al. 2021): the nearest neighbour q_i of z1_i in a support set (no
-  gradient) replaces z1_i as anchor against the other view: l_i = −log softmax_k(q_i·z2_k/τ)[i],
-  symmetrised over the two views.
+Losses, each function documenting its l_i (the family side by side: docs/adapn.md): AdapN
+(`adapn_loss`, paper Eq. 2, neighbours chosen without gradient; appendix A.1's far-sample
+weighting), Exponential and Threshold (Barbano et al. 2023), Y-Aware (Dufumier et al. 2021),
+Rank-N-Contrast (Zha et al. 2023), SimCLR (NT-Xent over scan ids) and NNCLR (Dwibedi et al.
+2021). Threshold and Rank-N-Contrast read each pair's label-dependent denominator from sorted
+prefix log-sum-exps: O(N²) memory, no N³ tensor. The official code's variants (logit shift,
+global weight normalisation, RnC's −‖z_i − z_k‖ similarity) are keyword switches.
 
 Distributed use (`hpcbrain.methods.contrastive`): every loss accepts ``anchors`` (indices of the
 anchors this process owns in the gathered global batch) and ``reduction`` ("mean", "sum",
@@ -43,24 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "DISTANCES",
-    "KERNELS",
-    "WEIGHT_NORMS",
-    "LOSSES",
-    "nn_schedule",
-    "kernel_weights",
-    "pairwise_distance",
-    "nearest_neighbour_mask",
-    "adapn_loss",
-    "exponential_loss",
-    "yaware_loss",
-    "threshold_loss",
-    "rnc_loss",
-    "RNC_SIMILARITIES",
-    "simclr_loss",
-    "nnclr_loss",
-]
+__all__ = ["DISTANCES", "KERNELS", "WEIGHT_NORMS", "LOSSES", "RNC_SIMILARITIES",
+           "kernel_weights", "pairwise_distance", "nearest_neighbour_mask", "adapn_loss",
+           "exponential_loss", "yaware_loss", "threshold_loss", "rnc_loss", "simclr_loss",
+           "nnclr_loss"]
 
 DISTANCES = ("manhattan", "euclidean", "chebyshev", "cosine", "similarity")
 #: how the kernel weights of an anchor are normalised: per anchor (Eq. 2) or over the batch
@@ -70,33 +42,6 @@ KERNELS = ("rbf", "gaussian", "cauchy")
 #: the registered loss names (one contrastive method each)
 LOSSES = ("adapn", "exponential", "threshold", "yaware", "rnc", "simclr", "nnclr")
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-# ---------------------------------------------------------------------------------------------
-# The schedule
-# ---------------------------------------------------------------------------------------------
-def nn_schedule(epoch: int, max_epochs: int, batch_size: int, nn_final: int,
-                step_size: int) -> int:
-    """NN_nb(epoch), the paper's Algorithm 1 with ``epoch`` counted from 0.
-
-        steps_completed = ⌊epoch / step_size⌋
-        total_steps     = ⌊max_epochs / step_size⌋
-        decrement       = (batch_size − nn_final) / (total_steps − 1)
-        NN_nb           = max(int(batch_size − decrement · steps_completed), nn_final)
-
-    Epoch 0 gives ``batch_size``; the result is truncated to int and never below ``nn_final``.
-    Never divides by zero: ``step_size <= 0`` means no schedule (the whole batch, as the
-    official code's step size 0), and ``total_steps − 1`` is taken as at least 1 (with fewer
-    than two steps the first step holds the batch size and every later one ``nn_final``).
-    """
-    epoch, max_epochs = int(epoch), int(max_epochs)
-    batch_size, nn_final, step_size = int(batch_size), int(nn_final), int(step_size)
-    if step_size <= 0:
-        return max(batch_size, nn_final)
-    steps_completed = max(epoch, 0) // step_size
-    total_steps = max_epochs // step_size
-    decrement = (batch_size - nn_final) / float(max(total_steps - 1, 1))
-    return max(int(batch_size - (decrement * steps_completed)), nn_final)
 
 
 # ---------------------------------------------------------------------------------------------
