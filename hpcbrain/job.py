@@ -10,8 +10,10 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import submitit.helpers
 import torch
 from omegaconf import DictConfig
 
@@ -226,3 +228,31 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
         if cfg.tracking.registered_age_model:
             result.age_model_uri = tracker.log_model(age.predictor, example, "age_predictor",
                                                      cfg.tracking.registered_age_model)
+
+
+class TrainingJob(submitit.helpers.Checkpointable):
+    """What every Slurm task runs: export torch.distributed's env from Slurm's, then train.
+
+    Every task (one per GPU, or per CPU slot) runs `__call__`; `run_training` starts the process
+    group from the exported env (`hpcbrain.process_group.setup_distributed`, with the config's engine
+    backend and timeout) and ends it. When Slurm signals a time limit or a preemption, submitit
+    calls `checkpoint()` on global rank 0 only, inside a signal handler, and requeues the job:
+    the requeued job calls `__call__` again and `run_training` resumes from the run folder's
+    latest checkpoint and the MLflow run id kept beside it.
+    """
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __call__(self):
+        # MASTER_ADDR = first node, MASTER_PORT from the job id (the same after a requeue), RANK,
+        # WORLD_SIZE, LOCAL_RANK. Devices are picked by LOCAL_RANK, so CUDA_VISIBLE_DEVICES stays.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return run_training(self.cfg)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        # Signal handler on global rank 0: no collectives (the other ranks are not listening)
+        # and no saving (the training loop saves its own checkpoints, train.checkpoint_every_steps
+        # mid-epoch; steps after the last one are retrained after the requeue). Resubmit
+        # ourselves, unchanged.
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

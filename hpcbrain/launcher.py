@@ -7,7 +7,7 @@ How a config's `slurm` section becomes a job:
 - one task per GPU (`ntasks-per-node` = `gpus_per_node`, `--gres=gpu:G`); on a CPU-only
   partition (`gpus_per_node: 0`) `tasks_per_node` tasks (default 1);
 - `time_min`, `signal_delay_s`: Slurm sends USR2 that long before the time limit; submitit's
-  handler on global rank 0 calls `TrainingJob.checkpoint()` and requeues the job, which resumes
+  handler on global rank 0 calls `hpcbrain.job.TrainingJob.checkpoint()` and requeues the job, which resumes
   from the run folder's latest checkpoint in the same MLflow run. `max_requeues` bounds the
   requeues after time limits. Preemption: submitit ignores SIGTERM; a USR2 (what
   `job._interrupt()` sends after SIGTERM) requeues without counting against the limit, and a
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import submitit
-import submitit.helpers
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
@@ -46,39 +45,6 @@ PROFILE_DIR = PROJECT_ROOT / "slurm" / "profiles"
 
 class LaunchError(RuntimeError):
     """Something about the cluster or the request is wrong; the message says what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# What runs on the nodes
-# ---------------------------------------------------------------------------------------------
-class TrainingJob(submitit.helpers.Checkpointable):
-    """What every Slurm task runs: export torch.distributed's env from Slurm's, then train.
-
-    Every task (one per GPU, or per CPU slot) runs `__call__`; `run_training` starts the process
-    group from the exported env (`hpcbrain.process_group.setup_distributed`, with the config's engine
-    backend and timeout) and ends it. When Slurm signals a time limit or a preemption, submitit
-    calls `checkpoint()` on global rank 0 only, inside a signal handler, and requeues the job:
-    the requeued job calls `__call__` again and `run_training` resumes from the run folder's
-    latest checkpoint and the MLflow run id kept beside it.
-    """
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-
-    def __call__(self):
-        from hpcbrain.job import run_training
-
-        # MASTER_ADDR = first node, MASTER_PORT from the job id (the same after a requeue), RANK,
-        # WORLD_SIZE, LOCAL_RANK. Devices are picked by LOCAL_RANK, so CUDA_VISIBLE_DEVICES stays.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return run_training(self.cfg)
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        # Signal handler on global rank 0: no collectives (the other ranks are not listening)
-        # and no saving (the training loop saves its own checkpoints, train.checkpoint_every_steps
-        # mid-epoch; steps after the last one are retrained after the requeue). Resubmit
-        # ourselves, unchanged.
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +320,8 @@ def make_executor(plan: LaunchPlan):
 
 def launch(plan: LaunchPlan) -> list:
     """Submit the plan: one job, or one job array. Returns the submitit jobs."""
+    from hpcbrain.job import TrainingJob  # torch: imported only when something is submitted
+
     require_slurm()
     check_partition(plan.parameters.get("partition"))
     executor = make_executor(plan)
@@ -416,7 +384,7 @@ def tracking_summary(cfg: DictConfig) -> tuple[str, str | None]:
     return tracking_uri(cfg), run_id
 
 
-__all__ = ["LaunchError", "LaunchPlan", "TrainingJob", "check_partition", "executor_parameters",
+__all__ = ["LaunchError", "LaunchPlan", "check_partition", "executor_parameters",
            "expand_jobs", "launch", "parse_time_min", "partitions", "plan_launch",
            "require_slurm", "sbatch_script", "tasks_per_node", "wait"]
 

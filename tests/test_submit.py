@@ -19,7 +19,6 @@ import pytest
 from hpcbrain.config import PROJECT_ROOT
 from hpcbrain.launcher import (
     LaunchError,
-    TrainingJob,
     _split_values,
     expand_jobs,
     parse_time_min,
@@ -278,6 +277,8 @@ def test_sweeping_resources_is_refused(run):
 # --- the callable Slurm runs -----------------------------------------------------------------
 def test_checkpoint_only_resubmits_itself():
     plan = plan_launch(["lsor.yaml"], [])
+    from hpcbrain.job import TrainingJob
+
     job = TrainingJob(plan.configs[0])
     delayed = job.checkpoint()
     assert delayed.function is job and delayed.args == () and delayed.kwargs == {}
