@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # Errors about the user's input get one clear line; anything else is a bug: traceback.
     user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError)
     if args.command in ("embed", "predict-age"):
-        from hpcbrain.data.convert import BadScanError
+        from hpcbrain.data.preprocess import BadScanError
 
         user_errors += (BadScanError,)
     try:

@@ -73,7 +73,7 @@ def test_registered_age_predictor_round_trip(store, tmp_path, monkeypatch):
     import nibabel as nib
 
     from hpcbrain.cli import main
-    from hpcbrain.data.convert import load_scan
+    from hpcbrain.data.preprocess import load_scan
     from hpcbrain.data.store import CohortStore
     from hpcbrain.engine import checkpoint
     from hpcbrain.evaluate.ridge import extract_features, fit_ridge

@@ -171,7 +171,7 @@ def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path
     import nibabel as nib
 
     from hpcbrain.cli import main
-    from hpcbrain.data.convert import load_scan
+    from hpcbrain.data.preprocess import load_scan
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(store, tmp_path / "runs", "embed", "tracking.enabled=true",

@@ -763,7 +763,7 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
 
     from tqdm.auto import tqdm
 
-    from hpcbrain.data.convert import preprocess_array
+    from hpcbrain.data.preprocess import preprocess_array
     from hpcbrain.data.learnability import cohort_learnability
 
     model = aging_model(preset, age_distribution=age_distribution, age_range=age_range,

@@ -61,7 +61,7 @@ def apply_to_scans(module, scans: Sequence[str | Path], size: int,
     naming it."""
     import torch
 
-    from hpcbrain.data.convert import BadScanError, load_scan
+    from hpcbrain.data.preprocess import BadScanError, load_scan
 
     outputs = []
     for start in range(0, len(scans), batch_size):
