@@ -104,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hpcbrain.data.synth import AGE_DISTRIBUTIONS, PRESETS  # numpy only: --help stays fast
+    from hpcbrain.data.synth_subjects import AGE_DISTRIBUTIONS, PRESETS  # numpy only: fast --help
 
     parser = argparse.ArgumentParser(prog="hpcbrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

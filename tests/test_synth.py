@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from hpcbrain.data import synth
+from hpcbrain.data import synth, synth_subjects
 from hpcbrain.data.synth import synthesize_cohort
 
 N_SUBJECTS = 8
@@ -298,7 +298,7 @@ def test_rejects_bad_arguments(tmp_path):
 
 def _baseline_ages(model, n=4000):
     rng = np.random.default_rng(0)
-    return np.array([synth._baseline_age(rng, model) for _ in range(n)])
+    return np.array([synth_subjects._baseline_age(rng, model) for _ in range(n)])
 
 
 def test_age_distributions_have_their_documented_shape():
