@@ -71,7 +71,9 @@ def test_comparison_table_sorts_best_first_and_summarises_repeated_methods():
 
 
 def test_other_methods_are_not_evaluated():
-    class NotContrastive:
+    from hpcbrain.methods.base import Method
+
+    class NotContrastive(Method):     # ridge_evaluation stays False, as LSOR's
         pass
 
     assert evaluate_after_training(None, NotContrastive(), None, None, None, None, 0) is None

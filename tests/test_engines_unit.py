@@ -11,6 +11,7 @@ from torch import nn
 from hpcbrain.config import load_config
 from hpcbrain.engine.backends import NonFiniteLossError, SingleEngine, check_finite, resolve_engine_name
 from hpcbrain.engine.deepspeed import deepspeed_config
+from hpcbrain.methods.base import Method
 
 
 def test_engine_names():
@@ -58,7 +59,7 @@ def test_deepspeed_json_sections_we_own_are_replaced(tmp_path):
         deepspeed_config(cfg, world_size=3, bf16=False)
 
 
-class Linear(nn.Module):
+class Linear(Method):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
@@ -102,7 +103,7 @@ def test_write_parameter_restarts_the_optimizer_state_of_that_parameter():
                           torch.device("cpu"), bf16=False)
     engine.train_step({"x": torch.ones(2, 3), "y": torch.zeros(2)}, "step")
     assert model.lin.weight in engine.optimizer.state
-    model.parameter_writer(model.lin.weight, torch.full((1, 3), 7.0))
+    model.write_parameter(model.lin.weight, torch.full((1, 3), 7.0))
     assert torch.equal(model.lin.weight.detach(), torch.full((1, 3), 7.0))
     assert model.lin.weight not in engine.optimizer.state      # fresh Adam moments
     assert model.lin.bias in engine.optimizer.state
@@ -110,5 +111,19 @@ def test_write_parameter_restarts_the_optimizer_state_of_that_parameter():
     import copy
     import pickle
 
-    assert copy.deepcopy(model).parameter_writer is None
-    assert pickle.loads(pickle.dumps(model)).parameter_writer is None
+    assert copy.deepcopy(model)._parameter_writer is None
+    assert pickle.loads(pickle.dumps(model))._parameter_writer is None
+
+
+def test_single_engine_meets_the_engine_contract_and_sets_scaled_lrs():
+    from hpcbrain.engine.base import Engine
+
+    model = Linear()
+    groups = [{"params": [model.lin.weight], "lr_scale": 1.0},
+              {"params": [model.lin.bias], "lr_scale": 10.0}]
+    engine = SingleEngine(model, torch.optim.Adam(groups, lr=0.1), torch.device("cpu"),
+                          bf16=False)
+    assert isinstance(engine, Engine)
+    engine.set_lr(0.002)
+    assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([0.002, 0.02])
+    assert engine.lr == pytest.approx(0.002)

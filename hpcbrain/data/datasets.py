@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from hpcbrain.data.store import CohortStore
+from hpcbrain.data.transforms import Transform
 
-__all__ = ["ScanDataset", "PairDataset", "item_generator", "longitudinal_pairs"]
+__all__ = ["StoreDataset", "ScanDataset", "PairDataset", "item_generator", "longitudinal_pairs"]
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -58,7 +59,7 @@ def _check_indices(indices, n_scans: int, where: str) -> np.ndarray:
     return array
 
 
-class _StoreDataset(Dataset):
+class StoreDataset(Dataset):
     """Lazy per-process store access, the epoch counter and per-item generators."""
 
     def __init__(self, store: CohortStore | str | Path, transform: Augmentation | None,
@@ -90,7 +91,7 @@ class _StoreDataset(Dataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch.fill_(int(epoch))
 
-    def without_augmentation(self) -> "_StoreDataset":
+    def without_augmentation(self) -> "StoreDataset":
         """The same items, un-augmented (e.g. to encode the training set for k-means)."""
         plain = copy.copy(self)
         plain.transform = None
@@ -109,7 +110,7 @@ class _StoreDataset(Dataset):
         return index % n
 
 
-class ScanDataset(_StoreDataset):
+class ScanDataset(StoreDataset):
     """Single scans. Item: x float32 [1, S, S, S], age float32 scalar, index long (in store)."""
 
     def __init__(self, store: CohortStore | str | Path, indices: Sequence[int] | None = None,
@@ -173,7 +174,7 @@ def longitudinal_pairs(subjects: np.ndarray, ages: np.ndarray, indices: np.ndarr
     return pair_array, dt, n_same_age, n_missing_age
 
 
-class PairDataset(_StoreDataset):
+class PairDataset(StoreDataset):
     """Longitudinal pairs of scans of one subject, earlier scan first.
 
     Item: x_u, x_v float32 [1, S, S, S]; dt, age_u, age_v float32 scalars (years); index_u,
@@ -201,7 +202,7 @@ class PairDataset(_StoreDataset):
         return int(self.pairs.shape[0])
 
     def _augment_pair(self, x_u, x_v, generator):
-        if hasattr(self.transform, "apply_pair"):
+        if isinstance(self.transform, Transform):     # same parameters for both scans
             return self.transform.apply_pair(x_u, x_v, generator)
         state = generator.get_state()
         x_u = self.transform(x_u, generator)

@@ -77,6 +77,6 @@ def build_engine(cfg: Any, method: nn.Module, device: torch.device):
         return DDPEngine(method, optimizer, device, bf16, grad_clip, accum)
     from hpcbrain.engine.deepspeed import DeepSpeedEngine, deepspeed_config
 
-    keep = getattr(type(method), "fp32_buffers", ())
+    keep = method.fp32_buffers
     return DeepSpeedEngine(method, optimizer, device,
                            deepspeed_config(cfg, dist.world_size(), bf16, keep))

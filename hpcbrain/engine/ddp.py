@@ -38,7 +38,7 @@ class DDPEngine(SingleEngine):
         self.model = DistributedDataParallel(
             method,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(getattr(type(method), "find_unused_parameters", False)),
+            find_unused_parameters=bool(method.find_unused_parameters),
         )
 
     def _sync_gradients(self, boundary: bool):

@@ -45,7 +45,13 @@ from torch import nn
 
 from hpcbrain import dist
 from hpcbrain.engine import checkpoint
-from hpcbrain.engine.single import CheckpointMismatchError, ParameterWriter, check_finite, to_device
+from hpcbrain.engine.single import (
+    CheckpointMismatchError,
+    ParameterWriter,
+    check_finite,
+    set_group_lrs,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +171,12 @@ class DeepSpeedEngine:
                                "hpcbrain.process_group.setup_distributed(require_group=True, "
                                "initializer=DeepSpeedGroup()) first")
         fp32_buffers = {name: buf.dtype for name, buf in method.named_buffers()
-                        if name in getattr(type(method), "fp32_buffers", ())}
+                        if name in method.fp32_buffers}
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=method, optimizer=optimizer, config=ds_config)
         self.torch_optimizer = optimizer   # what DeepSpeed steps (directly only at ZeRO-0 fp32)
         self.method = method
-        method.parameter_writer = ParameterWriter(self)
+        method.set_parameter_writer(ParameterWriter(self))
         self.device = device
         self.ds_config = ds_config
         self.bf16 = bool(self.model.bfloat16_enabled())
@@ -278,6 +284,12 @@ class DeepSpeedEngine:
     @property
     def lr(self) -> float:
         return float(self.model.get_lr()[0])
+
+    def set_lr(self, lr: float) -> None:
+        # DeepSpeed's optimizer wraps the torch one (ZeRO, bf16) but keeps its own param_groups
+        # list at some stages: set both, each once
+        for optimizer in {id(o): o for o in (self.optimizer, self.torch_optimizer)}.values():
+            set_group_lrs(optimizer, lr)
 
     # --- checkpoints: every rank writes its shard ---------------------------------------------
     def latest_checkpoint(self, run_dir: Path) -> Path | None:

@@ -13,7 +13,7 @@ clipping, and the checkpoint format. Every engine offers:
 * ``write_parameter(param, value)``: give a parameter a new value outside the optimizer
   (LSOR's k-means SOM initialisation), in the model AND in any copy the optimizer keeps, with
   the parameter's optimizer moments reset. Engines install it on the method as
-  ``method.parameter_writer``;
+  ``method.set_parameter_writer``;
 * ``export_method(build) -> method`` (call on every rank): the trained method, whole and in
   fp32, for evaluation and export on rank 0 (DeepSpeed: a fresh `build()` loaded with the fp32
   master weights, gathered from the ZeRO partitions);
@@ -100,8 +100,14 @@ def check_finite(losses: dict[str, torch.Tensor], where: str) -> None:
     raise NonFiniteLossError(f"non-finite loss at {where}{on}{local}")
 
 
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group of `optimizer` at `lr` × its ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr) * float(group.get("lr_scale", 1.0))
+
+
 class ParameterWriter:
-    """What an engine installs as `method.parameter_writer`: calls the engine's
+    """What an engine installs with `method.set_parameter_writer`: calls the engine's
     `write_parameter`. It holds the engine weakly and copies/pickles as None, so a deep copy or
     pickle of the method never drags the engine (optimizer, process groups) along."""
 
@@ -141,7 +147,7 @@ class SingleEngine:
         self.grad_clip = grad_clip
         self.grad_accum_steps = int(grad_accum_steps)
         self._micro_step = 0             # micro-batches since the last optimizer step
-        method.parameter_writer = ParameterWriter(self)
+        method.set_parameter_writer(ParameterWriter(self))
 
     @torch.no_grad()
     def write_parameter(self, param: nn.Parameter, value: torch.Tensor) -> None:
@@ -193,6 +199,9 @@ class SingleEngine:
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        set_group_lrs(self.optimizer, lr)
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}

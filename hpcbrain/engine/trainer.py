@@ -19,8 +19,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from hpcbrain import dist
+from hpcbrain.data.datasets import StoreDataset
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
+from hpcbrain.engine.base import Engine
 from hpcbrain.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ class SkipFirst(Sampler):
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, engine, train_set: Dataset, val_set: Dataset | None,
+    def __init__(self, cfg: DictConfig, engine: Engine, train_set: StoreDataset,
+                 val_set: StoreDataset | None,
                  run_dir: Path, tracker: NullTracker | None = None):
         self.cfg = cfg
         self.engine = engine
@@ -73,7 +76,7 @@ class Trainer:
         self.run_id = dist.broadcast_object(self.tracker.run_id)
         # train.batch_size is the GLOBAL batch of one optimizer step: each rank loads
         # batch / (world · accumulation steps) items per micro-batch (= per train_step).
-        self.grad_accum_steps = int(getattr(engine, "grad_accum_steps", 1))
+        self.grad_accum_steps = int(engine.grad_accum_steps)
         global_batch = cfg.train.batch_size
         if global_batch % (self.world * self.grad_accum_steps):
             raise ValueError(f"train.batch_size={global_batch} is the global batch and must be "
@@ -114,12 +117,11 @@ class Trainer:
 
     def _set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
-        if hasattr(self.train_set, "set_epoch"):
-            self.train_set.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
 
     def encode_batches(self) -> Callable[[], Iterable[dict[str, Any]]]:
         """Un-augmented training batches, each rank its own share (for k-means init)."""
-        plain = getattr(self.train_set, "without_augmentation", lambda: self.train_set)()
+        plain = self.train_set.without_augmentation()
 
         def batches():
             for batch in self._ordered_loader(plain):
@@ -183,18 +185,12 @@ class Trainer:
         return self.progress
 
     def _apply_lr_schedule(self, epoch: int) -> None:
-        """train.lr_step_every_epochs / train.lr_gamma: set this epoch's lr on the optimizer
-        (and on the torch optimizer a DeepSpeed engine wraps). A function of the epoch only, so
-        a resumed run gets the lr of an uninterrupted one."""
+        """train.lr_step_every_epochs / train.lr_gamma: set this epoch's lr through the engine.
+        A function of the epoch only, so a resumed run gets the lr of an uninterrupted one."""
         every = self.cfg.train.get("lr_step_every_epochs")
         if not every:
             return
-        lr = lr_at_epoch(self.cfg.train.lr, epoch, every, self.cfg.train.lr_gamma)
-        for optimizer in {id(o): o for o in (self.engine.optimizer,
-                                             getattr(self.engine, "torch_optimizer", None))
-                          if o is not None}.values():
-            for group in optimizer.param_groups:
-                group["lr"] = lr * float(group.get("lr_scale", 1.0))
+        self.engine.set_lr(lr_at_epoch(self.cfg.train.lr, epoch, every, self.cfg.train.lr_gamma))
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         first = self.progress.step_in_epoch        # > 0 after a mid-epoch resume

@@ -118,7 +118,7 @@ def evaluate_som(method, store: CohortStore, indices: np.ndarray,
                  figure_dir: Path | None = None) -> SomReport | None:
     """Grid quality over the scans `indices` (encoded in eval mode, as `hpcbrain embed` does);
     with `figure_dir`, LSOR's Figures 2-4 too. None for methods without a SOM grid."""
-    if not hasattr(method, "bmu"):
+    if not method.som_evaluation:
         return None
     rows, cols = method.grid
     indices = np.asarray(indices)

@@ -202,7 +202,7 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
     validation scans (data.n_folds=1); skipped with a warning when there are none."""
     from hpcbrain.evaluate.age_predictor import AgePredictor
 
-    if not getattr(method, "ridge_evaluation", False) or not cfg.contrastive.evaluate:
+    if not method.ridge_evaluation or not cfg.contrastive.evaluate:
         return None
     test = split.test if len(split.test) else split.val
     if len(split.train) < 4 or len(test) == 0:
@@ -226,7 +226,7 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
              result.alpha_per_seed)
     run_dir = Path(run_dir)
     (run_dir / "ridge.json").write_text(json.dumps(asdict(result), indent=1))
-    if getattr(tracker, "enabled", False):
+    if tracker.enabled:
         rows = _experiment_rows(cfg)
         if rows:
             table = comparison_table(rows)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -33,12 +33,38 @@ class Method(torch.nn.Module):
     #: True when some parameters receive no gradient in some phase (DDP needs
     #: ``find_unused_parameters=True`` then).
     find_unused_parameters: ClassVar[bool] = False
+    #: Buffers a mixed-precision engine must keep in float32 (e.g. an EMA that bf16 would round).
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
+    #: Evaluations the job runs after training (rank 0): ridge age regression on the frozen
+    #: features of `encoder()` (`hpcbrain.evaluate.ridge`), and the SOM grid's interpretability
+    #: (`hpcbrain.evaluate.interpretability`; the method then provides ``grid`` and ``bmu``).
+    ridge_evaluation: ClassVar[bool] = False
+    som_evaluation: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
         self.epoch = 0
         self.step_in_epoch = 0
         self.steps_per_epoch = 1
+        self._parameter_writer: Optional[Callable[[torch.nn.Parameter, Tensor], None]] = None
+
+    def set_parameter_writer(self, writer: Optional[Callable[[torch.nn.Parameter, Tensor], None]]
+                             ) -> None:
+        """Installed by an engine whose optimizer keeps its own copy of the parameters
+        (DeepSpeed: fp32 master weights, ZeRO partitions), so that `write_parameter` updates that
+        copy too; None: plain copies."""
+        self._parameter_writer = writer
+
+    @torch.no_grad()
+    def write_parameter(self, param: torch.nn.Parameter, value: Tensor) -> None:
+        """Give `param` a new value outside the optimizer (LSOR's k-means SOM initialisation):
+        through the engine's writer when one is installed (it also resets the optimizer state
+        of `param`), else a plain copy (a `.data.copy_` alone would be overwritten by a
+        master copy at the next step)."""
+        if self._parameter_writer is not None:
+            self._parameter_writer(param, value)
+        else:
+            param.data.copy_(value.to(device=param.device, dtype=param.dtype))
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

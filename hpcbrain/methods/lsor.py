@@ -93,6 +93,7 @@ class LSOR(Method):
     find_unused_parameters = True
     # The reference-trajectory EMA must not be rounded to bf16 by a mixed-precision engine.
     fp32_buffers = ("dG",)
+    som_evaluation = True
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -356,15 +357,9 @@ class LSOR(Method):
 
     @torch.no_grad()
     def _assign_som(self, G: Tensor, dG: Tensor) -> None:
-        # G is a parameter written outside the optimizer. Engines whose optimizer keeps its own
-        # copy of the parameters (DeepSpeed: fp32 master weights, ZeRO partitions) install a
-        # `parameter_writer` that updates that copy too and resets G's optimizer moments;
-        # a plain `.data.copy_` would be overwritten by the old master at the next step.
-        writer = getattr(self, "parameter_writer", None)
-        if writer is not None:
-            writer(self.G, G)
-        else:
-            self.G.data.copy_(G.to(device=self.G.device, dtype=self.G.dtype))
+        # G is a parameter written outside the optimizer: through the engine's writer, which
+        # also updates a master copy and resets G's optimizer moments (`Method.write_parameter`)
+        self.write_parameter(self.G, G)
         self.dG.copy_(dG.to(device=self.dG.device, dtype=self.dG.dtype))
         self.initialised.fill_(True)
         if self._previous_epoch_state is not None:
