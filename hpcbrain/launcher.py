@@ -37,7 +37,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from hpcbrain.config import PROJECT_ROOT, ConfigError, load_config, resolve_config_path
+from hpcbrain.config import PROJECT_ROOT, ConfigError, check_global_batch, load_config, resolve_config_path
 
 DEFAULT_LOG_DIR = "slurm-logs/%j"       # under run.root unless slurm.log_dir says otherwise
 PROFILE_DIR = PROJECT_ROOT / "slurm" / "profiles"
@@ -233,14 +233,6 @@ def expand_jobs(files: Sequence[str], overrides: Sequence[str], *, folds: int | 
     return configs, names, str(base.run.name)
 
 
-def check_batch(cfg: DictConfig, world: int) -> None:
-    batch = int(cfg.train.batch_size)
-    if batch % world:
-        raise LaunchError(f"train.batch_size={batch} is the global batch and must be divisible by "
-                          f"the {world} tasks (nodes × tasks per node): e.g. "
-                          f"train.batch_size={max(world, batch // world * world)}")
-
-
 def plan_launch(files: Sequence[str], overrides: Sequence[str], *,
                 folds: int | None = None, sweeps: Sequence[str] = ()) -> LaunchPlan:
     """Resolve configs, resources and log folder; raise LaunchError/ConfigError on a bad request."""
@@ -255,7 +247,7 @@ def plan_launch(files: Sequence[str], overrides: Sequence[str], *,
     params = executor_parameters(first, job_name)
     world = params["nodes"] * params["ntasks_per_node"]
     for cfg in configs:
-        check_batch(cfg, world)
+        check_global_batch(cfg, world)   # world = nodes × tasks per node
     return LaunchPlan(configs=configs, names=names, parameters=params,
                       log_dir=log_dir_of(first), max_requeues=int(first.slurm.max_requeues),
                       world_size=world)

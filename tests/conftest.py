@@ -124,3 +124,15 @@ def age_contrast_store(tmp_path) -> Path:
 def make_store():
     """Factory fixture: `make_store(root, **kwargs) -> Path`; see `build_cohort_store`."""
     return build_cohort_store
+
+
+def tiny_config(*files: str, **overrides):
+    """A config through the real loader (schema, files, overrides): `tiny_config("lsor.yaml",
+    **{"lsor.grid_rows": 2})`. The one factory tests use, so every test config is valid."""
+    from hpcbrain.config import load_config
+
+    return load_config(list(files), [f"{key}={value}" for key, value in overrides.items()])
+
+
+TINY_LSOR = {"data.input_size": 16, "model.widths": "[4,8]", "train.epochs": 4, "train.seed": 0,
+             "lsor.grid_rows": 2, "lsor.grid_cols": 3, "lsor.warmup_epochs": 2}

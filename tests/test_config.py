@@ -1,4 +1,5 @@
 """Configs: files merged in order, overrides last, each error names key, source and valid keys."""
+import re
 from pathlib import Path
 
 import pytest
@@ -20,18 +21,18 @@ def test_defaults_without_files():
 
 
 def test_files_merge_in_order_then_overrides(tmp_path):
-    first = write(tmp_path / "a.yaml", "train:\n  epochs: 7\n  lr: 0.1\n")
-    second = write(tmp_path / "b.yaml", "train:\n  epochs: 9\n")
+    first = write(tmp_path / "a.yaml", "train:\n  epochs: 17\n  lr: 0.1\n")
+    second = write(tmp_path / "b.yaml", "train:\n  epochs: 19\n")
     cfg = load_config([first, second], ["train.lr=0.5", "data.store=/x/y.zarr"])
-    assert cfg.train.epochs == 9          # the later file wins
+    assert cfg.train.epochs == 19         # the later file wins
     assert cfg.train.lr == 0.5            # overrides beat files
     assert cfg.data.store == "/x/y.zarr"
     assert cfg.train.batch_size == 64     # untouched keys keep the schema default
 
 
 def test_override_value_is_converted_to_schema_type():
-    cfg = load_config(overrides=["train.epochs=3"])
-    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    cfg = load_config(overrides=["train.epochs=13"])
+    assert cfg.train.epochs == 13 and isinstance(cfg.train.epochs, int)
 
 
 def test_bare_name_resolves_under_configs_from_any_folder(tmp_path, monkeypatch):
@@ -89,15 +90,15 @@ def test_file_that_is_not_a_mapping(tmp_path):
 
 
 def test_saved_config_reloads_to_the_same_values(tmp_path):
-    cfg = load_config(["lsor.yaml"], ["train.epochs=4"])
+    cfg = load_config(["lsor.yaml"], ["train.epochs=4", "lsor.warmup_epochs=1"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config([path])
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
 
 
 def test_flatten_config_gives_dotted_keys():
-    flat = flatten_config(load_config(overrides=["train.epochs=2"]))
-    assert flat["train.epochs"] == 2
+    flat = flatten_config(load_config(overrides=["train.epochs=12"]))
+    assert flat["train.epochs"] == 12
     assert flat["data.augment.flip"] is True
     assert flat["model.widths"] == [16, 32, 64, 16]
 
@@ -105,3 +106,34 @@ def test_flatten_config_gives_dotted_keys():
 def test_override_whose_value_is_not_yaml():
     with pytest.raises(ConfigError, match=r"override 'slurm.setup=\[export A=\$\{B\}\]'.*YAML"):
         load_config(overrides=["slurm.setup=[export A=${B}]"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-0.001", "'train.lr': -0.001; it must be > 0"),
+    ("train.batch_size=0", "'train.batch_size': 0; it must be ≥ 1"),
+    ("engine.timeout_minutes=0", "'engine.timeout_minutes': 0.0; it must be > 0"),
+    ("data.augment.p=1.5", "'data.augment.p': 1.5; it must be ≥ 0 and ≤ 1"),
+    ("train.precision=fp16", "'train.precision': 'fp16'; choose one of auto, bf16, fp32"),
+    ("data.fold=5", "'data.fold': 5; it must lie in [0, data.n_folds=5)"),
+    ("lsor.warmup_epochs=60", "'lsor.warmup_epochs': 60 warm-up epochs of train.epochs=50"),
+])
+def test_bad_values_are_refused_at_load_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(["lsor.yaml"], [override])
+
+
+def test_bad_values_exit_2_from_the_command_line(capsys):
+    from hpcbrain.cli import main
+
+    assert main(["config", "--cfg", "lsor.yaml", "train.epochs=0"]) == 2
+    assert "'train.epochs': 0; it must be ≥ 1" in capsys.readouterr().err
+
+
+def test_global_batch_must_split_over_ranks_and_accumulation():
+    from hpcbrain.config import check_global_batch
+
+    cfg = load_config(["lsor.yaml"], ["train.batch_size=24", "engine.grad_accum_steps=2"])
+    assert check_global_batch(cfg, 3) == 4
+    with pytest.raises(ConfigError, match=r"divisible by the 5 ranks × engine.grad_accum_steps 2: "
+                                          r"e.g. train.batch_size=20"):
+        check_global_batch(cfg, 5)

@@ -37,7 +37,7 @@ def test_adapn_run_training_with_tracking(store, tmp_path, monkeypatch):
         "train.log_every_steps=1", "train.precision=fp32", "train.num_threads=1",
         "train.lr_step_every_epochs=1", "train.lr_gamma=0.5",
         "contrastive.nn_final=2", "contrastive.augment.cutout_size=4",
-        "contrastive.ridge_seeds=2", "contrastive.ridge_cv=2",
+        "evaluate.ridge_seeds=2", "evaluate.ridge_cv=2",
         f"run.root={tmp_path / 'runs'}", "run.name=adapn-tiny",
         "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=adapn-test"])
     result = run_training(cfg)
@@ -86,7 +86,7 @@ def test_registered_age_predictor_round_trip(store, tmp_path, monkeypatch):
         "data.num_workers=0", "model.resnet_width=2", "model.projection_dim=8",
         "train.epochs=2", "train.batch_size=4", "train.max_steps_per_epoch=2",
         "train.precision=fp32", "train.num_threads=1", "contrastive.nn_final=2",
-        "contrastive.ridge_seeds=1", "contrastive.ridge_cv=2",
+        "evaluate.ridge_seeds=1", "evaluate.ridge_cv=2",
         f"run.root={tmp_path / 'runs'}", "run.name=age", f"tracking.uri={uri}",
         "tracking.registered_model=t-encoder", "tracking.registered_age_model=t-age"])
     result = run_training(cfg)
@@ -117,7 +117,7 @@ def test_registered_age_predictor_round_trip(store, tmp_path, monkeypatch):
     ages = np.asarray(cohort.column("age"), dtype=np.float64)
     subjects = np.asarray(cohort.column("subject")).astype(str)
     ridge = fit_ridge(train_x, ages[split.train], groups=subjects[split.train], seed=0,
-                      alphas=list(cfg.contrastive.ridge_alphas), cv=2)
+                      alphas=list(cfg.evaluate.ridge_alphas), cv=2)
     volumes = torch.from_numpy(np.stack([load_scan(s, 16)[0] for s in scans]))[:, None]
     with torch.no_grad():
         expected = ridge.predict(method.encoder()(volumes).double().numpy())

@@ -55,7 +55,7 @@ def test_deepspeed_json_sections_we_own_are_replaced(tmp_path):
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
     assert not ds["fp16"]["enabled"] and "optimizer" not in ds and "scheduler" not in ds
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
-    with pytest.raises(ValueError, match="divisible by world size 3"):
+    with pytest.raises(ValueError, match="divisible by the 3 ranks"):
         deepspeed_config(cfg, world_size=3, bf16=False)
 
 

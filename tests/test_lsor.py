@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import TINY_LSOR, tiny_config
 
 from hpcbrain.methods import build_method
 from hpcbrain.methods.lsor import LSOR, batch_norm_mode
@@ -26,17 +26,8 @@ torch.set_num_threads(1)
 
 
 def make_cfg(**lsor):
-    base = dict(grid_rows=2, grid_cols=3, warmup_epochs=2, lambda_recon=1.0, lambda_commit=0.5,
-                lambda_som=1.0, lambda_dir=0.2, tau_max=1.0, tau_min=0.1, ema_alpha=0.99,
-                kmeans_max_iter=300)
-    base.update(lsor)
-    return OmegaConf.create({
-        "method": "lsor",
-        "data": {"input_size": 16},
-        "model": {"widths": [4, 8]},
-        "train": {"epochs": 4, "seed": 0},
-        "lsor": base,
-    })
+    """The paper's λ's, τ's and EMA (lsor.yaml) on a 2×3 grid at 16³, 2 + 2 epochs."""
+    return tiny_config("lsor.yaml", **{**TINY_LSOR, **{f"lsor.{k}": v for k, v in lsor.items()}})
 
 
 def make_batches(n_pairs, batch_size, seed=0, with_idx=False):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
+from conftest import TINY_LSOR, tiny_config
 
 from hpcbrain.methods.lsor import LSOR
 from hpcbrain.methods.som import ema_update
@@ -29,15 +29,7 @@ PAIR_SPLIT = [(0, 3), (3, 9)]   # 3 pairs on rank 0, 6 on rank 1
 
 
 def make_cfg():
-    return OmegaConf.create({
-        "method": "lsor",
-        "data": {"input_size": 16},
-        "model": {"widths": [4, 8]},
-        "train": {"epochs": 4, "seed": 0},
-        "lsor": dict(grid_rows=2, grid_cols=3, warmup_epochs=2, lambda_recon=1.0,
-                     lambda_commit=0.5, lambda_som=1.0, lambda_dir=0.2, tau_max=1.0,
-                     tau_min=0.1, ema_alpha=0.99, kmeans_max_iter=300),
-    })
+    return tiny_config("lsor.yaml", **TINY_LSOR)
 
 
 def ema_data():

@@ -196,7 +196,7 @@ def test_gpus_and_tasks_mismatch(run):
 def test_global_batch_must_split_over_the_tasks(run):
     code, _, err = run("--cfg", "lsor.yaml", "--nodes", "3", "--dry-run")
     assert code == 2
-    assert "train.batch_size=64" in err and "3 tasks" in err
+    assert "'train.batch_size': 64" in err and "3 ranks" in err and "train.batch_size=63" in err
 
 
 def test_unknown_partition_lists_the_partitions(run, fake_slurm):
@@ -252,7 +252,7 @@ def test_folds_go_out_as_one_job_array(run, fake_slurm):
 
 def test_folds_and_sweeps_expand_to_their_product():
     configs, names, job_name = expand_jobs(
-        ["lsor.yaml"], ["train.epochs=3"], folds=2,
+        ["lsor.yaml"], ["train.epochs=3", "lsor.warmup_epochs=1"], folds=2,
         sweeps=[("train.lr", ["1e-3", "5e-4"]), ("model.widths", ["[4,8]", "[8,16]"])])
     assert job_name == "lsor" and len(configs) == 8 and len(set(names)) == 8
     assert [c.data.fold for c in configs[:2]] == [0, 1]

@@ -78,7 +78,7 @@ def run_config(preset: Preset, method: str, store: Path, fold: int, seed: int, o
         f"run.root={out / 'runs'}", f"run.name={method}-fold{fold}-seed{seed}",
         f"tracking.uri={uri}", f"tracking.experiment=contrastive-table-{out.name}",
         "tracking.registered_model=null", "tracking.registered_age_model=null",
-        "contrastive.evaluate=false",      # scored below, on both feature kinds
+        "evaluate.ridge=false",            # scored below, on both feature kinds
         *preset.overrides])
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from hpcbrain import dist
+from hpcbrain.config import check_global_batch
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.single import (
     CheckpointMismatchError,
@@ -110,14 +111,9 @@ def deepspeed_config(cfg: Any, world_size: int, bf16: bool,
     ds = copy.deepcopy(load_deepspeed_json(cfg.engine.deepspeed_config))
     accum = int(cfg.engine.grad_accum_steps)
     global_batch = int(cfg.train.batch_size)
-    if accum < 1:
-        raise ValueError(f"engine.grad_accum_steps must be >= 1, got {accum}")
-    if global_batch % (world_size * accum):
-        raise ValueError(f"train.batch_size={global_batch} (the global batch) must be divisible "
-                         f"by world size {world_size} × engine.grad_accum_steps {accum}")
     wanted: dict[str, Any] = {
         "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": global_batch // (world_size * accum),
+        "train_micro_batch_size_per_gpu": check_global_batch(cfg, world_size),
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(cfg.engine.grad_clip or 0.0),
     }

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from hpcbrain import dist
+from hpcbrain.config import check_global_batch
 from hpcbrain.data.datasets import StoreDataset
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
@@ -77,12 +78,7 @@ class Trainer:
         # train.batch_size is the GLOBAL batch of one optimizer step: each rank loads
         # batch / (world · accumulation steps) items per micro-batch (= per train_step).
         self.grad_accum_steps = int(engine.grad_accum_steps)
-        global_batch = cfg.train.batch_size
-        if global_batch % (self.world * self.grad_accum_steps):
-            raise ValueError(f"train.batch_size={global_batch} is the global batch and must be "
-                             f"divisible by the world size {self.world} × "
-                             f"engine.grad_accum_steps {self.grad_accum_steps}")
-        self.batch_per_rank = global_batch // (self.world * self.grad_accum_steps)
+        self.batch_per_rank = check_global_batch(cfg, self.world)
         # The sampler is seeded per epoch in every engine, so the data order depends only on
         # (seed, epoch): that is what makes a resumed run equal an uninterrupted one.
         self.sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank,

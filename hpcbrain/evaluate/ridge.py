@@ -198,11 +198,11 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
                             step: int) -> Optional[AgeEvaluation]:
     """The job's hook (rank 0, after training): ridge age MAE of a contrastive method's frozen
     features, logged to MLflow with the experiment's comparison table. None for other methods
-    or when contrastive.evaluate is off. Test scans: the split's test fold, else its
+    or when evaluate.ridge is off. Test scans: the split's test fold, else its
     validation scans (data.n_folds=1); skipped with a warning when there are none."""
     from hpcbrain.evaluate.age_predictor import AgePredictor
 
-    if not method.ridge_evaluation or not cfg.contrastive.evaluate:
+    if not method.ridge_evaluation or not cfg.evaluate.ridge:
         return None
     test = split.test if len(split.test) else split.val
     if len(split.train) < 4 or len(test) == 0:
@@ -215,7 +215,7 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
     test_x = extract_features(encoder, store, test, device)
     ages = np.asarray(store.column("age"), dtype=np.float64)
     subjects = np.asarray(store.column("subject")).astype(str)
-    c = cfg.contrastive
+    c = cfg.evaluate
     result = ridge_age_mae(train_x, ages[split.train], test_x, ages[test],
                            groups=subjects[split.train], seeds=int(c.ridge_seeds),
                            alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv))

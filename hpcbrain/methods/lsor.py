@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from hpcbrain import dist
@@ -75,11 +74,6 @@ def batch_norm_mode(module: nn.Module, use_batch_statistics: bool):
 
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-    value = OmegaConf.select(cfg, key, default=default) if OmegaConf.is_config(cfg) else default
-    return default if value is None else value
-
-
 @register_method("lsor")
 class LSOR(Method):
     """LSOR as a `Method`: pair batches {x_u, x_v: [B,1,S,S,S], dt: [B] years, (index_u, index_v)}.
@@ -112,9 +106,9 @@ class LSOR(Method):
         self.tau_min = float(c.tau_min)
         self.ema_alpha = float(c.ema_alpha)
         self.kmeans_max_iter = int(c.kmeans_max_iter)
-        self.kmeans_n_init = int(_cfg(cfg, "lsor.kmeans_n_init", 3))
-        self.init_bn_mode = str(_cfg(cfg, "lsor.init_bn_mode", "batch"))
-        self.node_lr_scale = float(_cfg(cfg, "lsor.node_lr_scale", 1.0))
+        self.kmeans_n_init = int(c.kmeans_n_init)
+        self.init_bn_mode = str(c.init_bn_mode)
+        self.node_lr_scale = float(c.node_lr_scale)
         if not self.node_lr_scale > 0:
             raise ValueError(f"lsor.node_lr_scale must be > 0, got {self.node_lr_scale}")
         if self.init_bn_mode not in INIT_BN_MODES:
