@@ -399,12 +399,9 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 def save_config(cfg: DictConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically), so every run records what it ran."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
-    return path
+    from hpcbrain.atomic import write_text_atomic
+
+    return write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from hpcbrain import dist, process_group
+from hpcbrain.atomic import write_text_atomic
 from hpcbrain.config import save_config
 from hpcbrain.data.store import CohortStore, StoreError
 from hpcbrain.engine.backends import build_engine, needs_process_group, resolve_engine_name
@@ -185,10 +186,7 @@ def save_result(result: TrainingResult) -> Path:
     path = result.run_dir / RESULT_FILE
     summary = {k: v for k, v in asdict(result).items() if k != "run_dir"}
     summary["figures"] = [str(f) for f in result.figures or []]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(summary, indent=2))
 
 
 def load_result(run_dir: Path) -> TrainingResult | None:

@@ -40,6 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
+from hpcbrain.atomic import write_text_atomic
 from hpcbrain.data.discover import ConversionError, Scan, discover_scans
 from hpcbrain.data.preprocess import PREPROCESSING, BadScanError, load_scan
 from hpcbrain.data.store import (
@@ -177,9 +178,7 @@ def _read_progress(partial: Path, fingerprint: str) -> dict | None:
 
 
 def _write_progress(partial: Path, state: dict) -> None:
-    tmp = partial / (PROGRESS_FILE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, partial / PROGRESS_FILE)
+    write_text_atomic(partial / PROGRESS_FILE, json.dumps(state))
 
 
 def _describe(bad: list[tuple[str, str, str, str]], n_scans: int, header: str = "") -> str:

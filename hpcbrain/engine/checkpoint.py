@@ -12,7 +12,6 @@ config and the MLflow run id.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from hpcbrain.atomic import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 DEEPSPEED_DIR = "deepspeed"
@@ -46,15 +47,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_atomic(payload: dict[str, Any], path: Path, keep_last: int = 2) -> Path:
-    """torch.save to a temporary name, fsync, rename; then drop all but the newest `keep_last`."""
+    """torch.save atomically (`hpcbrain.atomic`); then drop all but the newest `keep_last`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_write(path, "wb") as handle:
         torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
     for old in list_checkpoints(path.parent.parent)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path

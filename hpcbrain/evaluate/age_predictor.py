@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hpcbrain.atomic import atomic_write
+
 __all__ = ["AgePredictor", "predict_ages", "write_ages"]
 
 
@@ -71,11 +73,9 @@ def predict_ages(model_uri: str, scans: Sequence[str | Path], batch_size: int = 
 def write_ages(path: Path, scans: Sequence[str | Path], ages: np.ndarray) -> Path:
     """CSV with columns path, predicted_age; written atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "predicted_age"])
         for scan, age in zip(scans, ages):
             writer.writerow([str(scan), f"{float(age):.4f}"])
-    tmp.replace(path)
     return path

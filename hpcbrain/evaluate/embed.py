@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hpcbrain.atomic import atomic_write
 from hpcbrain.methods.lsor import SOM_FILE
 
 
@@ -107,9 +108,8 @@ def write_latents(path: Path, scans: Sequence[str | Path], embedding: Embedding,
     if similarity and embedding.similarity is None:
         raise ValueError("--similarity needs a model with a SOM grid (an LSOR encoder); this "
                          "model has none")
-    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".npy":
-        with open(tmp, "wb") as handle:
+        with atomic_write(path, "wb") as handle:
             np.save(handle, latents)
     else:
         header = ["path", *(f"z{k}" for k in range(latents.shape[1]))]
@@ -119,7 +119,7 @@ def write_latents(path: Path, scans: Sequence[str | Path], embedding: Embedding,
             rows, cols = embedding.grid
             if similarity:
                 header += [f"rho_{r}_{c}" for r in range(rows) for c in range(cols)]
-        with open(tmp, "w", newline="") as handle:
+        with atomic_write(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
             for i, (scan, row) in enumerate(zip(scans, latents)):
@@ -129,5 +129,4 @@ def write_latents(path: Path, scans: Sequence[str | Path], embedding: Embedding,
                     if similarity:
                         cells += [f"{v:.6g}" for v in embedding.similarity[i]]
                 writer.writerow(cells)
-    tmp.replace(path)
     return path
