@@ -24,6 +24,7 @@ from hpcbrain.data.datasets import StoreDataset
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
 from hpcbrain.engine.base import Engine
+from hpcbrain.engine.metrics import StepMetrics
 from hpcbrain.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         first = self.progress.step_in_epoch        # > 0 after a mid-epoch resume
-        sums = self.progress.epoch_sums
+        metrics = StepMetrics(self.world, self.batch_per_rank, self.progress.epoch_sums)
         every = self.cfg.train.checkpoint_every_steps
         bar = tqdm(total=self.steps_per_epoch, initial=first, unit="step", leave=False,
                    desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", disable=self.rank != 0,
@@ -200,51 +201,52 @@ class Trainer:
             loader = self._loader(self.train_set,
                                   SkipFirst(self.sampler, first * self.batch_per_rank))
         iterator = iter(loader)
-        data_wait = 0.0
-        epoch_start = time.perf_counter()
         for step_in_epoch in range(first, self.steps_per_epoch):
             fetch_start = time.perf_counter()
             batch = next(iterator)
-            step_start = time.perf_counter()
-            data_wait += step_start - fetch_start
+            data_wait = time.perf_counter() - fetch_start
             self.method.set_progress(epoch, step_in_epoch, self.steps_per_epoch)
-            where = f"epoch {epoch}, step {step_in_epoch} (global step {self.progress.global_step})"
-            try:
-                losses = self.engine.train_step(batch, where)
-            except NonFiniteLossError as exc:
-                last = self.engine.latest_checkpoint(self.run_dir)
-                raise NonFiniteLossError(
-                    f"{exc}; stopped without updating the parameters. The last good checkpoint "
-                    f"is {last or 'none (no epoch completed)'}; lower train.lr or check the "
-                    f"data, then rerun to resume") from None
+            losses = self._step(batch, epoch, step_in_epoch)
+            metrics.add_step(losses, data_wait)
             self.progress.global_step += 1
             self.progress.step_in_epoch = done = step_in_epoch + 1
-            values = {k: float(v) for k, v in losses.items()}
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value
-            elapsed = time.perf_counter() - epoch_start
-            samples_per_s = ((done - first) * self.batch_per_rank * self.world
-                             / max(elapsed, 1e-9))
-            bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{samples_per_s:.1f}")
             bar.update(1)
             if done % self.cfg.train.log_every_steps == 0 or done == self.steps_per_epoch:
-                # Every rank gets here at the same steps: the reductions below are collective.
-                metrics = {f"train/{k}": v for k, v in self._mean_over_ranks(values).items()}
-                metrics.update({f"schedule/{k}": v for k, v in self.method.scalars().items()})
-                metrics["schedule/lr"] = self.engine.lr
-                metrics["throughput/samples_per_s"] = samples_per_s
-                metrics["throughput/samples_per_s_per_rank"] = samples_per_s / self.world
-                metrics["throughput/data_wait_share"] = data_wait / max(elapsed, 1e-9)
-                metrics["throughput/step_time_s"] = elapsed / max(done - first, 1)
-                worst = self._max_over_ranks([metrics["throughput/data_wait_share"],
-                                              peak_memory_mb(self.engine.device)])
-                metrics["throughput/data_wait_share_max"] = worst[0]   # the slowest loader
-                metrics["memory/peak_mb"] = worst[1]                  # the largest rank
-                self.tracker.log_metrics(metrics, step=self.progress.global_step)
+                # Every rank gets here at the same steps: the reductions are collective.
+                self._log_window(metrics, bar)
             if every and done % every == 0 and done < self.steps_per_epoch:
+                self.progress.epoch_sums = metrics.epoch_sums()
                 self.save_checkpoint()   # the epoch-end checkpoint follows validation
         bar.close()
+        sums = metrics.epoch_sums()
         return self._mean_over_ranks({k: v / self.steps_per_epoch for k, v in sums.items()})
+
+    def _step(self, batch: dict[str, Any], epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
+        where = f"epoch {epoch}, step {step_in_epoch} (global step {self.progress.global_step})"
+        try:
+            return self.engine.train_step(batch, where)
+        except NonFiniteLossError as exc:
+            last = self.engine.latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"{exc}; stopped without updating the parameters. The last good checkpoint "
+                f"is {last or 'none (no epoch completed)'}; lower train.lr or check the "
+                f"data, then rerun to resume") from None
+
+    def _log_window(self, metrics: StepMetrics, bar) -> None:
+        """The log step: the latest losses (mean over ranks), schedules, the window's
+        throughput and the worst rank's data wait and memory, to the tracker and the bar."""
+        values = metrics.last_losses()
+        window = metrics.close_window()
+        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{window['samples_per_s']:.1f}")
+        logged = {f"train/{k}": v for k, v in self._mean_over_ranks(values).items()}
+        logged.update({f"schedule/{k}": v for k, v in self.method.scalars().items()})
+        logged["schedule/lr"] = self.engine.lr
+        logged.update({f"throughput/{k}": v for k, v in window.items()})
+        worst = self._max_over_ranks([window["data_wait_share"],
+                                      peak_memory_mb(self.engine.device)])
+        logged["throughput/data_wait_share_max"] = worst[0]   # the slowest loader
+        logged["memory/peak_mb"] = worst[1]                  # the largest rank
+        self.tracker.log_metrics(logged, step=self.progress.global_step)
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1 or not values:
