@@ -136,3 +136,32 @@ def tiny_config(*files: str, **overrides):
 
 TINY_LSOR = {"data.input_size": 16, "model.widths": "[4,8]", "train.epochs": 4, "train.seed": 0,
              "lsor.grid_rows": 2, "lsor.grid_cols": 3, "lsor.warmup_epochs": 2}
+
+
+def _rank_entry(rank: int, worker, port: int, out_dir: str, world: int, args: tuple) -> None:
+    """A spawned rank: torchrun's variables, one thread, the worker, its result saved."""
+    import os
+
+    import torch
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    torch.save(worker(rank, *args), Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_on_ranks(worker, out_dir: str | Path, *args, world: int = 2) -> list:
+    """Run `worker(rank, *args)` in `world` spawned processes that find torchrun's variables
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free loopback port) in their
+    environment, and return what each rank's worker returned, in rank order. The worker sets
+    up (and ends) its own process group; it must be a module-level function."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from hpcbrain.process_group import free_port
+
+    out_dir = Path(out_dir)
+    mp.spawn(_rank_entry, args=(worker, free_port(), str(out_dir), world, args), nprocs=world,
+             join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -13,16 +13,13 @@ rank equal one process on the concatenated batch: loss value and gradients.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_on_ranks
 
 from hpcbrain.methods import contrastive_losses as L
-from hpcbrain.process_group import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -98,10 +95,7 @@ def build_method(name: str = "adapn"):
     return method
 
 
-def _worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+def _worker(rank: int) -> dict:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         from torch.nn.parallel import DistributedDataParallel
@@ -141,16 +135,14 @@ def _worker(rank, port, out_dir):
         loss.backward()
         out["ddp_supervised"] = (loss.detach(),
                                  {n: p.grad.clone() for n, p in supervised.named_parameters()})
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        return out
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("adapn-dist")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_on_ranks(_worker, tmp_path_factory.mktemp("adapn-dist"), world=WORLD)
 
 
 def test_every_loss_equals_single_process_on_the_concatenated_batch(ranks):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
+from conftest import run_on_ranks
 
 from hpcbrain import dist, process_group
-from hpcbrain.process_group import DistributedSetupError, detect_launch_env, free_port
+from hpcbrain.process_group import DistributedSetupError, detect_launch_env
 
 WORLD = 2
 
@@ -142,10 +141,7 @@ class LocalSliceGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
-def _gather_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
+def _gather_worker(rank: int) -> dict:
     state = process_group.setup_distributed(timeout_minutes=2)
     result: dict = {"state": (state.source, state.rank, state.world_size, state.created)}
     try:
@@ -167,14 +163,12 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
     finally:
         process_group.teardown()
     result["env_restored"] = "RANK" in os.environ and not dist.is_initialized()
-    torch.save(result, Path(out) / f"rank{rank}.pt")
+    return result
 
 
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gather")
-    mp.spawn(_gather_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_gather_worker, tmp_path_factory.mktemp("gather"), world=WORLD)
 
 
 def reference_grads(case: str) -> list[torch.Tensor]:

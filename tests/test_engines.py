@@ -24,16 +24,13 @@ test (one process, no group) compares with its own single-process reference.
 """
 from __future__ import annotations
 
-import os
 import types
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import run_on_ranks
 
 from hpcbrain.config import load_config
-from hpcbrain.process_group import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -43,14 +40,6 @@ WORLD = 2
 # ---------------------------------------------------------------------------------------------
 # helpers (module level: spawned workers import them)
 # ---------------------------------------------------------------------------------------------
-def torchrun_env(rank: int, world: int, port: int) -> None:
-    """What torchrun would export for this rank (the workers then use hpcbrain.dist's setup)."""
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    torch.set_num_threads(1)
-
-
 def tiny_config(store, run_root, name, *extra):
     return load_config(["lsor.yaml"], [
         f"data.store={store}", "data.input_size=16", "data.n_folds=1", "data.val_fraction=0.2",
@@ -206,8 +195,7 @@ def one_step(engine_name: str, model, batch, frozen_bn: bool):
     return grads, model.dG.detach().clone()
 
 
-def _ddp_grad_worker(rank: int, port: int, out: str) -> None:
-    torchrun_env(rank, WORLD, port)
+def _ddp_grad_worker(rank: int) -> dict:
     from hpcbrain import process_group
 
     process_group.setup_distributed(require_group=True)
@@ -218,16 +206,14 @@ def _ddp_grad_worker(rank: int, port: int, out: str) -> None:
         for frozen in (True, False):
             grads, dG = one_step("ddp", som_model(som_cfg()), batch, frozen)
             result[frozen] = {"grads": grads, "dG": dG}
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        return result
     finally:
         process_group.teardown()
 
 
 @pytest.fixture(scope="module")
 def ddp_step(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_step")
-    mp.spawn(_ddp_grad_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_ddp_grad_worker, tmp_path_factory.mktemp("ddp_step"), world=WORLD)
 
 
 def test_ddp_gradients_equal_single_process_on_concatenated_batch(ddp_step):
@@ -282,8 +268,7 @@ ENGINE_RUNS = {
 }
 
 
-def _one_process_worker(_, store: str, root: str, out: str) -> None:
-    os.environ.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+def _one_process_worker(_, store: str, root: str) -> dict:
     from hpcbrain.job import run_training
 
     results = {}
@@ -295,13 +280,13 @@ def _one_process_worker(_, store: str, root: str, out: str) -> None:
         run_training(tiny_config(store, root, name, f"lsor.warmup_epochs={warmup}",
                                  "train.epochs=2", "train.channels_last=false", *overrides))
         results[name] = record["final"]
-    torch.save(results, Path(out) / "engines.pt")
+    return results
 
 
 def test_one_process_gives_the_same_result_through_every_engine(tmp_path, age_contrast_store):
-    mp.spawn(_one_process_worker, args=(str(age_contrast_store), str(tmp_path / "runs"), str(tmp_path)),
-             nprocs=1, join=True)
-    results = torch.load(tmp_path / "engines.pt")
+    # a fresh process, so that no process group or DeepSpeed state of other tests leaks in
+    [results] = run_on_ranks(_one_process_worker, tmp_path, str(age_contrast_store),
+                             str(tmp_path / "runs"), world=1)
     for name, (warmup, _) in ENGINE_RUNS.items():
         reference = results["single" if warmup else "single-no-warmup"]
         assert bool(reference["initialised"]) and reference["dG"].abs().sum() > 0
@@ -311,8 +296,7 @@ def test_one_process_gives_the_same_result_through_every_engine(tmp_path, age_co
 # ---------------------------------------------------------------------------------------------
 # Two processes: train, die after a checkpoint, resume (DeepSpeed ZeRO-2 bf16, DDP fp32)
 # ---------------------------------------------------------------------------------------------
-def _resume_worker(rank: int, port: int, store: str, root: str, uri: str, out: str) -> None:
-    torchrun_env(rank, WORLD, port)
+def _resume_worker(rank: int, store: str, root: str, uri: str) -> dict:
     from hpcbrain import process_group
     from hpcbrain.engine.deepspeed import DeepSpeedEngine, DeepSpeedGroup
     from hpcbrain.engine.single import SingleEngine
@@ -349,7 +333,7 @@ def _resume_worker(rank: int, port: int, store: str, root: str, uri: str, out: s
             results[engine] = runs
     finally:
         process_group.teardown()
-    torch.save(results, Path(out) / f"rank{rank}.pt")
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -359,9 +343,8 @@ def resumed(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("resume")
     store = build_age_contrast_store(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mp.spawn(_resume_worker, args=(free_port(), str(store), str(tmp_path / "runs"), uri,
-                                   str(tmp_path)), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)], uri
+    return run_on_ranks(_resume_worker, tmp_path, str(store), str(tmp_path / "runs"), uri,
+                        world=WORLD), uri
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "ddp"])

@@ -7,17 +7,14 @@
   depends on its batch's statistics, so the single process sees the ranks' batches);
 * SOM health: per-rank sums all-reduced once → every rank logs the single-process values.
 """
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import TINY_LSOR, tiny_config
+from conftest import TINY_LSOR, run_on_ranks, tiny_config
 
 from hpcbrain.methods.lsor import LSOR
 from hpcbrain.methods.som import ema_update
-from hpcbrain.process_group import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -51,10 +48,7 @@ def pair_batches(lo, hi):
     return [{k: v[i:i + 2] for k, v in sl.items()} for i in range(0, hi - lo, 2)]
 
 
-def _worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+def _worker(rank: int) -> dict:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         ref, dz, cluster = ema_data()
@@ -66,18 +60,15 @@ def _worker(rank, port, out_dir):
         lo, hi = PAIR_SPLIT[rank]
         model.on_epoch_start(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
         health = model.on_epoch_end(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
-        torch.save({"ema": ema, "G": model.G.detach().clone(), "dG": model.dG.clone(),
-                    "init": bool(model.initialised.item()), "health": health},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        return {"ema": ema, "G": model.G.detach().clone(), "dG": model.dG.clone(),
+                "init": bool(model.initialised.item()), "health": health}
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lsor_dist")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_worker, tmp_path_factory.mktemp("lsor_dist"), world=WORLD)
 
 
 def test_ema_update_matches_single_process_on_every_rank(results):
