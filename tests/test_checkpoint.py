@@ -1,0 +1,44 @@
+"""Checkpoint files: names, pruning (torch files and DeepSpeed folders), and the refusal to
+resume one engine's checkpoints with another."""
+from __future__ import annotations
+
+import pytest
+
+from hpcbrain.engine import checkpoint
+from hpcbrain.engine.single import CheckpointMismatchError, SingleEngine
+
+
+def test_save_keeps_the_newest_two_and_latest_is_the_highest_step(tmp_path):
+    for step in (5, 10, 15, 20):
+        checkpoint.save_atomic({"step": step}, checkpoint.checkpoint_path(tmp_path, step))
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["step-000000015.pt", "step-000000020.pt"]
+    assert checkpoint.load(checkpoint.latest_checkpoint(tmp_path))["step"] == 20
+    # no temporary file is ever left beside them
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == names
+
+
+def test_deepspeed_pruning_keeps_the_newest_and_never_the_folder_latest_names(tmp_path):
+    folder = checkpoint.deepspeed_dir(tmp_path)
+    for step in (1, 2, 3, 4):
+        (folder / checkpoint.deepspeed_tag(step)).mkdir(parents=True)
+    (folder / "latest").write_text(checkpoint.deepspeed_tag(1))   # e.g. a newer save failed
+    checkpoint.prune_deepspeed(tmp_path, keep_last=2)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [
+        "step-000000001", "step-000000003", "step-000000004"]
+    assert checkpoint.latest_deepspeed_tag(tmp_path) == "step-000000001"
+    (folder / "latest").write_text("step-000000009")              # names a missing folder
+    assert checkpoint.latest_deepspeed_tag(tmp_path) is None
+
+
+def test_a_single_or_ddp_engine_refuses_a_deepspeed_run_folder(tmp_path):
+    engine = SingleEngine.__new__(SingleEngine)     # only load_checkpoint is exercised
+    engine.name = "ddp"
+    assert engine.load_checkpoint(tmp_path) is None  # nothing there: a fresh run
+    folder = checkpoint.deepspeed_dir(tmp_path)
+    (folder / "step-000000007").mkdir(parents=True)
+    (folder / "latest").write_text("step-000000007")
+    with pytest.raises(CheckpointMismatchError, match=r"holds DeepSpeed checkpoints .* but "
+                                                     r"engine.name=ddp: resume with "
+                                                     r"engine.name=deepspeed"):
+        engine.load_checkpoint(tmp_path)
