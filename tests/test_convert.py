@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from hpcbrain.data import convert
+from hpcbrain.data import store as store_module
 from hpcbrain.data.convert import ConversionError, convert_cohort
 from hpcbrain.data.store import CohortStore
 
@@ -540,7 +541,7 @@ def test_crash_while_finalising_resumes_with_the_short_last_shard(tmp_path, monk
         raise KeyboardInterrupt
 
     out = tmp_path / "o.zarr"
-    monkeypatch.setattr(convert, "write_columns", crash)
+    monkeypatch.setattr(store_module, "write_columns", crash)   # inside CohortStoreWriter.finalise
     with pytest.raises(KeyboardInterrupt):
         convert_cohort(src, out, S, scans_per_shard=2, progress=False)
     monkeypatch.undo()

@@ -40,22 +40,11 @@ from typing import Iterator
 
 import numpy as np
 
-from hpcbrain.atomic import write_text_atomic
 from hpcbrain.data.discover import ConversionError, Scan, discover_scans
 from hpcbrain.data.preprocess import PREPROCESSING, BadScanError, load_scan
-from hpcbrain.data.store import (
-    ATTRS_KEY,
-    IMAGES,
-    SCHEMA_VERSION,
-    ImageLayout,
-    create_images_array,
-    write_columns,
-)
+from hpcbrain.data.store import PROGRESS_FILE, CohortStoreWriter, ImageLayout
 
 PARTIAL_SUFFIX = ".partial"
-PROGRESS_FILE = "hpcbrain_progress.json"
-_AFFINE = "affine"
-_VOXEL = "voxel_size_mm"
 
 
 @dataclass
@@ -177,10 +166,6 @@ def _read_progress(partial: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def _write_progress(partial: Path, state: dict) -> None:
-    write_text_atomic(partial / PROGRESS_FILE, json.dumps(state))
-
-
 def _describe(bad: list[tuple[str, str, str, str]], n_scans: int, header: str = "") -> str:
     lines = [header or f"{len(bad)} of {n_scans} scans are bad; nothing was written "
                        f"(fix them, or pass --skip-bad / skip_bad=True to convert the rest):"]
@@ -195,7 +180,6 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                    progress: bool = True) -> ConversionReport:
     """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images)."""
-    import zarr
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -261,50 +245,11 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
     if resumed_shards:
         print(f"hpcbrain convert: resuming {partial}: {resumed_shards} shard(s), "
               f"{state['written']} scans already written", file=sys.stderr)
+    writer = CohortStoreWriter(partial, len(candidates),
+                               ImageLayout((size,) * 3, dtype=dtype, scans_per_shard=per_shard),
+                               state)
     writing = skip_bad or not state["bad"]
-    group = images = None
-
-    def open_store():
-        nonlocal group, images
-        if group is None:
-            if partial.exists():
-                group = zarr.open_group(str(partial), mode="r+")
-                # Shards after the last recorded one are rewritten: drop whatever a killed run
-                # left of them (zarr reads an existing shard file before writing into it).
-                first = -(-state["written"] // per_shard)  # ceil: a short last shard counts
-                for shard_dir in (partial / IMAGES / "c").glob("*"):
-                    if shard_dir.name.isdigit() and int(shard_dir.name) >= first:
-                        shutil.rmtree(shard_dir)
-            else:
-                group = zarr.open_group(str(partial), mode="w", zarr_format=3)
-                layout = ImageLayout((size,) * 3, dtype=dtype, scans_per_shard=per_shard)
-                create_images_array(group, len(candidates), layout)
-                group.create_array(_AFFINE, shape=(len(candidates), 4, 4), dtype="float64",
-                                   chunks=(max(per_shard, 1024), 4, 4), fill_value=0)
-                group.create_array(_VOXEL, shape=(len(candidates),), dtype="float32",
-                                   chunks=(max(per_shard, 1024),), fill_value=0)
-                _write_progress(partial, state)
-            images = group[IMAGES]
-        return group
-
-    buffer: list[tuple[int, np.ndarray, np.ndarray, float]] = []
     consumed = state["done"]
-
-    def flush() -> None:
-        start = state["written"]
-        if not buffer:
-            return
-        g = open_store()
-        stop = start + len(buffer)
-        images[start:stop] = np.stack([b[1] for b in buffer])
-        g[_AFFINE][start:stop] = np.stack([b[2] for b in buffer])
-        g[_VOXEL][start:stop] = np.array([b[3] for b in buffer], dtype=np.float32)
-        state["shards"].append(start // per_shard)
-        state["written"] = stop
-        state["done"] = consumed
-        _write_progress(partial, state)
-        buffer.clear()
-
     tasks = [(i, str(scans[i].path)) for i in candidates[state["done"]:]]
     bar = tqdm(total=len(candidates), initial=state["done"], disable=not progress,
                unit="scan", desc=f"convert {out.name}")
@@ -316,12 +261,11 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                 state["bad"][str(index)] = reason
                 writing = writing and skip_bad
             elif writing:
-                buffer.append((index, volume, affine, out_vox))
-                if len(buffer) == per_shard:
-                    flush()
+                # `done` is recorded with each full shard: a resume restarts after it
+                writer.append(volume, affine, out_vox, done=consumed)
             bar.update()
         if writing:
-            flush()
+            writer.flush(done=consumed)
     finally:
         bar.close()
     if reasons and not skip_bad:
@@ -330,49 +274,26 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
     if not good:
         fail(nothing_left)
 
-    # Finalise: trim, metadata columns, attributes, then the atomic rename.
-    group = open_store()
-    n = len(good)
-    assert state["written"] == n, (state["written"], n)
-    if images.shape[0] != n:
-        images.resize((n, size, size, size))
-    affines = np.asarray(group[_AFFINE][:n])
-    voxels = np.asarray(group[_VOXEL][:n], dtype=np.float32)
+    assert state["written"] == len(good), (state["written"], len(good))
     columns, types = _build_columns([scans[i] for i in good])
-    columns[_AFFINE] = affines
-    columns[_VOXEL] = voxels
-    types[_AFFINE] = "float64 (4, 4)"
-    types[_VOXEL] = "float32"
-    write_columns(group, columns)
-    # isotropic output voxels; null when scans differ in field of view (see voxel_size_mm)
-    spacing = [float(voxels[0])] * 3 if np.allclose(voxels, voxels[0], rtol=1e-5) else None
     skipped = [{"path": p, "subject": sub, "session": ses, "reason": r}
                for p, sub, ses, r in bad_list()]
-    group.attrs[ATTRS_KEY] = {
-        "schema_version": SCHEMA_VERSION,
-        "shape": [size] * 3,
-        "spacing_mm": spacing,
-        "dtype": dtype,
-        "n_scans": n,
-        "scans_per_shard": int(images.shards[0]) if images.shards else 1,
-        "columns": list(columns),
-        "column_types": types,
-        "preprocessing": PREPROCESSING,
-        "skipped": skipped,
-        "source": {"path": str(source), "format": fmt},
-        "created_by": f"hpcbrain {_version()} (hpcbrain.data.convert.convert_cohort)",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (partial / PROGRESS_FILE).unlink(missing_ok=True)
-    if out.exists():
-        raise ConversionError(f"{out} appeared while converting; the finished store is left "
-                              f"at {partial}")
-    os.rename(partial, out)
+    try:
+        writer.finalise(out, columns, types, {
+            "preprocessing": PREPROCESSING,
+            "skipped": skipped,
+            "source": {"path": str(source), "format": fmt},
+            "created_by": f"hpcbrain {_version()} (hpcbrain.data.convert.convert_cohort)",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    except FileExistsError as exc:
+        raise ConversionError(str(exc)) from None
     if skipped:
         print(f"hpcbrain convert: skipped {len(skipped)} bad scan(s):", file=sys.stderr)
         for p, sub, ses, r in bad_list():
             print(f"  {sub} {ses}  {p}: {r}", file=sys.stderr)
-    return ConversionReport(n_converted=n, skipped=[(p, r) for p, _, _, r in bad_list()],
+    return ConversionReport(n_converted=len(good),
+                            skipped=[(p, r) for p, _, _, r in bad_list()],
                             out=out, seconds=time.perf_counter() - started,
                             resumed_shards=resumed_shards)
 

@@ -16,15 +16,21 @@ Layout (schema version 1)::
                               preprocessing, skipped, created_by}
 
 The store is opened lazily: a `CohortStore` pickles without its Zarr handle, so each DataLoader
-worker opens its own after fork/spawn.
+worker opens its own after fork/spawn. `CohortStoreWriter` writes one (what `hpcbrain convert`
+uses): shard by shard into a `.partial` folder, resumable, renamed into place when complete.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hpcbrain.atomic import write_text_atomic
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "hpcbrain"
@@ -183,3 +189,115 @@ class CohortStore:
 
 def open_cohort_store(path: str | Path) -> CohortStore:
     return CohortStore(path)
+
+
+AFFINE = "affine"
+VOXEL_SIZE = "voxel_size_mm"
+PROGRESS_FILE = "hpcbrain_progress.json"
+
+
+class CohortStoreWriter:
+    """Writes a cohort store into `partial` (a `.partial` folder beside the final path) whole
+    shards at a time, recording after each how far it got in ``PROGRESS_FILE`` with the caller's
+    `state` (a JSON-ready dict: ``written`` scans and ``shards`` so far, plus whatever the
+    caller keeps there, e.g. its fingerprint and progress through its inputs).
+
+        writer = CohortStoreWriter(partial, n_scans, layout, state)
+        writer.append(volume, affine, voxel_mm)     # flushes by itself at every full shard
+        writer.flush(); writer.finalise(out, columns, types, attrs)
+
+    A writer over an existing `partial` (a resumed conversion) continues after its last
+    recorded shard and first drops whatever a killed run left of later shards (zarr reads an
+    existing shard file before writing into it).
+    """
+
+    def __init__(self, partial: Path, n_scans: int, layout: ImageLayout, state: dict):
+        self.partial = Path(partial)
+        self.n_scans = int(n_scans)
+        self.layout = layout
+        self.state = state
+        state.setdefault("written", 0)
+        state.setdefault("shards", [])
+        self._group = None
+        self._buffer: list[tuple[np.ndarray, np.ndarray, float]] = []
+
+    @property
+    def per_shard(self) -> int:
+        return self.layout.scans_per_shard
+
+    def _open(self):
+        import zarr
+
+        if self._group is not None:
+            return self._group
+        if self.partial.exists():
+            self._group = zarr.open_group(str(self.partial), mode="r+")
+            first = -(-self.state["written"] // self.per_shard)  # ceil: a short last shard counts
+            for shard_dir in (self.partial / IMAGES / "c").glob("*"):
+                if shard_dir.name.isdigit() and int(shard_dir.name) >= first:
+                    shutil.rmtree(shard_dir)
+        else:
+            group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
+            create_images_array(group, self.n_scans, self.layout)
+            chunk = max(self.per_shard, 1024)
+            group.create_array(AFFINE, shape=(self.n_scans, 4, 4), dtype="float64",
+                               chunks=(chunk, 4, 4), fill_value=0)
+            group.create_array(VOXEL_SIZE, shape=(self.n_scans,), dtype="float32",
+                               chunks=(chunk,), fill_value=0)
+            self._group = group
+            self.save_progress()
+        return self._group
+
+    def save_progress(self, **updates: Any) -> None:
+        self.state.update(updates)
+        write_text_atomic(self.partial / PROGRESS_FILE, json.dumps(self.state))
+
+    def append(self, volume: np.ndarray, affine: np.ndarray, voxel_mm: float,
+               **progress: Any) -> None:
+        """One scan; at a full shard the buffer is written and `progress` recorded with it."""
+        self._buffer.append((volume, affine, float(voxel_mm)))
+        if len(self._buffer) == self.per_shard:
+            self.flush(**progress)
+
+    def flush(self, **progress: Any) -> None:
+        """Write the buffered scans (a whole or a last, short shard) and record `progress`."""
+        if not self._buffer:
+            return
+        group = self._open()
+        start = self.state["written"]
+        stop = start + len(self._buffer)
+        group[IMAGES][start:stop] = np.stack([b[0] for b in self._buffer])
+        group[AFFINE][start:stop] = np.stack([b[1] for b in self._buffer])
+        group[VOXEL_SIZE][start:stop] = np.array([b[2] for b in self._buffer], dtype=np.float32)
+        self.state["shards"].append(start // self.per_shard)
+        self.state["written"] = stop
+        self._buffer.clear()
+        self.save_progress(**progress)
+
+    def finalise(self, out: Path, columns: dict[str, np.ndarray], types: dict[str, str],
+                 attrs: dict[str, Any]) -> dict[str, Any]:
+        """Trim to the scans written, add the per-scan `columns` (with the affines and voxel
+        sizes written so far) and the attributes, then rename `partial` to `out`. Returns the
+        attributes as stored."""
+        group = self._open()
+        n = self.state["written"]
+        images = group[IMAGES]
+        if images.shape[0] != n:
+            images.resize((n, *images.shape[1:]))
+        voxels = np.asarray(group[VOXEL_SIZE][:n], dtype=np.float32)
+        columns = {**columns, AFFINE: np.asarray(group[AFFINE][:n]), VOXEL_SIZE: voxels}
+        types = {**types, AFFINE: "float64 (4, 4)", VOXEL_SIZE: "float32"}
+        write_columns(group, columns)
+        # isotropic output voxels; null when scans differ in field of view (see voxel_size_mm)
+        spacing = [float(voxels[0])] * 3 if np.allclose(voxels, voxels[0], rtol=1e-5) else None
+        attrs = {"schema_version": SCHEMA_VERSION, "shape": list(images.shape[1:]),
+                 "spacing_mm": spacing, "dtype": str(images.dtype), "n_scans": n,
+                 "scans_per_shard": int(images.shards[0]) if images.shards else 1,
+                 "columns": list(columns), "column_types": types, **attrs}
+        group.attrs[ATTRS_KEY] = attrs
+        (self.partial / PROGRESS_FILE).unlink(missing_ok=True)
+        if Path(out).exists():
+            raise FileExistsError(f"{out} appeared while converting; the finished store is left "
+                                  f"at {self.partial}")
+        os.rename(self.partial, out)
+        return attrs
