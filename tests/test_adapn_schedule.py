@@ -1,10 +1,8 @@
-"""AdapN's NN_nb schedule (`nn_schedule`, the paper's Algorithm 1, epoch from 0) and the lr step
-schedule of the AdapN configs (`lr_at_epoch`)."""
+"""AdapN's NN_nb schedule (`nn_schedule`, the paper's Algorithm 1, epoch from 0)."""
 from __future__ import annotations
 
 import pytest
 
-from hpcbrain.engine.trainer import lr_at_epoch
 from hpcbrain.methods.contrastive import nn_schedule
 
 
@@ -77,14 +75,3 @@ def test_monotone_non_increasing():
     values = [nn_schedule(e, 37, 64, 5, 3) for e in range(60)]
     assert values[0] == 64 and values[-1] == 5
     assert all(a >= b for a, b in zip(values, values[1:]))
-
-
-def test_lr_step_schedule():
-    # the paper: lr 1e-4 × 0.9 every 10 epochs (epochs from 0)
-    assert lr_at_epoch(1e-4, 0, 10, 0.9) == pytest.approx(1e-4)
-    assert lr_at_epoch(1e-4, 9, 10, 0.9) == pytest.approx(1e-4)
-    assert lr_at_epoch(1e-4, 10, 10, 0.9) == pytest.approx(0.9e-4)
-    assert lr_at_epoch(1e-4, 25, 10, 0.9) == pytest.approx(0.81e-4)
-    assert lr_at_epoch(1e-4, 49, 10, 0.9) == pytest.approx(1e-4 * 0.9 ** 4)
-    assert lr_at_epoch(1e-4, 30, None, 0.9) == 1e-4     # no schedule
-    assert lr_at_epoch(1e-4, 30, 0, 0.9) == 1e-4

@@ -1,4 +1,5 @@
-"""The step loop's bookkeeping (`hpcbrain.engine.metrics.StepMetrics`) against hand numbers."""
+"""The trainer's pieces against hand numbers: the step loop's bookkeeping
+(`hpcbrain.engine.metrics.StepMetrics`) and the lr step schedule (`lr_at_epoch`)."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from hpcbrain.engine import metrics as metrics_module
 from hpcbrain.engine.metrics import StepMetrics
+from hpcbrain.engine.trainer import lr_at_epoch
 
 
 def test_epoch_sums_add_device_losses_to_what_a_resume_brought(monkeypatch):
@@ -28,3 +30,14 @@ def test_throughput_is_measured_per_log_window(monkeypatch):
                                               "step_time_s": 2.0, "data_wait_share": 0.5})
     m.add_step({"loss": torch.tensor(1.0)}, 0.0)               # a fast window after a slow one
     assert m.close_window()["samples_per_s"] == pytest.approx(8.0)
+
+
+def test_lr_step_schedule():
+    # the paper: lr 1e-4 × 0.9 every 10 epochs (epochs from 0)
+    assert lr_at_epoch(1e-4, 0, 10, 0.9) == pytest.approx(1e-4)
+    assert lr_at_epoch(1e-4, 9, 10, 0.9) == pytest.approx(1e-4)
+    assert lr_at_epoch(1e-4, 10, 10, 0.9) == pytest.approx(0.9e-4)
+    assert lr_at_epoch(1e-4, 25, 10, 0.9) == pytest.approx(0.81e-4)
+    assert lr_at_epoch(1e-4, 49, 10, 0.9) == pytest.approx(1e-4 * 0.9 ** 4)
+    assert lr_at_epoch(1e-4, 30, None, 0.9) == 1e-4     # no schedule
+    assert lr_at_epoch(1e-4, 30, 0, 0.9) == 1e-4
