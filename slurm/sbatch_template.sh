@@ -2,7 +2,7 @@
 # Plain sbatch, no submitit: what launch/submit.py does, for users who submit scripts by hand.
 # One task per GPU; every task gets torchrun-style env (RANK, LOCAL_RANK, WORLD_SIZE,
 # MASTER_ADDR, MASTER_PORT) and runs `hpcbrain train`, which starts the process group from it
-# (hpcbrain.dist.setup_distributed) and trains. Arguments after the script are configs and
+# (hpcbrain.process_group.setup_distributed) and trains. Arguments after the script are configs and
 # overrides:
 #
 #   sbatch slurm/sbatch_template.sh --cfg lsor.yaml data.store=/data/adni64.zarr
