@@ -134,6 +134,18 @@ def tiny_config(*files: str, **overrides):
     return load_config(list(files), [f"{key}={value}" for key, value in overrides.items()])
 
 
+def lsor_run_config(store, run_root, name, *extra: str):
+    """A tiny LSOR training run on `store` (16³, 2×2 grid, 1 warm-up + 3 SOM epochs, batch 4,
+    fp32, deterministic, no tracking) in run_root/name; `extra` overrides last."""
+    return tiny_config("lsor.yaml", **{
+        "data.store": store, "data.input_size": 16, "data.n_folds": 1, "data.val_fraction": 0.2,
+        "data.num_workers": 0, "model.widths": "[4,4,4,4]", "train.epochs": 4,
+        "train.batch_size": 4, "train.deterministic": "true", "train.precision": "fp32",
+        "train.log_every_steps": 1, "lsor.warmup_epochs": 1, "lsor.grid_rows": 2,
+        "lsor.grid_cols": 2, "run.root": run_root, "run.name": name,
+        "tracking.enabled": "false", **dict(item.split("=", 1) for item in extra)})
+
+
 TINY_LSOR = {"data.input_size": 16, "model.widths": "[4,8]", "train.epochs": 4, "train.seed": 0,
              "lsor.grid_rows": 2, "lsor.grid_cols": 3, "lsor.warmup_epochs": 2}
 

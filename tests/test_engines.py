@@ -28,7 +28,7 @@ import types
 
 import pytest
 import torch
-from conftest import run_on_ranks
+from conftest import lsor_run_config, run_on_ranks
 
 from hpcbrain.config import load_config
 
@@ -41,14 +41,9 @@ WORLD = 2
 # helpers (module level: spawned workers import them)
 # ---------------------------------------------------------------------------------------------
 def tiny_config(store, run_root, name, *extra):
-    return load_config(["lsor.yaml"], [
-        f"data.store={store}", "data.input_size=16", "data.n_folds=1", "data.val_fraction=0.2",
-        "data.num_workers=0", "model.widths=[4,4,4,4]",
-        "train.epochs=3", "train.batch_size=4", "train.deterministic=true",
-        "train.precision=fp32", "train.log_every_steps=1", "train.max_steps_per_epoch=2",
-        "train.num_threads=1",
-        "lsor.warmup_epochs=1", "lsor.grid_rows=2", "lsor.grid_cols=2", "lsor.kmeans_n_init=1",
-        f"run.root={run_root}", f"run.name={name}", "tracking.enabled=false", *extra])
+    """`lsor_run_config` cut to 3 epochs of 2 steps on one thread, one k-means start."""
+    return lsor_run_config(store, run_root, name, "train.epochs=3", "train.max_steps_per_epoch=2",
+                           "train.num_threads=1", "lsor.kmeans_n_init=1", *extra)
 
 
 

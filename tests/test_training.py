@@ -8,23 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import lsor_run_config
 
-from hpcbrain.config import load_config
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError
 from hpcbrain.job import run_training
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_config(store, run_root, name, *extra):
-    return load_config(["lsor.yaml"], [
-        f"data.store={store}", "data.input_size=16", "data.n_folds=1", "data.val_fraction=0.2",
-        "data.num_workers=0", "model.widths=[4,4,4,4]",
-        "train.epochs=4", "train.batch_size=4", "train.deterministic=true",
-        "train.precision=fp32", "train.log_every_steps=1",
-        "lsor.warmup_epochs=1", "lsor.grid_rows=2", "lsor.grid_cols=2",
-        f"run.root={run_root}", f"run.name={name}", "tracking.enabled=false", *extra])
 
 
 @pytest.fixture()
@@ -44,7 +34,7 @@ class Killed(BaseException):
 def test_resume_after_kill_gives_the_parameters_of_an_uninterrupted_run(store, tmp_path,
                                                                         monkeypatch, kill_at):
     every = "train.checkpoint_every_steps=2"
-    uninterrupted = run_training(tiny_config(store, tmp_path / "runs", "straight", every))
+    uninterrupted = run_training(lsor_run_config(store, tmp_path / "runs", "straight", every))
     assert uninterrupted.epochs == 4
 
     real_save = checkpoint.save_atomic
@@ -57,13 +47,13 @@ def test_resume_after_kill_gives_the_parameters_of_an_uninterrupted_run(store, t
 
     monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
     with pytest.raises(Killed):
-        run_training(tiny_config(store, tmp_path / "runs", "killed", every))
+        run_training(lsor_run_config(store, tmp_path / "runs", "killed", every))
     monkeypatch.setattr(checkpoint, "save_atomic", real_save)
     killed_dir = tmp_path / "runs" / "killed"
     saved = final_state(killed_dir)[1]["progress"]
     assert (saved["epoch"], saved["step_in_epoch"]) == kill_at
 
-    resumed = run_training(tiny_config(store, tmp_path / "runs", "killed", every))
+    resumed = run_training(lsor_run_config(store, tmp_path / "runs", "killed", every))
     assert resumed.global_step == uninterrupted.global_step
 
     expected, _ = final_state(uninterrupted.run_dir)
@@ -89,7 +79,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(store, t
         return losses
 
     monkeypatch.setattr(LSOR, "forward", nan_in_second_epoch)
-    cfg = tiny_config(store, tmp_path / "runs", "nan")
+    cfg = lsor_run_config(store, tmp_path / "runs", "nan")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 1, step 0.*"
                                                  r"last good checkpoint is .*step-0+\d+\.pt"):
         run_training(cfg)
@@ -109,7 +99,7 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     import mlflow.pytorch
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_config(store, tmp_path / "runs", "tracked", "tracking.enabled=true",
+    cfg = lsor_run_config(store, tmp_path / "runs", "tracked", "tracking.enabled=true",
                       f"tracking.uri={uri}", "tracking.registered_model=test-encoder",
                       "tracking.alias=champion", "train.epochs=3")
     result = run_training(cfg)
@@ -174,7 +164,7 @@ def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path
     from hpcbrain.data.preprocess import load_scan
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_config(store, tmp_path / "runs", "embed", "tracking.enabled=true",
+    cfg = lsor_run_config(store, tmp_path / "runs", "embed", "tracking.enabled=true",
                       f"tracking.uri={uri}", "tracking.registered_model=embed-encoder",
                       "train.epochs=2")
     result = run_training(cfg)
