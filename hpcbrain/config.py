@@ -268,6 +268,8 @@ def _merge(cfg: DictConfig, update: DictConfig, source: str, schema: DictConfig)
 
 
 #: Keys whose value must be one of a few words (the code that reads them says what each means).
+#: A table rather than Enum fields: OmegaConf would hand the code Enum members, whose str() and
+#: MLflow params read "Precision.bf16" instead of "bf16".
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pairs": ("all", "consecutive"),
     "model.backbone": ("resnet18", "resnet34", "lsor"),
