@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     from hpcbrain.data.store import StoreError
 
     # Errors about the user's input get one clear line; anything else is a bug: traceback.
-    user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError)
+    from hpcbrain.run_lock import RunFolderLocked
+
+    user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError,
+                                                RunFolderLocked)
     if args.command in ("embed", "predict-age"):
         from hpcbrain.data.preprocess import BadScanError
 

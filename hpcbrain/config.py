@@ -345,6 +345,10 @@ def check_config(cfg: DictConfig) -> None:
             bound = (f"{'≥' if low_ok else '>'} {low:g}" + (f" and ≤ {high:g}"
                      if math.isfinite(high) else ""))
             raise ConfigError(f"bad value for '{key}': {value!r}; it must be {bound}")
+    name = str(cfg.run.name)
+    if not name or name in (".", "..") or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError(f"bad value for 'run.name': {name!r}; it names a folder inside "
+                          f"run.root ({cfg.run.root}): a relative path without '..'")
     if not 0 <= cfg.data.fold < cfg.data.n_folds:
         raise ConfigError(f"bad value for 'data.fold': {cfg.data.fold}; it must lie in "
                           f"[0, data.n_folds={cfg.data.n_folds})")

@@ -22,6 +22,7 @@ from hpcbrain.atomic import write_text_atomic
 from hpcbrain.config import save_config
 from hpcbrain.data.store import CohortStore, StoreError
 from hpcbrain.engine.backends import build_engine, needs_process_group, resolve_engine_name
+from hpcbrain.run_lock import run_folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     group = setup_process_group(cfg)
     process_group.configure_logging()
     try:
-        return _train_in_group(cfg, group.device)
+        with run_folder_lock(run_dir_of(cfg)):     # one job per run folder
+            return _train_in_group(cfg, group.device)
     finally:
         if group.created:
             process_group.teardown()

@@ -93,13 +93,14 @@ def run_local(args: argparse.Namespace, overrides: list[str]) -> int:
     from hpcbrain.data.store import StoreError
     from hpcbrain.job import run_training
     from hpcbrain.launcher import expand_jobs, parse_sweeps
+    from hpcbrain.run_lock import RunFolderLocked
 
     configs, _, _ = expand_jobs(args.cfg, overrides, folds=args.folds,
                              sweeps=parse_sweeps(args.sweep))
     for cfg in configs:
         try:
             result = run_training(cfg)
-        except StoreError as exc:
+        except (StoreError, RunFolderLocked) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print_summary(result)

@@ -1,0 +1,90 @@
+"""One owner per run folder: an exclusive lock that a second job on the same folder meets at once.
+
+    with run_folder_lock(run_dir):      # every rank calls it; global rank 0 holds the lock
+        train ...
+
+The lock is `fcntl.flock` on RUN_DIR/.lock, which the kernel releases when its process dies
+(a crash, a SIGKILL, a preemption): a requeued job finds it free. The file records who holds it
+(host, pid, start time), so a refused second job names the holder; a record left by a process
+that is gone is taken over with a warning. With several ranks only global rank 0 locks, and the
+outcome is broadcast so every rank stops alike instead of waiting in a collective.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from hpcbrain import dist
+
+__all__ = ["RunFolderLocked", "run_folder_lock", "LOCK_FILE"]
+
+LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
+
+
+class RunFolderLocked(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _acquire(run_dir: Path):
+    """The open, locked file; RunFolderLocked naming the holder when another process has it."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(path)
+        handle.close()
+        raise RunFolderLocked(
+            f"{run_dir} is in use by {holder.get('host', '?')} pid {holder.get('pid', '?')} "
+            f"(since {holder.get('since', '?')}): two jobs must not share a run folder. Wait "
+            f"for it to finish, or pass another run.name") from None
+    previous = _holder(path)
+    if previous and (previous.get("host"), previous.get("pid")) != (socket.gethostname(),
+                                                                     os.getpid()):
+        log.warning("%s: taking over the lock record of %s pid %s, which no longer holds it "
+                    "(it ended without releasing: crashed, killed or preempted)", run_dir,
+                    previous.get("host", "?"), previous.get("pid", "?"))
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    handle.flush()
+    return handle
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder for the block (see the module doc). A collective with a group."""
+    handle, refusal = None, None
+    if dist.is_global_rank0():
+        try:
+            handle = _acquire(Path(run_dir))
+        except RunFolderLocked as exc:
+            refusal = str(exc)
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise RunFolderLocked(refusal)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.seek(0)
+            handle.truncate()        # no record: the next owner has nothing to take over
+            handle.close()           # closing releases the flock
