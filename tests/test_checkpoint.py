@@ -42,3 +42,39 @@ def test_a_single_or_ddp_engine_refuses_a_deepspeed_run_folder(tmp_path):
                                                      r"engine.name=ddp: resume with "
                                                      r"engine.name=deepspeed"):
         engine.load_checkpoint(tmp_path)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_no_code(tmp_path, monkeypatch):
+    import pickle
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    path = checkpoint.checkpoint_path(tmp_path, 3)
+    path.parent.mkdir(parents=True)
+    torch.save({"engine": {}, "trap": _Exploit()}, path)
+    with pytest.raises(pickle.UnpicklingError, match=r"step-000000003.pt: refused to load"):
+        checkpoint.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = checkpoint.save_atomic({"rng": [checkpoint.rng_state()]},
+                                  checkpoint.checkpoint_path(tmp_path, 1))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.restore_rng_state(checkpoint.load(path)["rng"], rank=0)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -12,6 +12,7 @@ config and the MLflow run id.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import shutil
@@ -57,8 +58,16 @@ def save_atomic(payload: dict[str, Any], path: Path, keep_last: int = 2) -> Path
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    # weights_only=False: checkpoints hold RNG states and plain config dicts written by us.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """A checkpoint written by `save_atomic`, read with ``weights_only=True``: tensors and
+    plain containers of numbers and strings only, so a crafted file in a shared run folder
+    cannot run code on the next resume (it fails to load instead, naming the file)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(
+            f"{path}: refused to load: it holds objects other than tensors and plain values, "
+            f"which hpcbrain never writes ({str(exc).splitlines()[0]}). Remove it if you did "
+            f"not put it there; the run resumes from the previous checkpoint") from None
 
 
 def deepspeed_dir(run_dir: Path) -> Path:
@@ -89,7 +98,12 @@ def prune_deepspeed(run_dir: Path, keep_last: int = 2) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states as tensors and plain values (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -107,8 +121,11 @@ def restore_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 
     """Restore one state, or this rank's entry of a per-rank list (entry 0 when the world grew)."""
     if isinstance(state, (list, tuple)):
         state = state[rank] if rank < len(state) else state[0]
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
