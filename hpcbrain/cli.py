@@ -90,8 +90,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from hpcbrain.config import load_config
+    from hpcbrain.redact import redact_text
 
-    print(OmegaConf.to_yaml(load_config(args.cfg, args.overrides)), end="")
+    print(redact_text(OmegaConf.to_yaml(load_config(args.cfg, args.overrides))), end="")
     return 0
 
 

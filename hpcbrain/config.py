@@ -406,12 +406,16 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 def save_config(cfg: DictConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically), so every run records what it ran."""
     from hpcbrain.atomic import write_text_atomic
+    from hpcbrain.redact import redacted
 
-    return write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+    plain = redacted(OmegaConf.to_container(cfg, resolve=True))   # no credentials on disk
+    return write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, Any]:
-    """{'train.epochs': 50, ...}: the shape MLflow params want."""
+    """{'train.epochs': 50, ...}: the shape MLflow params want (credentials masked)."""
+    from hpcbrain.redact import redacted
+
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -421,5 +425,5 @@ def flatten_config(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(redacted(OmegaConf.to_container(cfg, resolve=True)), "")
     return flat

@@ -22,6 +22,7 @@ from hpcbrain.atomic import write_text_atomic
 from hpcbrain.config import save_config
 from hpcbrain.data.store import CohortStore, StoreError
 from hpcbrain.engine.backends import build_engine, needs_process_group, resolve_engine_name
+from hpcbrain.redact import redacted
 from hpcbrain.run_lock import run_folder_lock
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def save_result(result: TrainingResult) -> Path:
     """The finished run's summary, written last: its presence means evaluation and
     registration are done."""
     path = result.run_dir / RESULT_FILE
-    summary = {k: v for k, v in asdict(result).items() if k != "run_dir"}
+    summary = redacted({k: v for k, v in asdict(result).items() if k != "run_dir"})
     summary["figures"] = [str(f) for f in result.figures or []]
     return write_text_atomic(path, json.dumps(summary, indent=2))
 

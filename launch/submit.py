@@ -22,6 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from hpcbrain.redact import redact_text  # noqa: E402  (stdlib only: --help stays fast)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -130,7 +133,7 @@ def submit(args: argparse.Namespace, overrides: list[str]) -> int:
         if error is None:
             print(f"job {job.job_id} finished: {result.global_step} steps, {result.epochs} epochs, "
                   f"run folder {result.run_dir}")
-            print(f"  MLflow run:        {result.run_id} ({result.tracking_uri})")
+            print(f"  MLflow run:        {result.run_id} ({redact_text(result.tracking_uri)})")
             if result.model_uri:
                 print(f"  registered model:  {result.model_uri}")
             if result.age_model_uri:
@@ -157,13 +160,13 @@ def print_dry_run(plan, OmegaConf) -> None:
           f"{p['ntasks_per_node']} task(s) = world size {plan.world_size}; requeues after a "
           f"time limit: up to {plan.max_requeues} (slurm.max_requeues); logs in {plan.log_dir}")
     print("# ---- sbatch script (submitit writes it as <log dir>/<job id>_submission.sh) ----")
-    print(sbatch_script(plan))
+    print(redact_text(sbatch_script(plan)))
     if plan.is_array:
         print(f"# ---- job array: {len(plan.names)} elements ----")
         for index, name in enumerate(plan.names):
             print(f"#   [{index}] {name}")
     print(f"# ---- resolved config ({plan.names[0]}) ----")
-    print(OmegaConf.to_yaml(plan.configs[0], resolve=True), end="")
+    print(redact_text(OmegaConf.to_yaml(plan.configs[0], resolve=True)), end="")
 
 
 def print_submitted(plan, jobs) -> None:
@@ -180,7 +183,7 @@ def print_submitted(plan, jobs) -> None:
         print(f"job {job.job_id}  run {cfg.run.name}")
         print(f"  run folder:  {Path(cfg.run.root) / cfg.run.name}")
         print(f"  logs:        {out}\n               {err}   (other ranks: _<rank>_ in the name)")
-        print(f"  MLflow:      {uri}, experiment {cfg.tracking.experiment}, "
+        print(f"  MLflow:      {redact_text(uri)}, experiment {cfg.tracking.experiment}, "
               + (f"continuing run {run_id}" if run_id else
                  "run id written to <run folder>/mlflow_run_id when the job starts"))
     print(f"follow: squeue -j {first}; sacct -j {first}; tail -f {task_log_paths(jobs[0])[1]}")
@@ -192,7 +195,7 @@ def print_summary(result) -> None:
     grid = {k: metrics.pop(k) for k in list(metrics) if k.startswith("som/")}
     for name, value in sorted(metrics.items()):
         print(f"{name + ':':<26}{value:.3f}")
-    print(f"tracking URI:      {result.tracking_uri}")
+    print(f"tracking URI:      {redact_text(result.tracking_uri or '')}")
     if result.run_id:
         print(f"MLflow run:        {result.run_id}")
     if result.model_uri:

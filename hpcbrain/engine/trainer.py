@@ -25,6 +25,7 @@ from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
 from hpcbrain.engine.base import Engine
 from hpcbrain.engine.metrics import StepMetrics
+from hpcbrain.redact import redacted
 from hpcbrain.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class Trainer:
         client_state = {"progress": asdict(self.progress), "epoch": self.progress.epoch,
                         "global_step": self.progress.global_step,
                         "rng": checkpoint.gather_rng_states(),   # one entry per rank
-                        "config": OmegaConf.to_container(self.cfg, resolve=True),
+                        "config": redacted(OmegaConf.to_container(self.cfg, resolve=True)),
                         "mlflow_run_id": self.run_id, "engine_name": self.engine.name,
                         "world_size": self.world}
         return self.engine.save_checkpoint(self.run_dir, self.progress.global_step, client_state)
