@@ -163,7 +163,10 @@ class EngineConfig:
     grad_accum_steps: int = 1        # micro-batches per optimizer step (per-rank micro-batch =
                                      # train.batch_size / (world * grad_accum_steps))
     grad_clip: Optional[float] = None   # max global gradient norm; None or 0 = no clipping
-    timeout_minutes: float = 30.0    # how long a collective waits for the other ranks
+    timeout_minutes: float = 30.0    # how long a collective waits for the other ranks while the
+                                     # job starts, initialises (k-means), validates, checkpoints
+    step_timeout_minutes: float = 2.0   # ... and during training steps, once one step has run:
+                                     # a rank that died or hung is noticed within this
     backend: Optional[str] = None    # torch.distributed backend; None: nccl on GPU, gloo on CPU
 
 
@@ -319,6 +322,7 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("supervised.age_scale", 0, math.inf, False),
     ("engine.grad_accum_steps", 1, math.inf, True),
     ("engine.timeout_minutes", 0, math.inf, False),
+    ("engine.step_timeout_minutes", 0, math.inf, False),
     ("engine.zero_stage", 0, 3, True),
     ("slurm.nodes", 1, math.inf, True),
     ("slurm.gpus_per_node", 0, math.inf, True),

@@ -6,11 +6,67 @@ logging) is `hpcbrain.process_group`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Optional
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as torch_dist
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective did not complete: another rank stopped (its connection closed), hung or
+    is far behind (the wait timed out)."""
+
+
+_timeout_minutes: Optional[float] = None    # what `set_timeout` last set (None: the group's own)
+
+
+def set_timeout(minutes: float) -> None:
+    """How long every later collective of the default group waits for the other ranks."""
+    global _timeout_minutes
+    if is_initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(minutes=float(minutes)), None)
+    _timeout_minutes = float(minutes)
+
+
+@contextlib.contextmanager
+def timeout(minutes: float) -> Iterator[None]:
+    """`set_timeout(minutes)` for the block, the previous timeout afterwards."""
+    previous = _timeout_minutes
+    set_timeout(minutes)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_timeout(previous)
+
+
+_PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A backend error that means another rank is gone or stuck (gloo and NCCL wording)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(words in text for words in _PEER_FAILURE)
+
+
+@contextlib.contextmanager
+def named_collective(what: str) -> Iterator[None]:
+    """Re-raise a peer failure inside the block as CollectiveFailed naming `what` and the wait."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_peer_failure(exc) or isinstance(exc, CollectiveFailed):
+            raise
+        waited = f"{_timeout_minutes:g} min" if _timeout_minutes is not None else "its timeout"
+        raise CollectiveFailed(
+            f"rank {rank()} of {world_size()}: {what} did not complete within {waited}: another "
+            f"rank stopped, hung or is far behind (see its log); engine.step_timeout_minutes / "
+            f"engine.timeout_minutes set the waits ({str(exc).splitlines()[0]})") from exc
 
 
 def is_initialized() -> bool:
@@ -38,7 +94,8 @@ def is_global_rank0() -> bool:
 # ---------------------------------------------------------------------------------------------
 def barrier() -> None:
     if is_initialized():
-        torch_dist.barrier()
+        with named_collective("barrier"):
+            torch_dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -46,7 +103,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not is_initialized():
         return tensor
     total = tensor.clone()
-    torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
+    with named_collective("all_reduce_sum (a sum over ranks)"):
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
     return total
 
 
@@ -55,7 +113,8 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if not is_initialized():
         return tensor
     out = tensor.clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
+    with named_collective("all_reduce_max (a max over ranks)"):
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
     return out
 
 
@@ -64,7 +123,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized():
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
+    with named_collective(f"broadcast_object from rank {src}"):
+        torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 

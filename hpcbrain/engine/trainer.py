@@ -80,6 +80,8 @@ class Trainer:
         # train.batch_size is the GLOBAL batch of one optimizer step: each rank loads
         # batch / (world · accumulation steps) items per micro-batch (= per train_step).
         self.grad_accum_steps = int(engine.grad_accum_steps)
+        self.long_timeout = float(cfg.engine.timeout_minutes)
+        self.step_timeout = float(cfg.engine.step_timeout_minutes)
         self.batch_per_rank = check_global_batch(cfg, self.world)
         # The sampler is seeded per epoch in every engine, so the data order depends only on
         # (seed, epoch): that is what makes a resumed run equal an uninterrupted one.
@@ -158,28 +160,36 @@ class Trainer:
 
     # --- loop ----------------------------------------------------------------------------
     def fit(self) -> Progress:
+        """Every epoch: the method's epoch start (e.g. LSOR's k-means), the training steps,
+        its epoch end, validation, a checkpoint. Collectives wait engine.timeout_minutes in the
+        long phases and engine.step_timeout_minutes between training steps, once one step has
+        run (so a rank that dies mid-epoch is noticed in minutes, not half an hour)."""
         epochs = self.cfg.train.epochs
         while self.progress.epoch < epochs:
             epoch = self.progress.epoch
             self._set_epoch(epoch)
             self._apply_lr_schedule(epoch)
-            self.method.on_epoch_start(epoch, self.encode_batches())
+            with dist.timeout(self.long_timeout):
+                self.method.on_epoch_start(epoch, self.encode_batches())
             train_means = self._train_epoch(epoch)
-            with self.engine.full_parameters():
-                health = self.method.on_epoch_end(epoch, self.encode_batches())
-            val_means = self.validate()
+            with dist.timeout(self.long_timeout):
+                with self.engine.full_parameters():
+                    health = self.method.on_epoch_end(epoch, self.encode_batches())
+                val_means = self.validate()
             self.progress = Progress(epoch=epoch + 1, global_step=self.progress.global_step)
             metrics = {f"epoch/train_{k}": v for k, v in train_means.items()}
             metrics.update({f"epoch/val_{k}": v for k, v in val_means.items()})
             metrics["epoch/epoch"] = epoch
             metrics.update(health)
             self.tracker.log_metrics(metrics, step=self.progress.global_step)
-            self.save_checkpoint()
+            with dist.timeout(self.long_timeout):
+                self.save_checkpoint()
             if self.rank == 0:
                 summary = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()
                                    if k.endswith("loss"))
                 summary += "".join(f" {k.split('/')[-1]}={v:.4g}" for k, v in health.items())
                 log.info("epoch %d/%d done: %s", epoch + 1, epochs, summary)
+        dist.set_timeout(self.long_timeout)   # export and evaluation on rank 0 take a while
         return self.progress
 
     def _apply_lr_schedule(self, epoch: int) -> None:
@@ -208,6 +218,8 @@ class Trainer:
             data_wait = time.perf_counter() - fetch_start
             self.method.set_progress(epoch, step_in_epoch, self.steps_per_epoch)
             losses = self._step(batch, epoch, step_in_epoch)
+            if step_in_epoch == first:     # the first step compiled and allocated: now short
+                dist.set_timeout(self.step_timeout)
             metrics.add_step(losses, data_wait)
             self.progress.global_step += 1
             self.progress.step_in_epoch = done = step_in_epoch + 1
@@ -217,7 +229,8 @@ class Trainer:
                 self._log_window(metrics, bar)
             if every and done % every == 0 and done < self.steps_per_epoch:
                 self.progress.epoch_sums = metrics.epoch_sums()
-                self.save_checkpoint()   # the epoch-end checkpoint follows validation
+                with dist.timeout(self.long_timeout):
+                    self.save_checkpoint()   # the epoch-end checkpoint follows validation
         bar.close()
         sums = metrics.epoch_sums()
         return self._mean_over_ranks({k: v / self.steps_per_epoch for k, v in sums.items()})
@@ -225,7 +238,9 @@ class Trainer:
     def _step(self, batch: dict[str, Any], epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
         where = f"epoch {epoch}, step {step_in_epoch} (global step {self.progress.global_step})"
         try:
-            return self.engine.train_step(batch, where)
+            with dist.named_collective(f"training step at {where} (the gradient all-reduce, "
+                                       f"or a loss's all-gather over ranks)"):
+                return self.engine.train_step(batch, where)
         except NonFiniteLossError as exc:
             last = self.engine.latest_checkpoint(self.run_dir)
             raise NonFiniteLossError(
