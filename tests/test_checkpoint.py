@@ -78,3 +78,16 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     checkpoint.restore_rng_state(checkpoint.load(path)["rng"], rank=0)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_previous_one_used(tmp_path, caplog):
+    for step in (4, 8):
+        checkpoint.save_atomic({"step": step}, checkpoint.checkpoint_path(tmp_path, step))
+    newest = checkpoint.checkpoint_path(tmp_path, 8)
+    newest.write_bytes(newest.read_bytes()[:100])                 # cut short by a full disk
+    with caplog.at_level("WARNING", logger="hpcbrain.engine.checkpoint"):
+        path, state = checkpoint.load_newest_good(tmp_path)
+    assert path.name == "step-000000004.pt" and state["step"] == 4
+    assert "step-000000008.pt does not load" in caplog.text
+    assert newest.with_name("step-000000008.pt.bad").exists() and not newest.exists()
+    assert checkpoint.latest_checkpoint(tmp_path) == path         # the bad one is out of the way

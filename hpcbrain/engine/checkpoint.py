@@ -12,6 +12,8 @@ config and the MLflow run id.
 """
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import random
 import re
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from hpcbrain.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 DEEPSPEED_DIR = "deepspeed"
@@ -68,6 +72,24 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             f"{path}: refused to load: it holds objects other than tensors and plain values, "
             f"which hpcbrain never writes ({str(exc).splitlines()[0]}). Remove it if you did "
             f"not put it there; the run resumes from the previous checkpoint") from None
+
+
+def load_newest_good(run_dir: Path, map_location: str | torch.device = "cpu"
+                     ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of `run_dir` that loads, with its path; None when there is none.
+    One that does not load (truncated, corrupt, or holding more than tensors and plain values)
+    is renamed to ``*.pt.bad`` with a warning naming it, and the one before it is tried: a
+    damaged file never crash-loops a requeued job."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load(path, map_location)
+        except Exception as exc:  # torch raises several types for a damaged zip or pickle
+            aside = path.with_name(path.name + ".bad")
+            os.replace(path, aside)
+            log.warning("checkpoint %s does not load (%s: %s); moved aside to %s, trying the "
+                        "one before it", path, type(exc).__name__, str(exc).splitlines()[0],
+                        aside.name)
+    return None
 
 
 def deepspeed_dir(run_dir: Path) -> Path:

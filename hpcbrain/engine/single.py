@@ -224,16 +224,16 @@ class SingleEngine:
         return path
 
     def load_checkpoint(self, run_dir: Path) -> dict[str, Any] | None:
-        path = checkpoint.latest_checkpoint(run_dir)
-        if path is None:
+        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        found = checkpoint.load_newest_good(run_dir, map_location="cpu")
+        if found is None:
             if checkpoint.latest_deepspeed_tag(run_dir) is not None:
                 raise CheckpointMismatchError(
                     f"{run_dir} holds DeepSpeed checkpoints ({checkpoint.deepspeed_dir(run_dir)}) "
                     f"but engine.name={self.name}: resume with engine.name=deepspeed, or start a "
                     f"new run with another run.name")
             return None
-        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = checkpoint.load(path, map_location="cpu")
+        path, state = found
         self.load_state_dict(state["engine"])
         self._micro_step = 0
         state["path"] = path
