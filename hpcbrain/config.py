@@ -93,6 +93,7 @@ class LSORConfig:
     init_bn_mode: str = "batch"      # BatchNorm statistics of the k-means encoding: batch
                                      # (as training steps see latents; official) | running
     node_lr_scale: float = 1.0       # SOM nodes G learn at train.lr × this (paper: 1)
+    som_ramp_epochs: float = 0.0     # SOM losses ramp in linearly over this many epochs (paper: 0)
 
 
 @dataclass
@@ -309,6 +310,7 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("lsor.tau_min", 0, math.inf, False),
     ("lsor.ema_alpha", 0, 1, True),
     ("lsor.node_lr_scale", 0, math.inf, False),
+    ("lsor.som_ramp_epochs", 0, math.inf, True),
     ("contrastive.temperature", 0, math.inf, False),
     ("contrastive.sigma", 0, math.inf, False),
     ("contrastive.nn_final", 1, math.inf, True),

@@ -418,3 +418,18 @@ def test_som_health_warns_about_a_collapsed_grid_only_once_tau_has_shrunk(caplog
     assert late["som/node_movement"] == 0.0
     (record,) = caplog.records
     assert "only 1 of 6 nodes" in record.getMessage() and "node_lr_scale" in record.getMessage()
+
+
+def test_som_losses_ramp_in_over_som_ramp_epochs():
+    # 2 warm-up epochs, ramp over 1.5 epochs of 4 steps = 6 steps: SOM step k (from 0) weighs
+    # (k + 1)/6, from step 5 on fully
+    m = _initialised_model(som_ramp_epochs=1.5)
+    batch = make_batches(3, 3, seed=1)[0]
+    m.eval()                                   # no EMA, no BatchNorm updates between calls
+    for epoch, step, weight in ((2, 0, 1 / 6), (2, 3, 4 / 6), (3, 1, 1.0), (3, 3, 1.0)):
+        m.set_progress(epoch, step, 4)
+        assert m.scalars()["som_weight"] == pytest.approx(weight)
+        out = m(batch)
+        expect = out["recon"] + weight * (0.5 * out["commit"] + out["som"] + 0.2 * out["dir"])
+        torch.testing.assert_close(out["loss"].detach(), expect)
+    assert make_model().scalars()["som_weight"] == 1.0          # paper: no ramp

@@ -102,6 +102,7 @@ class LSOR(Method):
         self.lambda_commit = float(c.lambda_commit)
         self.lambda_som = float(c.lambda_som)
         self.lambda_dir = float(c.lambda_dir)
+        self.som_ramp_epochs = float(c.som_ramp_epochs)
         self.tau_max = float(c.tau_max)
         self.tau_min = float(c.tau_min)
         self.ema_alpha = float(c.ema_alpha)
@@ -130,6 +131,7 @@ class LSOR(Method):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self._tau = self.tau_max
         self._som_step = 0
+        self._som_weight = 1.0
         # (latent mean, G) at the last epoch end, for the drift-vs-node-movement health metric
         self._previous_epoch_state: Optional[tuple[Tensor, Tensor]] = None
 
@@ -146,13 +148,16 @@ class LSOR(Method):
         step = (self.epoch - self.warmup_epochs) * self.steps_per_epoch + self.step_in_epoch
         self._som_step = max(step, 0)
         self._tau = tau_at(self._som_step, total, self.tau_min, self.tau_max)
+        ramp_steps = self.som_ramp_epochs * self.steps_per_epoch
+        self._som_weight = 1.0 if ramp_steps <= 0 else min(1.0, (self._som_step + 1) / ramp_steps)
 
     @property
     def tau(self) -> float:
         return self._tau
 
     def scalars(self) -> dict[str, float]:
-        return {"tau": float(self._tau), "phase": 1.0 if self.som_active() else 0.0}
+        return {"tau": float(self._tau), "phase": 1.0 if self.som_active() else 0.0,
+                "som_weight": float(self._som_weight)}
 
     def on_epoch_start(self, epoch: int, encode_batches: Callable[[], Iterable[dict]]) -> None:
         super().on_epoch_start(epoch, encode_batches)
@@ -273,8 +278,11 @@ class LSOR(Method):
                     "commit": zero, "som": zero.clone(), "dir": zero.clone()}
         parts = lsor_losses(x_u, x_v, z[:n], z[n:], dt, self.net.decoder, self.G, self.dG,
                             self._tau, self.grid)
-        loss = (self.lambda_recon * parts["recon"] + self.lambda_commit * parts["commit"]
-                + self.lambda_som * parts["som"] + self.lambda_dir * parts["dir"])
+        # lsor.som_ramp_epochs: the SOM losses come in linearly instead of all at once
+        ramp = self._som_weight
+        loss = (self.lambda_recon * parts["recon"] + ramp * (
+            self.lambda_commit * parts["commit"] + self.lambda_som * parts["som"]
+            + self.lambda_dir * parts["dir"]))
         if update_ema:
             with torch.no_grad():
                 self.dG.copy_(ema_update(self.dG, parts["dz"].detach(), parts["bmu_u"], self.ema_alpha))
