@@ -8,7 +8,6 @@ with an error naming the key, where it came from and the keys that are valid the
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from hpcbrain.config_checks import ConfigError, check_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR_ENV = "HPCBRAIN_CONFIG_DIR"
@@ -221,10 +222,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-class ConfigError(ValueError):
-    """A config file or override does not fit the schema."""
-
-
 def config_dirs() -> list[Path]:
     """Folders searched for a bare config file name, in order."""
     dirs = []
@@ -269,115 +266,6 @@ def _merge(cfg: DictConfig, update: DictConfig, source: str, schema: DictConfig)
             raise ConfigError(f"{source}: unknown key '{key}'. Valid keys there: {valid}") from None
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: bad value for '{key}': {reason}") from None
-
-
-#: Keys whose value must be one of a few words (the code that reads them says what each means).
-#: A table rather than Enum fields: OmegaConf would hand the code Enum members, whose str() and
-#: MLflow params read "Precision.bf16" instead of "bf16".
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.pairs": ("all", "consecutive"),
-    "model.backbone": ("resnet18", "resnet34", "lsor"),
-    "model.features": ("projection", "backbone"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "lsor.init_bn_mode": ("batch", "running"),
-    "contrastive.kernel": ("rbf", "gaussian", "cauchy"),
-    "contrastive.distance": ("manhattan", "euclidean", "chebyshev", "cosine", "similarity"),
-    "contrastive.weight_norm": ("anchor", "global"),
-    "contrastive.rnc_similarity": ("dot", "neg_l2"),
-    "contrastive.rnc_features": ("projection", "backbone"),
-    "engine.name": ("auto", "single", "ddp", "deepspeed"),
-}
-#: (key, lowest, highest, whether the lowest is allowed); None values are not checked.
-RANGES: tuple[tuple[str, float, float, bool], ...] = (
-    ("data.input_size", 8, math.inf, True),
-    ("data.num_workers", 0, math.inf, True),
-    ("data.n_folds", 1, math.inf, True),
-    ("data.val_fraction", 0, 1, True),
-    ("data.augment.p", 0, 1, True),
-    ("train.epochs", 1, math.inf, True),
-    ("train.batch_size", 1, math.inf, True),
-    ("train.lr", 0, math.inf, False),
-    ("train.weight_decay", 0, math.inf, True),
-    ("train.log_every_steps", 1, math.inf, True),
-    ("train.checkpoint_every_steps", 1, math.inf, True),
-    ("train.num_threads", 1, math.inf, True),
-    ("train.lr_step_every_epochs", 1, math.inf, True),
-    ("train.lr_gamma", 0, math.inf, False),
-    ("lsor.grid_rows", 1, math.inf, True),
-    ("lsor.grid_cols", 1, math.inf, True),
-    ("lsor.warmup_epochs", 0, math.inf, True),
-    ("lsor.tau_max", 0, math.inf, False),
-    ("lsor.tau_min", 0, math.inf, False),
-    ("lsor.ema_alpha", 0, 1, True),
-    ("lsor.node_lr_scale", 0, math.inf, False),
-    ("lsor.som_ramp_epochs", 0, math.inf, True),
-    ("contrastive.temperature", 0, math.inf, False),
-    ("contrastive.sigma", 0, math.inf, False),
-    ("contrastive.nn_final", 1, math.inf, True),
-    ("contrastive.nn_min_batch", 0, math.inf, True),
-    ("contrastive.nn_epoch_base", 0, 1, True),
-    ("contrastive.base_temperature", 0, math.inf, False),
-    ("contrastive.nnclr_queue", 1, math.inf, True),
-    ("contrastive.augment.p", 0, 1, True),
-    ("evaluate.ridge_seeds", 1, math.inf, True),
-    ("evaluate.ridge_cv", 2, math.inf, True),
-    ("supervised.age_scale", 0, math.inf, False),
-    ("engine.grad_accum_steps", 1, math.inf, True),
-    ("engine.timeout_minutes", 0, math.inf, False),
-    ("engine.step_timeout_minutes", 0, math.inf, False),
-    ("engine.zero_stage", 0, 3, True),
-    ("slurm.nodes", 1, math.inf, True),
-    ("slurm.gpus_per_node", 0, math.inf, True),
-    ("slurm.time_min", 1, math.inf, True),
-    ("slurm.signal_delay_s", 0, math.inf, True),
-    ("slurm.max_requeues", 0, math.inf, True),
-    ("slurm.array_parallelism", 1, math.inf, True),
-)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Values the schema's types cannot rule out: choices, ranges and the relations between
-    keys. Raises ConfigError naming the key, its value and what it may be."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"bad value for '{key}': {value!r}; choose one of "
-                              f"{', '.join(allowed)}")
-    for key, low, high, low_ok in RANGES:
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        if not (value >= low if low_ok else value > low) or value > high:
-            bound = (f"{'≥' if low_ok else '>'} {low:g}" + (f" and ≤ {high:g}"
-                     if math.isfinite(high) else ""))
-            raise ConfigError(f"bad value for '{key}': {value!r}; it must be {bound}")
-    name = str(cfg.run.name)
-    if not name or name in (".", "..") or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ConfigError(f"bad value for 'run.name': {name!r}; it names a folder inside "
-                          f"run.root ({cfg.run.root}): a relative path without '..'")
-    if not 0 <= cfg.data.fold < cfg.data.n_folds:
-        raise ConfigError(f"bad value for 'data.fold': {cfg.data.fold}; it must lie in "
-                          f"[0, data.n_folds={cfg.data.n_folds})")
-    if cfg.method == "lsor" and cfg.lsor.warmup_epochs > cfg.train.epochs:
-        raise ConfigError(f"bad value for 'lsor.warmup_epochs': {cfg.lsor.warmup_epochs} warm-up "
-                          f"epochs of train.epochs={cfg.train.epochs}; the SOM phase needs "
-                          f"warmup_epochs ≤ epochs")
-    if cfg.lsor.tau_min > cfg.lsor.tau_max:
-        raise ConfigError(f"bad value for 'lsor.tau_min': {cfg.lsor.tau_min} > lsor.tau_max="
-                          f"{cfg.lsor.tau_max}; the neighbourhood shrinks from τmax to τmin")
-
-
-def check_global_batch(cfg: DictConfig, world: int) -> int:
-    """train.batch_size is the global batch of one optimizer step: it must split evenly over
-    `world` ranks × engine.grad_accum_steps micro-batches. Returns the per-rank micro-batch.
-    (The launcher checks it against the planned tasks, the trainer against the real world.)"""
-    batch, accum = int(cfg.train.batch_size), int(cfg.engine.grad_accum_steps)
-    if batch % (world * accum):
-        fit = max(world * accum, batch // (world * accum) * world * accum)
-        raise ConfigError(f"bad value for 'train.batch_size': {batch} is the global batch and must "
-                          f"be divisible by the {world} ranks × engine.grad_accum_steps {accum}: "
-                          f"e.g. train.batch_size={fit}")
-    return batch // (world * accum)
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:

@@ -37,7 +37,8 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from hpcbrain.config import PROJECT_ROOT, ConfigError, check_global_batch, load_config, resolve_config_path
+from hpcbrain.config import PROJECT_ROOT, ConfigError, load_config, resolve_config_path
+from hpcbrain.config_checks import check_global_batch
 
 DEFAULT_LOG_DIR = "slurm-logs/%j"       # under run.root unless slurm.log_dir says otherwise
 PROFILE_DIR = PROJECT_ROOT / "slurm" / "profiles"

@@ -130,7 +130,7 @@ def test_bad_values_exit_2_from_the_command_line(capsys):
 
 
 def test_global_batch_must_split_over_ranks_and_accumulation():
-    from hpcbrain.config import check_global_batch
+    from hpcbrain.config_checks import check_global_batch
 
     cfg = load_config(["lsor.yaml"], ["train.batch_size=24", "engine.grad_accum_steps=2"])
     assert check_global_batch(cfg, 3) == 4

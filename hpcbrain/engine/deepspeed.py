@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from hpcbrain import dist
-from hpcbrain.config import check_global_batch
+from hpcbrain.config_checks import check_global_batch
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.single import (
     CheckpointMismatchError,

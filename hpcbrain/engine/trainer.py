@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from hpcbrain import dist
-from hpcbrain.config import check_global_batch
+from hpcbrain.config_checks import check_global_batch
 from hpcbrain.data.datasets import StoreDataset
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
