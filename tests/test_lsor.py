@@ -185,7 +185,7 @@ def test_registry_and_interface():
     assert m.latent_dim == 8 * 4 ** 3
     z = m.encoder()(torch.randn(2, 1, 16, 16, 16))
     assert z.shape == (2, m.latent_dim)
-    assert set(m.scalars()) == {"tau", "phase"}
+    assert set(m.scalars()) == {"tau", "phase", "som_weight"}
 
 
 def test_build_from_project_config():
