@@ -188,6 +188,10 @@ def test_rnc_official_config_takes_the_backbone_features():
     want = rnc_loss(features, torch.cat([age, age]).double(), temperature=2.0,
                     similarity="neg_l2")
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    # the head gets no gradient: DDP is told so, and evaluation reads the trained features
+    got.backward()
+    assert all(p.grad is None for p in method.head.parameters())
+    assert method.find_unused_parameters and method.encoder().mode == "backbone"
 
 
 def test_nnclr_never_takes_the_anchors_own_scan_from_the_queue():

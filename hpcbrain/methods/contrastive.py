@@ -162,7 +162,10 @@ class ContrastiveMethod(Method):
         self.loss_scale = 1.0 if c.base_temperature is None else \
             self.temperature / float(c.base_temperature)
         self.rnc_similarity = str(c.rnc_similarity)
-        self.rnc_on_backbone = str(c.rnc_features) == "backbone"
+        # official RnC: the loss sees the encoder's features and the head gets no gradient
+        # (DDP must then expect unused parameters)
+        self.loss_on_backbone = self.loss_name == "rnc" and str(c.rnc_features) == "backbone"
+        self.find_unused_parameters = self.loss_on_backbone
         self.nnclr_exclude_self = bool(c.nnclr_exclude_self)
         if self.weight_norm not in losses.WEIGHT_NORMS:
             raise ValueError(f"contrastive.weight_norm must be one of {losses.WEIGHT_NORMS}, "
@@ -232,9 +235,10 @@ class ContrastiveMethod(Method):
         age = torch.as_tensor(batch["age"]).to(device=ref.device, dtype=torch.float32).reshape(-1)
         views = self.make_views(x, index)                            # [2B, 1, S, S, S]
         features = self.backbone(views)
-        z = self.head(features).float()                             # [2B, d], unit rows
-        if self.loss_name == "rnc" and self.rnc_on_backbone:
+        if self.loss_on_backbone:
             z = features.float()                                    # official RnC: encoder features
+        else:
+            z = self.head(features).float()                         # [2B, d], unit rows
         # the loss in fp32 even inside a bf16 autocast region (similarities, distances, exps)
         with torch.autocast(device_type=z.device.type, enabled=False):
             ids = index.to(device=z.device, dtype=torch.float64)
@@ -319,15 +323,6 @@ class ContrastiveMethod(Method):
         self.queue_ptr.fill_((ptr + rows.shape[0]) % size)
         self.queue_filled.fill_(min(int(self.queue_filled) + rows.shape[0], size))
 
-    @classmethod
-    def resolve_config(cls, cfg: Any, n_train_items: int) -> None:
-        """NNCLR: a support queue larger than the training set holds stale copies of the same
-        scans (the audit: 1,024 slots for ~114 scans), so it is capped at the training set."""
-        if cls.loss_name == "nnclr" and int(cfg.contrastive.nnclr_queue) > n_train_items:
-            log.info("contrastive.nnclr_queue %d capped at the %d training scans",
-                     int(cfg.contrastive.nnclr_queue), n_train_items)
-            cfg.contrastive.nnclr_queue = int(n_train_items)
-
 
 @register_method("adapn")
 class AdapN(ContrastiveMethod):
@@ -369,3 +364,12 @@ class SimCLR(ContrastiveMethod):
 class NNCLR(ContrastiveMethod):
     """NNCLR: nearest-neighbour positives from a support queue (Dwibedi et al. 2021)."""
     loss_name = "nnclr"
+
+    @classmethod
+    def resolve_config(cls, cfg: Any, n_train_items: int) -> None:
+        """A support queue larger than the training set holds stale copies of the same scans
+        (the audit: 1,024 slots for ~114 scans), so it is capped at the training set."""
+        if int(cfg.contrastive.nnclr_queue) > n_train_items:
+            log.info("contrastive.nnclr_queue %d capped at the %d training scans",
+                     int(cfg.contrastive.nnclr_queue), n_train_items)
+            cfg.contrastive.nnclr_queue = int(n_train_items)
