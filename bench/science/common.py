@@ -1,10 +1,13 @@
-"""Helpers the science benchmarks share: running a command from the project root, and a
-synthetic cohort converted to a 32³ store (made once, reused when it exists)."""
+"""Helpers the science benchmarks share: running a command from the project root, a synthetic
+cohort converted to a 32³ store (made once, reused when it exists), and the ridge age scoring
+every benchmark row goes through."""
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv" / "bin"
@@ -28,3 +31,12 @@ def make_cohort(folder: Path, seed: int, subjects: int, synth_args: list[str],
         run([VENV / "hpcbrain", "convert", bids, "--out", store, "--shape", shape,
              "--workers", "2", "--quiet"])
     return store
+
+
+def ridge_errors(train_x, train_y, groups, test_x, test_y) -> np.ndarray:
+    """|predicted − true age| per test scan of the ridge the job's evaluation fits
+    (`hpcbrain.evaluate.ridge.fit_ridge`: standardised features, alpha by subject-grouped CV)."""
+    from hpcbrain.evaluate.ridge import fit_ridge
+
+    ridge = fit_ridge(train_x, train_y, groups=groups, seed=0)
+    return np.abs(ridge.predict(test_x) - test_y)

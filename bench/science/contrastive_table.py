@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, make_cohort  # noqa: E402
+from common import ROOT, make_cohort, ridge_errors  # noqa: E402
 
 FAMILY = ["adapn", "exponential", "threshold", "yaware", "rnc", "simclr", "nnclr"]
 REFERENCE = "exponential"       # AdapN's paper compares against Barbano's Exponential
@@ -137,13 +137,6 @@ def feature_sets(method) -> dict:
     return sets
 
 
-def ridge_errors(train_x, train_y, groups, test_x, test_y) -> np.ndarray:
-    from hpcbrain.evaluate.ridge import fit_ridge
-
-    ridge = fit_ridge(train_x, train_y, groups=groups, seed=0)
-    return np.abs(ridge.predict(test_x) - test_y)
-
-
 def density_classes(ages: np.ndarray, width: float = 5.0) -> np.ndarray:
     """'sparse' / 'dense' per scan: the scan's age falls in a `width`-year bin holding fewer /
     at least as many scans as the median non-empty bin of the cohort."""
@@ -183,6 +176,14 @@ def score(preset: Preset, store_path: Path, out: Path, uri: str) -> list[dict]:
                      "mae": float(errors.mean()), "test": test.tolist(),
                      "errors": errors.tolist()})
 
+    untrained_features = {}       # per seed: an untrained encoder is the same for every fold
+    for seed in preset.seeds:
+        torch.manual_seed(seed)
+        untrained = build_method(load_config([f"{REFERENCE}.yaml", *preset.configs],
+                                             [f"data.input_size={preset.input_size}",
+                                              *preset.overrides])).eval()
+        untrained_features[seed] = {kind: extract_features(encoder, store, np.arange(len(ages)), cpu)
+                                    for kind, encoder in feature_sets(untrained).items()}
     for fold in range(preset.folds):
         base = run_config(preset, preset.methods[0], store_path, fold, preset.seeds[0], out, uri)
         split, _, _ = build_datasets(base, store, "scans")
@@ -192,12 +193,7 @@ def score(preset: Preset, store_path: Path, out: Path, uri: str) -> list[dict]:
         add("ridge on raw voxels", "-", fold, -1, test,
             ridge_errors(voxels[train], y_train, groups, voxels[test], y_test))
         for seed in preset.seeds:
-            torch.manual_seed(seed)
-            untrained = build_method(load_config([f"{REFERENCE}.yaml", *preset.configs],
-                                                 [f"data.input_size={preset.input_size}",
-                                                  *preset.overrides])).eval()
-            for kind, encoder in feature_sets(untrained).items():
-                fx = extract_features(encoder, store, np.arange(len(ages)), cpu)
+            for kind, fx in untrained_features[seed].items():
                 add("untrained encoder", kind, fold, seed, test,
                     ridge_errors(fx[train], y_train, groups, fx[test], y_test))
             for method_name in preset.methods:
@@ -260,9 +256,9 @@ def gpu_cost(preset: Preset, n_scans: int) -> str:
     from hpcbrain.config import load_config
     from hpcbrain.methods import build_method
 
-    method = build_method(load_config([f"{REFERENCE}.yaml", *preset.configs],
-                                      [f"data.input_size={preset.input_size}", *preset.overrides]))
-    cfg = load_config([f"{REFERENCE}.yaml", *preset.configs], preset.overrides)
+    cfg = load_config([f"{REFERENCE}.yaml", *preset.configs],
+                      [f"data.input_size={preset.input_size}", *preset.overrides])
+    method = build_method(cfg)
     views = torch.zeros(2, 1, *(preset.input_size,) * 3)
     with FlopCounterMode(display=False) as counter:
         method.head(method.backbone(views))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, VENV, make_cohort, run  # noqa: E402
+from common import ROOT, VENV, make_cohort, ridge_errors, run  # noqa: E402
 
 
 def cohort_table(store_path: Path):
@@ -50,10 +50,7 @@ def embed(model_uri: str, paths: list[str], out: Path, env: dict) -> np.ndarray:
 
 
 def transfer_mae(train_x, train_y, groups, test_x, test_y) -> float:
-    from hpcbrain.evaluate.ridge import fit_ridge
-
-    ridge = fit_ridge(train_x, train_y, groups=groups, seed=0)
-    return float(np.mean(np.abs(ridge.predict(test_x) - test_y)))
+    return float(ridge_errors(train_x, train_y, groups, test_x, test_y).mean())
 
 
 def main() -> int:
