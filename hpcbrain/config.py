@@ -95,6 +95,8 @@ class LSORConfig:
                                      # (as training steps see latents; official) | running
     node_lr_scale: float = 1.0       # SOM nodes G learn at train.lr × this (paper: 1)
     som_ramp_epochs: float = 0.0     # SOM losses ramp in linearly over this many epochs (paper: 0)
+    centred_nodes: bool = False      # nodes ride on an EMA of the latent mean (paper: false)
+    centre_momentum: float = 0.5     # EMA decay of that centre, per training step
 
 
 @dataclass

@@ -57,6 +57,7 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("lsor.ema_alpha", 0, 1, True),
     ("lsor.node_lr_scale", 0, math.inf, False),
     ("lsor.som_ramp_epochs", 0, math.inf, True),
+    ("lsor.centre_momentum", 0, 1, True),
     ("contrastive.temperature", 0, math.inf, False),
     ("contrastive.sigma", 0, math.inf, False),
     ("contrastive.nn_final", 1, math.inf, True),

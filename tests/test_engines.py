@@ -89,10 +89,10 @@ def record_som_init(record: dict) -> None:
     if not hasattr(LSOR, "_real_assign_som"):
         LSOR._real_assign_som = LSOR._assign_som
 
-    def assign(self, G, dG):
+    def assign(self, G, dG, centre=None):
         record["G_init"] = G.detach().to("cpu", torch.float32).clone()
         record["G_random"] = self.G.detach().to("cpu", torch.float32).clone()
-        LSOR._real_assign_som(self, G, dG)
+        LSOR._real_assign_som(self, G, dG, centre)
 
     LSOR._assign_som = assign
 

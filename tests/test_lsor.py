@@ -10,6 +10,7 @@ from conftest import TINY_LSOR, tiny_config
 from hpcbrain.methods import build_method
 from hpcbrain.methods.lsor import LSOR, batch_norm_mode
 from hpcbrain.methods.som import (
+    centre_update,
     ema_update,
     grid_neighbour_cost,
     init_reference_trajectories,
@@ -271,6 +272,67 @@ def test_som_phase_losses_and_ema_only_in_training():
     assert not torch.equal(m.dG, state0["dG"])
     out["loss"].backward()
     assert m.G.grad is not None and m.G.grad.abs().sum() > 0
+
+
+def test_centre_update_hand_worked():
+    centre = torch.tensor([1.0, 2.0])
+    z = torch.tensor([[1.0, 1.0], [3.0, 5.0]])          # mean (2, 3)
+    # 0.5·(1, 2) + 0.5·(2, 3) = (1.5, 2.5); 0.9·(1, 2) + 0.1·(2, 3) = (1.1, 2.1)
+    torch.testing.assert_close(centre_update(centre, z, 0.5), torch.tensor([1.5, 2.5]))
+    torch.testing.assert_close(centre_update(centre, z, 0.9), torch.tensor([1.1, 2.1]))
+    assert torch.equal(centre_update(centre, z[:0], 0.5), centre)   # empty batch: unchanged
+    assert torch.equal(centre, torch.tensor([1.0, 2.0]))              # input untouched
+
+
+def test_centred_nodes_start_where_plain_ones_do_and_follow_the_latent_mean():
+    """lsor.centred_nodes: the k-means grid is the same; G holds it relative to the scans' mean,
+    each training step moves the centre to 0.5·centre + 0.5·mean(z of the step), the nodes
+    (and so the BMUs, the SOM file and the losses) move with it, and G's gradient is the one
+    the plain nodes would get."""
+    batches = make_batches(8, 3)
+    plain, centred = make_model(), make_model(centred_nodes=True)
+    plain.on_epoch_start(plain.warmup_epochs, lambda: iter(batches))
+    centred.on_epoch_start(centred.warmup_epochs, lambda: iter(batches))
+    assert torch.count_nonzero(plain.latent_centre) == 0
+    torch.testing.assert_close(centred.nodes, plain.nodes, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), batch_norm_mode(centred, use_batch_statistics=True):
+        z_all = torch.cat([centred.encoder()(torch.cat([b["x_u"], b["x_v"]])) for b in batches])
+    torch.testing.assert_close(centred.latent_centre, z_all.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(centred.G.detach(), plain.G.detach() - z_all.mean(0),
+                               rtol=1e-4, atol=1e-5)
+
+    for m in (plain, centred):
+        m.train()
+        m.set_progress(2, 0, 4)
+    batch = make_batches(3, 3, seed=1)[0]
+    with torch.no_grad():
+        probe = make_model(centred_nodes=True)
+        probe.load_state_dict(centred.state_dict())
+        probe.train()
+        z = probe.net.encoder(torch.cat([batch["x_u"], batch["x_v"]]))
+    before = centred.latent_centre.clone()
+    out_plain, out_centred = plain(batch), centred(batch)
+    for key in ("loss", "commit", "som", "dir"):
+        torch.testing.assert_close(out_centred[key], out_plain[key], rtol=1e-5, atol=1e-6)
+    out_plain["loss"].backward()
+    out_centred["loss"].backward()
+    torch.testing.assert_close(centred.G.grad, plain.G.grad, rtol=1e-4, atol=1e-6)
+    expect = 0.5 * before + 0.5 * z.mean(0)
+    torch.testing.assert_close(centred.latent_centre, expect, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(plain.latent_centre) == 0
+    torch.testing.assert_close(centred.nodes, centred.G.detach() + expect)
+    # evaluation and the registered SOM use the moved nodes
+    probe_z = centred.nodes.detach()[[4, 1]] + 1e-3
+    assert centred.bmu(probe_z).tolist() == [4, 1]
+
+
+def test_centred_nodes_are_what_the_som_file_holds(tmp_path):
+    m = _initialised_model(centred_nodes=True)
+    assert torch.count_nonzero(m.latent_centre) > 0
+    (path,) = m.registry_files(tmp_path)
+    with np.load(path) as som:
+        np.testing.assert_allclose(som["nodes"], m.nodes.detach().numpy(), rtol=1e-6)
+        assert not np.allclose(som["nodes"], m.G.detach().numpy())
 
 
 def test_bmu_and_similarity_helpers():

@@ -163,7 +163,7 @@ def paper_figures(method, store: CohortStore, indices: np.ndarray, latents: torc
                   figure_dir: Path) -> list[Path]:
     """Figures 2 (d), 3 and 4 for a trained LSOR `method` over the scans `indices`."""
     grid = tuple(method.grid)
-    nodes = method.G.detach().to("cpu", torch.float64).numpy()
+    nodes = method.nodes.detach().to("cpu", torch.float64).numpy()
     trajectories = method.dG.detach().to("cpu", torch.float64).numpy()
     z = latents.to(torch.float64).numpy()
     meta = store.metadata.iloc[np.asarray(indices)]

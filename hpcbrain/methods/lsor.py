@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from hpcbrain import dist
 from hpcbrain.methods.base import Method, register_method
 from hpcbrain.methods.som import (
+    centre_update,
     ema_update,
     init_reference_trajectories,
     kmeans_grid_init,
@@ -103,6 +104,8 @@ class LSOR(Method):
         self.lambda_som = float(c.lambda_som)
         self.lambda_dir = float(c.lambda_dir)
         self.som_ramp_epochs = float(c.som_ramp_epochs)
+        self.centred_nodes = bool(c.centred_nodes)
+        self.centre_momentum = float(c.centre_momentum)
         self.tau_max = float(c.tau_max)
         self.tau_min = float(c.tau_min)
         self.ema_alpha = float(c.ema_alpha)
@@ -128,6 +131,9 @@ class LSOR(Method):
         # Random small nodes until the k-means initialisation overwrites them.
         self.G = nn.Parameter(0.05 * torch.randn(n_nodes, self.latent_dim))
         self.register_buffer("dG", torch.zeros(n_nodes, self.latent_dim))
+        # lsor.centred_nodes: the nodes are G + latent_centre, an EMA of the training latents'
+        # mean (docs/lsor-decisions.md). Without it the centre stays zero and the nodes are G.
+        self.register_buffer("latent_centre", torch.zeros(self.latent_dim))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self._tau = self.tau_max
         self._som_step = 0
@@ -141,6 +147,12 @@ class LSOR(Method):
 
     def som_active(self) -> bool:
         return bool(self.initialised.item())
+
+    @property
+    def nodes(self) -> Tensor:
+        """The SOM nodes in latent space [K, D]: G + latent_centre (= G unless
+        ``lsor.centred_nodes``); carries G's gradient."""
+        return self.G + self.latent_centre.to(self.G.dtype)
 
     def set_progress(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
         super().set_progress(epoch, step_in_epoch, steps_per_epoch)
@@ -179,14 +191,14 @@ class LSOR(Method):
             for batch in encode_batches():
                 x_u, x_v, _ = self._unpack(batch)
                 z = self.net.encoder(torch.cat([x_u, x_v], dim=0))
-                part = som_health_sums(z, self.G, self.grid)
+                part = som_health_sums(z, self.nodes.detach(), self.grid)
                 sums = part if sums is None else sums + part
         if sums is None:
             sums = torch.zeros(n_nodes + self.latent_dim + 4, dtype=torch.float64,
                                device=self.G.device)
         sums = dist.all_reduce_sum(sums)
         health = som_health(sums, n_nodes)
-        nodes = self.G.detach().to(torch.float64)
+        nodes = self.nodes.detach().to(torch.float64)
         metrics = {"latent_spread": health["latent_spread"]}
         previous = self._previous_epoch_state
         if previous is not None:
@@ -239,7 +251,7 @@ class LSOR(Method):
         to give each scan its best-matching node and similarity grid."""
         path = Path(folder) / SOM_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, nodes=self.G.detach().to("cpu", torch.float32).numpy(),
+        np.savez(path, nodes=self.nodes.detach().to("cpu", torch.float32).numpy(),
                  trajectories=self.dG.detach().to("cpu", torch.float32).numpy(),
                  grid=np.array(self.grid, dtype=np.int64))
         return [path]
@@ -248,12 +260,14 @@ class LSOR(Method):
     @torch.no_grad()
     def bmu(self, z: Tensor) -> Tensor:
         """Row-major index [B] of the nearest SOM node of each latent."""
-        return squared_distances(z.to(self.G), self.G.detach()).argmin(dim=1)
+        nodes = self.nodes.detach()
+        return squared_distances(z.to(nodes), nodes).argmin(dim=1)
 
     @torch.no_grad()
     def similarity(self, z: Tensor) -> Tensor:
         """Similarity grid [B, K] (`similarity_grid` against G); reshape to (Nr, Nc) row-major."""
-        return similarity_grid(z.to(self.G), self.G.detach())
+        nodes = self.nodes.detach()
+        return similarity_grid(z.to(nodes), nodes)
 
     # --- internals --------------------------------------------------------------------------------
     def _unpack(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -276,7 +290,7 @@ class LSOR(Method):
             zero = torch.zeros((), device=recon.device, dtype=recon.dtype)
             return {"loss": self.lambda_recon * recon, "recon": recon.detach(),
                     "commit": zero, "som": zero.clone(), "dir": zero.clone()}
-        parts = lsor_losses(x_u, x_v, z[:n], z[n:], dt, self.net.decoder, self.G, self.dG,
+        parts = lsor_losses(x_u, x_v, z[:n], z[n:], dt, self.net.decoder, self.nodes, self.dG,
                             self._tau, self.grid)
         # lsor.som_ramp_epochs: the SOM losses come in linearly instead of all at once
         ramp = self._som_weight
@@ -286,6 +300,10 @@ class LSOR(Method):
         if update_ema:
             with torch.no_grad():
                 self.dG.copy_(ema_update(self.dG, parts["dz"].detach(), parts["bmu_u"], self.ema_alpha))
+                if self.centred_nodes:
+                    # the loss above used the centre before this step; the next step sees it moved
+                    self.latent_centre.copy_(centre_update(self.latent_centre, z,
+                                                           self.centre_momentum))
         out = {"loss": loss}
         for key in ("recon", "commit", "som", "dir"):
             out[key] = parts[key].detach()
@@ -313,8 +331,9 @@ class LSOR(Method):
             return torch.zeros(0, 2 * self.latent_dim + 3, device=device)
         return torch.cat(rows, dim=0)
 
-    def _init_from_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """G, ΔG from the gathered rows (runs on one process)."""
+    def _init_from_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Nodes, ΔG and the latent centre (the scans' mean; zero unless
+        ``lsor.centred_nodes``) from the gathered rows (runs on one process)."""
         rows = rows.detach().to("cpu", torch.float64)
         d = self.latent_dim
         if rows.shape[0] == 0:
@@ -334,7 +353,8 @@ class LSOR(Method):
         G = kmeans_grid_init(scans, self.grid, seed=self.seed, max_iter=self.kmeans_max_iter,
                              n_init=self.kmeans_n_init)
         dG = init_reference_trajectories(z_u, dz, G)
-        return G, dG
+        centre = scans.mean(0) if self.centred_nodes else torch.zeros_like(scans[0])
+        return G, dG, centre.unsqueeze(0)
 
     def initialise_som(self, encode_batches: Callable[[], Iterable[dict]]) -> None:
         """Encode all training pairs (no grad), k-means → G, ΔG; identical on every rank
@@ -352,19 +372,25 @@ class LSOR(Method):
         def on_rank0() -> Tensor:
             return torch.cat(self._init_from_rows(gathered), dim=0)
 
-        like = torch.zeros(2 * n_nodes, self.latent_dim, dtype=torch.float32, device=self.G.device)
+        like = torch.zeros(2 * n_nodes + 1, self.latent_dim, dtype=torch.float32,
+                           device=self.G.device)
         packed = dist.compute_on_rank0(on_rank0, like)
-        G, dG = packed[:n_nodes], packed[n_nodes:]
-        self._assign_som(G, dG)
+        nodes, dG, centre = packed[:n_nodes], packed[n_nodes:2 * n_nodes], packed[2 * n_nodes]
+        self._assign_som(nodes, dG, centre)
 
     @torch.no_grad()
-    def _assign_som(self, G: Tensor, dG: Tensor) -> None:
+    def _assign_som(self, nodes: Tensor, dG: Tensor, centre: Optional[Tensor] = None) -> None:
+        """Nodes [K, D] in latent space, ΔG [K, D], the latent centre [D] (None: zero)."""
         # G is a parameter written outside the optimizer: through the engine's writer, which
         # also updates a master copy and resets G's optimizer moments (`Method.write_parameter`)
-        self.write_parameter(self.G, G)
+        if centre is None:
+            centre = torch.zeros_like(self.latent_centre)
+        centre = centre.to(device=self.latent_centre.device, dtype=self.latent_centre.dtype)
+        self.latent_centre.copy_(centre)
+        self.write_parameter(self.G, nodes.to(centre) - centre)
         self.dG.copy_(dG.to(device=self.dG.device, dtype=self.dG.dtype))
         self.initialised.fill_(True)
         if self._previous_epoch_state is not None:
             # node movement is counted from the initialised grid, not from the random nodes
             self._previous_epoch_state = (self._previous_epoch_state[0],
-                                          G.detach().to(self.G.device, torch.float64).clone())
+                                          nodes.detach().to(self.G.device, torch.float64).clone())

@@ -36,6 +36,7 @@ __all__ = [
     "tau_at",
     "similarity_grid",
     "ema_update",
+    "centre_update",
     "grid_distances",
     "squared_distances",
     "lsor_losses",
@@ -126,6 +127,24 @@ def ema_update(ref: Tensor, dz: Tensor, cluster: Tensor, alpha: float) -> Tensor
     old = ref.detach().to(acc)
     new = torch.where(counts > 0, alpha * old + (1.0 - alpha) * mean, old)
     return new.to(ref.dtype)
+
+
+def centre_update(centre: Tensor, z: Tensor, momentum: float) -> Tensor:
+    """One EMA step of the latent centre the nodes ride on (``lsor.centred_nodes``); returns a
+    new [D] tensor: momentum·centre + (1 − momentum)·mean(z) over the global batch.
+
+    The sum and count are accumulated in float64 and, when a process group is up, all-reduced
+    (SUM) in one collective, so every rank gets the centre one process would compute on the
+    concatenated batch, whatever the per-rank batch sizes."""
+    acc = _acc_dtype(centre.device)
+    z = z.detach().reshape(-1, centre.numel()).to(device=centre.device, dtype=acc)
+    stats = torch.cat([z.sum(0), torch.tensor([float(z.shape[0])], dtype=acc, device=centre.device)])
+    stats = dist.all_reduce_sum(stats)
+    count = stats[-1]
+    old = centre.detach().to(acc)
+    # no host sync on the count: an empty global batch leaves the centre where it was
+    new = momentum * old + (1.0 - momentum) * stats[:-1] / count.clamp_min(1.0)
+    return torch.where(count > 0, new, old).to(centre.dtype)
 
 
 def som_health_sums(z: Tensor, G: Tensor, grid: tuple[int, int]) -> Tensor:
