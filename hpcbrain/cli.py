@@ -98,9 +98,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hpcbrain.config import load_config
+    from hpcbrain.engine.stop import TrainingStopped
     from hpcbrain.job import run_training
 
-    run_training(load_config(args.cfg, args.overrides))
+    try:
+        run_training(load_config(args.cfg, args.overrides))
+    except TrainingStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 

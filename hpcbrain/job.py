@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import random
+import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from hpcbrain.atomic import write_text_atomic
 from hpcbrain.config import save_config
 from hpcbrain.data.store import CohortStore, StoreError
 from hpcbrain.engine.backends import build_engine, needs_process_group, resolve_engine_name
+from hpcbrain.engine.stop import StopRequest, TrainingStopped, stop_on_signals
 from hpcbrain.redact import redacted
 from hpcbrain.run_lock import run_folder_lock
 
@@ -110,20 +113,28 @@ def setup_process_group(cfg: DictConfig) -> process_group.DistState:
                                            initializer=initializer)
 
 
-def run_training(cfg: DictConfig) -> TrainingResult:
+def run_training(cfg: DictConfig, stop: StopRequest | None = None) -> TrainingResult:
     """Train (or resume) the configured method on every rank the launcher started; on rank 0
-    evaluate and register the encoder. Ends the process group if it started it."""
+    evaluate and register the encoder. Ends the process group if it started it.
+
+    SIGTERM or SIGUSR2 stop the run after the current step with a checkpoint of that step
+    (`TrainingStopped`); a rerun resumes at the next step. Pass `stop` when the caller routes
+    the signals itself (`TrainingJob`); otherwise they are routed here while training runs."""
+    if stop is None:
+        stop = StopRequest()
+        with stop_on_signals(stop):
+            return run_training(cfg, stop)
     group = setup_process_group(cfg)
     process_group.configure_logging()
     try:
         with run_folder_lock(run_dir_of(cfg)):     # one job per run folder
-            return _train_in_group(cfg, group.device)
+            return _train_in_group(cfg, group.device, stop)
     finally:
         if group.created:
             process_group.teardown()
 
 
-def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
+def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) -> TrainingResult:
     from hpcbrain.engine.trainer import Trainer
     from hpcbrain.methods import build_method, get_method_class
     from hpcbrain.tracking import make_tracker, tracking_uri
@@ -149,7 +160,7 @@ def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
         method.to(memory_format=torch.channels_last_3d)
     engine = build_engine(cfg, method, device)
     tracker = make_tracker(cfg, run_dir, dist.is_global_rank0())
-    trainer = Trainer(cfg, engine, train_set, val_set, run_dir, tracker)
+    trainer = Trainer(cfg, engine, train_set, val_set, run_dir, tracker, stop)
     trainer.resume()
     if dist.is_global_rank0():
         log.info("training %s on %d %s (%d train / %d val scans), %d steps per epoch, run %s",
@@ -176,6 +187,9 @@ def _train_in_group(cfg: DictConfig, device: torch.device) -> TrainingResult:
             save_result(result)
         status = "FINISHED"
         return result
+    except TrainingStopped:
+        status = "KILLED"         # MLflow's word for stopped from outside; a resume reopens it
+        raise
     finally:
         tracker.finish(status)
 
@@ -245,15 +259,38 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
 
+    #: How long global rank 0, stopped by SIGTERM alone, waits for the USR2 that submitit's
+    #: preemption sends after it before leaving the requeue to Slurm (PreemptMode=REQUEUE).
+    usr2_grace_s = 10.0
+
     def __call__(self):
         # MASTER_ADDR = first node, MASTER_PORT from the job id (the same after a requeue), RANK,
         # WORLD_SIZE, LOCAL_RANK. Devices are picked by LOCAL_RANK, so CUDA_VISIBLE_DEVICES stays.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return run_training(self.cfg)
+        stop = StopRequest()
+        # submitit's USR2 handler (checkpoint + `scontrol requeue`) is set aside while training
+        # runs: a signal only marks the stop, every rank stops after the same step with a
+        # checkpoint of it, and then rank 0 hands over to submitit's handler to requeue.
+        with stop_on_signals(stop) as previous:
+            try:
+                return run_training(self.cfg, stop)
+            except TrainingStopped as stopped:
+                self._leave_for_requeue(stopped, stop, previous.get(int(signal.SIGUSR2)))
+
+    def _leave_for_requeue(self, stopped: TrainingStopped, stop: StopRequest, requeue) -> None:
+        """After a stop: rank 0 requeues through submitit (which exits); every other rank, and
+        rank 0 when nothing can requeue, exits with 128 + the signal, as a killed task would."""
+        if int(os.environ.get("RANK", "0")) == 0 and callable(requeue):
+            deadline = time.monotonic() + self.usr2_grace_s
+            while not stop.received(signal.SIGUSR2) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if stop.received(signal.SIGUSR2):
+                log.info("%s; requeueing", stopped)
+                requeue(signal.SIGUSR2, None)     # submitit: checkpoint(), requeue, sys.exit
+        raise SystemExit(stopped.exit_code)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        # Signal handler on global rank 0: no collectives (the other ranks are not listening)
-        # and no saving (the training loop saves its own checkpoints, train.checkpoint_every_steps
-        # mid-epoch; steps after the last one are retrained after the requeue). Resubmit
-        # ourselves, unchanged.
+        # Called by submitit's USR2 handler on global rank 0: after the training loop stopped
+        # with a checkpoint of its last step (`_leave_for_requeue`), or, for a signal before
+        # training started, directly. Nothing to save here; resubmit ourselves, unchanged.
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_local(args: argparse.Namespace, overrides: list[str]) -> int:
     from hpcbrain.data.store import StoreError
+    from hpcbrain.engine.stop import TrainingStopped
     from hpcbrain.job import run_training
     from hpcbrain.launcher import expand_jobs, parse_sweeps
     from hpcbrain.run_lock import RunFolderLocked
@@ -106,6 +107,9 @@ def run_local(args: argparse.Namespace, overrides: list[str]) -> int:
         except (StoreError, RunFolderLocked) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except TrainingStopped as stopped:
+            print(f"stopped: {stopped}", file=sys.stderr)
+            return stopped.exit_code
         print_summary(result)
     return 0
 

@@ -25,6 +25,7 @@ from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
 from hpcbrain.engine.base import Engine
 from hpcbrain.engine.metrics import StepMetrics
+from hpcbrain.engine.stop import StopRequest, TrainingStopped
 from hpcbrain.redact import redacted
 from hpcbrain.tracking import NullTracker
 
@@ -64,7 +65,8 @@ class SkipFirst(Sampler):
 class Trainer:
     def __init__(self, cfg: DictConfig, engine: Engine, train_set: StoreDataset,
                  val_set: StoreDataset | None,
-                 run_dir: Path, tracker: NullTracker | None = None):
+                 run_dir: Path, tracker: NullTracker | None = None,
+                 stop: StopRequest | None = None):
         self.cfg = cfg
         self.engine = engine
         self.method = engine.method
@@ -72,6 +74,8 @@ class Trainer:
         self.val_set = val_set
         self.run_dir = Path(run_dir)
         self.tracker = tracker or NullTracker()
+        # set by a signal handler (hpcbrain.engine.stop); honoured at the next step boundary
+        self.stop = stop or StopRequest()
         self.progress = Progress()
         self.world = dist.world_size()
         self.rank = dist.rank()
@@ -183,12 +187,16 @@ class Trainer:
             metrics.update(health)
             self.tracker.log_metrics(metrics, step=self.progress.global_step)
             with dist.timeout(self.long_timeout):
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
             if self.rank == 0:
                 summary = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()
                                    if k.endswith("loss"))
                 summary += "".join(f" {k.split('/')[-1]}={v:.4g}" for k, v in health.items())
                 log.info("epoch %d/%d done: %s", epoch + 1, epochs, summary)
+            # a stop asked for during the epoch's end (validation, SOM health): this
+            # checkpoint is the one to resume from
+            if self._stop_agreed():
+                self._stopped(saved)
         dist.set_timeout(self.long_timeout)   # export and evaluation on rank 0 take a while
         return self.progress
 
@@ -227,13 +235,35 @@ class Trainer:
             if done % self.cfg.train.log_every_steps == 0 or done == self.steps_per_epoch:
                 # Every rank gets here at the same steps: the reductions are collective.
                 self._log_window(metrics, bar)
-            if every and done % every == 0 and done < self.steps_per_epoch:
+            periodic = every and done % every == 0 and done < self.steps_per_epoch
+            stopping = self._stop_agreed()
+            if periodic or stopping:
                 self.progress.epoch_sums = metrics.epoch_sums()
                 with dist.timeout(self.long_timeout):
-                    self.save_checkpoint()   # the epoch-end checkpoint follows validation
+                    saved = self.save_checkpoint()   # the epoch-end one follows validation
+                if stopping:
+                    bar.close()
+                    self._stopped(saved)
         bar.close()
         sums = metrics.epoch_sums()
         return self._mean_over_ranks({k: v / self.steps_per_epoch for k, v in sums.items()})
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: one all-reduce of one number per step, so
+        every rank stops after the same step."""
+        local = float(self.stop.signals[0]) if self.stop.requested else 0.0
+        if self.world > 1:
+            with dist.named_collective("the per-step stop agreement (one all-reduce)"):
+                local = self._max_over_ranks([local])[0]
+        if local and not self.stop.requested:
+            self.stop.request(int(local))       # a peer's signal: stop with it
+        return local > 0
+
+    def _stopped(self, saved: Path | None) -> None:
+        stopped = TrainingStopped(self.stop.signal_name or "a stop request",
+                                  self.progress.global_step, str(saved) if saved else None)
+        log.warning("%s", stopped)
+        raise stopped
 
     def _step(self, batch: dict[str, Any], epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
         where = f"epoch {epoch}, step {step_in_epoch} (global step {self.progress.global_step})"
