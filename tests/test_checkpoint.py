@@ -14,8 +14,10 @@ def test_save_keeps_the_newest_two_and_latest_is_the_highest_step(tmp_path):
     names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
     assert names == ["step-000000015.pt", "step-000000020.pt"]
     assert checkpoint.load(checkpoint.latest_checkpoint(tmp_path))["step"] == 20
-    # no temporary file is ever left beside them
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == names
+    # each with its checksum; no temporary file is ever left beside them
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000000015.pt", "step-000000015.pt.sha256",
+        "step-000000020.pt", "step-000000020.pt.sha256"]
 
 
 def test_deepspeed_pruning_keeps_the_newest_and_never_the_folder_latest_names(tmp_path):
@@ -91,3 +93,78 @@ def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_previous_one_used(
     assert "step-000000008.pt does not load" in caplog.text
     assert newest.with_name("step-000000008.pt.bad").exists() and not newest.exists()
     assert checkpoint.latest_checkpoint(tmp_path) == path         # the bad one is out of the way
+
+
+def _two_checkpoints(tmp_path, newest_state=None):
+    import torch
+
+    checkpoint.save_atomic({"engine": {"method": {"w": torch.ones(64)}}, "step": 4},
+                           checkpoint.checkpoint_path(tmp_path, 4))
+    newest = checkpoint.save_atomic(
+        newest_state or {"engine": {"method": {"w": torch.full((64,), 2.0)}}, "step": 8},
+        checkpoint.checkpoint_path(tmp_path, 8))
+    return newest
+
+
+def test_a_changed_byte_that_still_loads_is_caught_by_the_checksum(tmp_path, caplog):
+    import torch
+
+    newest = _two_checkpoints(tmp_path)
+    data = bytearray(newest.read_bytes())
+    at = data.find(torch.full((64,), 2.0).numpy().tobytes())     # the tensor's storage
+    assert at > 0
+    data[at + 3] ^= 0x01                                           # one bit in one float
+    newest.write_bytes(bytes(data))
+    assert checkpoint.load(newest)["step"] == 8                    # torch alone would take it
+    with caplog.at_level("WARNING", logger="hpcbrain.engine.checkpoint"):
+        path, state = checkpoint.load_newest_good(tmp_path)
+    assert state["step"] == 4
+    assert "does not match step-000000008.pt.sha256" in caplog.text
+    assert newest.with_name("step-000000008.pt.bad").exists()
+    assert newest.with_name("step-000000008.pt.bad.sha256").exists()
+    assert not checkpoint.checksum_path(newest).exists()
+
+
+def test_a_checkpoint_without_its_checksum_is_unverifiable_and_set_aside(tmp_path, caplog):
+    newest = _two_checkpoints(tmp_path)
+    checkpoint.checksum_path(newest).unlink()       # e.g. killed between the rename and it
+    with caplog.at_level("WARNING", logger="hpcbrain.engine.checkpoint"):
+        path, state = checkpoint.load_newest_good(tmp_path)
+    assert state["step"] == 4 and "unverifiable" in caplog.text
+
+
+def test_non_finite_parameters_are_refused_naming_the_tensor(tmp_path, caplog):
+    import torch
+
+    bad = {"net.encoder.0.weight": torch.ones(3), "G": torch.tensor([1.0, float("nan"), 2.0])}
+    with pytest.raises(checkpoint.NonFiniteParameterError,
+                       match=r"at step 9: G holds 1 non-finite value\(s\) of 3"):
+        checkpoint.check_finite_everywhere(bad, "at step 9")
+    checkpoint.check_finite({"ok": torch.ones(2), "steps": torch.tensor([3])}, "fine")
+    # one written anyway (by an older version, by hand) is set aside on load
+    _two_checkpoints(tmp_path, {"engine": {"method": bad}, "step": 8})
+    with caplog.at_level("WARNING", logger="hpcbrain.engine.checkpoint"):
+        path, state = checkpoint.load_newest_good(tmp_path)
+    assert state["step"] == 4 and "G holds 1 non-finite" in caplog.text
+
+
+@pytest.mark.slow
+def test_deepspeeds_loader_refuses_a_crafted_shard_and_runs_no_code(tmp_path, monkeypatch):
+    import pickle
+
+    import torch
+
+    from hpcbrain.engine.deepspeed import weights_only_checkpoint_engine
+
+    monkeypatch.chdir(tmp_path)
+    shard = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "trap": _Exploit()}, shard)
+    loader = weights_only_checkpoint_engine(None)
+    with pytest.raises(pickle.UnpicklingError, match=r"mp_rank_00_model_states.pt: refused"):
+        loader.load(str(shard))
+    assert not (tmp_path / "pwned").exists()
+    # what DeepSpeed itself writes (its ZeRO stage enum among plain values) still loads
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "w": torch.ones(2)}, shard)
+    assert loader.load(str(shard))["zero_stage"] == ZeroStageEnum.gradients

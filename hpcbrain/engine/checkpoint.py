@@ -9,9 +9,16 @@ after all shards are saved (the same guarantee: `latest` only ever names a compl
 
 Both carry the same client state: epoch, global_step, the RNG states of every rank, the
 config and the MLflow run id.
+
+Trust: a torch file gets a ``.sha256`` beside it, written after the rename; `load_newest_good`
+verifies it before unpickling (with ``weights_only=True``), so a truncated, corrupt,
+unverifiable or crafted file is named, moved aside to ``*.bad`` and the previous checkpoint
+used. Parameters that are not finite are refused before saving and after loading
+(`check_finite`), naming the tensor.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -19,12 +26,12 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from hpcbrain.atomic import atomic_write
+from hpcbrain.atomic import atomic_write, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,15 @@ CHECKPOINT_DIR = "checkpoints"
 DEEPSPEED_DIR = "deepspeed"
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 _TAG = re.compile(r"^step-(\d{9})$")
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be used: the message names the file and why."""
+
+
+class NonFiniteParameterError(CheckpointError):
+    """A parameter or buffer holds NaN or infinity."""
 
 
 def checkpoint_path(run_dir: Path, global_step: int) -> Path:
@@ -51,13 +67,76 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_finite(tensors: Mapping[str, Any], where: str) -> None:
+    """Raise `NonFiniteParameterError` naming the first floating tensor of `tensors` that holds
+    NaN or infinity (`where`: the file or the moment, for the message)."""
+    for name, value in tensors.items():
+        if torch.is_tensor(value) and value.is_floating_point() and value.numel() and \
+                not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteParameterError(
+                f"{where}: {name} holds {bad} non-finite value(s) of {value.numel()}; the "
+                f"training diverged: lower train.lr or check the data")
+
+
+def check_finite_everywhere(tensors: Mapping[str, Any], where: str,
+                            device: torch.device | str = "cpu") -> None:
+    """`check_finite` on every rank's own `tensors`, agreed with one all-reduce, so that all
+    ranks refuse together (one rank raising alone would leave the others waiting in the save's
+    collectives). A collective when a process group is up: call on every rank."""
+    from hpcbrain import dist
+
+    problem: NonFiniteParameterError | None = None
+    try:
+        check_finite(tensors, where)
+    except NonFiniteParameterError as exc:
+        problem = exc
+    if dist.world_size() > 1:
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+        if float(dist.all_reduce_max(flag)[0]) > 0 and problem is None:
+            problem = NonFiniteParameterError(f"{where}: another rank holds non-finite "
+                                              f"parameters (its log names the tensor)")
+    if problem is not None:
+        raise problem
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + CHECKSUM_SUFFIX)
+
+
+def verify_checksum(path: Path) -> None:
+    """Raise `CheckpointError` unless `path`'s ``.sha256`` exists and matches its bytes."""
+    recorded = checksum_path(path)
+    if not recorded.is_file():
+        raise CheckpointError(f"{path}: no {recorded.name} beside it (written after every "
+                              f"checkpoint): unverifiable, the save was interrupted or the file "
+                              f"was put there by hand")
+    expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"{path}: sha256 {actual[:12]}… does not match {recorded.name} "
+                              f"({expected[:12] or 'empty'}…): the file is damaged or was "
+                              f"replaced")
+
+
 def save_atomic(payload: dict[str, Any], path: Path, keep_last: int = 2) -> Path:
-    """torch.save atomically (`hpcbrain.atomic`); then drop all but the newest `keep_last`."""
+    """torch.save atomically (`hpcbrain.atomic`), then its checksum beside it; then drop all
+    but the newest `keep_last` (with their checksums)."""
     path = Path(path)
     with atomic_write(path, "wb") as handle:
         torch.save(payload, handle)
+    write_text_atomic(checksum_path(path), f"{file_sha256(path)}  {path.name}\n")
     for old in list_checkpoints(path.parent.parent)[:-keep_last]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
     return path
 
 
@@ -77,15 +156,21 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 def load_newest_good(run_dir: Path, map_location: str | torch.device = "cpu"
                      ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of `run_dir` that loads, with its path; None when there is none.
-    One that does not load (truncated, corrupt, or holding more than tensors and plain values)
-    is renamed to ``*.pt.bad`` with a warning naming it, and the one before it is tried: a
+    One that does not verify or load (truncated, corrupt, no or a wrong checksum, holding more
+    than tensors and plain values, or non-finite parameters) is renamed to ``*.pt.bad`` with a warning naming it, and the one before it is tried: a
     damaged file never crash-loops a requeued job."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load(path, map_location)
+            verify_checksum(path)
+            state = load(path, map_location)
+            method_state = state.get("engine", {}).get("method", {})
+            check_finite(method_state, str(path))
+            return path, state
         except Exception as exc:  # torch raises several types for a damaged zip or pickle
             aside = path.with_name(path.name + ".bad")
             os.replace(path, aside)
+            if checksum_path(path).exists():
+                os.replace(checksum_path(path), checksum_path(aside))
             log.warning("checkpoint %s does not load (%s: %s); moved aside to %s, trying the "
                         "one before it", path, type(exc).__name__, str(exc).splitlines()[0],
                         aside.name)

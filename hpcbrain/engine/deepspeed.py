@@ -26,7 +26,9 @@ go through `write_parameter`, which updates the fp32 master too.
 
 Checkpoints: `run_dir/checkpoints/deepspeed/step-NNNNNNNNN/` written by EVERY rank (each its own
 optimizer shard), `latest` naming the newest complete one (DeepSpeed writes it last, so a job
-killed while saving resumes from the previous one). Our client state (epoch, global step, RNG
+killed while saving resumes from the previous one). They are read with ``weights_only=True``
+(`WeightsOnlyCheckpointEngine`): tensors, plain values and the three DeepSpeed classes its own
+files hold, so a crafted shard runs no code. Our client state (epoch, global step, RNG
 states of every rank, config, MLflow run id) rides in the model-states file. ZeRO checkpoints
 are tied to the world size they were written with.
 """
@@ -154,6 +156,39 @@ def deepspeed_config(cfg: Any, world_size: int, bf16: bool,
     return ds
 
 
+def deepspeed_checkpoint_globals() -> list[type]:
+    """What DeepSpeed pickles into its checkpoint files besides tensors and plain values, found
+    with `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 0-3 in fp32 and bf16
+    (DeepSpeed 0.19): the ZeRO stage enum, the (unused, static) loss scaler and the fragment
+    addresses of ZeRO-1/2's flat groups."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def weights_only_checkpoint_engine(config: Any):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True`` (its own loads
+    with False: any pickle in a shared run folder would run on the next resume)."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise pickle.UnpicklingError(
+                    f"{path}: refused to load: it holds objects other than tensors, plain values "
+                    f"and DeepSpeed's own checkpoint classes ({str(exc).splitlines()[0]}). "
+                    f"Remove this checkpoint folder if you did not write it") from None
+
+    return WeightsOnlyCheckpointEngine(config)
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
@@ -171,6 +206,9 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=method, optimizer=optimizer, config=ds_config)
         self.torch_optimizer = optimizer   # what DeepSpeed steps (directly only at ZeRO-0 fp32)
+        # hpcbrain configures no decoupled/fast writer, so DeepSpeed made its plain torch
+        # engine; swap in the same engine with a safe loader (saving is unchanged)
+        self.model.checkpoint_engine = weights_only_checkpoint_engine(self.model._config)
         self.method = method
         method.set_parameter_writer(ParameterWriter(self))
         self.device = device
@@ -296,6 +334,8 @@ class DeepSpeedEngine:
                         client_state: dict[str, Any]) -> Path:
         folder = checkpoint.deepspeed_dir(run_dir)
         tag = checkpoint.deepspeed_tag(global_step)
+        checkpoint.check_finite_everywhere(self._local_parameters(),
+                                           f"checkpoint {folder / tag} not written", self.device)
         self.model.save_checkpoint(str(folder), tag=tag, client_state=client_state)
         if dist.is_global_rank0():
             checkpoint.prune_deepspeed(run_dir)
@@ -314,6 +354,16 @@ class DeepSpeedEngine:
         path, client_state = self.model.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {folder / tag}")
+        checkpoint.check_finite_everywhere(self._local_parameters(),
+                                           f"checkpoint {folder / tag} loaded", self.device)
         client_state = dict(client_state or {})
         client_state["path"] = folder / tag
         return client_state
+
+    def _local_parameters(self) -> dict[str, torch.Tensor]:
+        """What this rank holds of each parameter: the whole tensor at ZeRO 0-2, its partition
+        (DeepSpeed's ``ds_tensor``) at ZeRO-3, where the parameter itself is an empty stub."""
+        named = self.model.module.named_parameters()
+        if self.zero_stage == 3:
+            return {name: param.ds_tensor for name, param in named}
+        return dict(named)

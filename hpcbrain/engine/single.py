@@ -218,6 +218,9 @@ class SingleEngine:
                         client_state: dict[str, Any]) -> Path:
         """Call on every rank: rank 0 writes, the others wait so nobody races ahead of the file."""
         path = checkpoint.checkpoint_path(run_dir, global_step)
+        checkpoint.check_finite_everywhere(
+            self.method.state_dict(), f"checkpoint at global step {global_step} not written",
+            self.device)
         if dist.is_global_rank0():
             checkpoint.save_atomic({"engine": self.state_dict(), **client_state}, path)
         dist.barrier()

@@ -86,8 +86,9 @@ class LSOR(Method):
     batch_kind = "pairs"
     # G gets no gradient during the recon-only warm-up (DDP: find_unused_parameters=True).
     find_unused_parameters = True
-    # The reference-trajectory EMA must not be rounded to bf16 by a mixed-precision engine.
-    fp32_buffers = ("dG",)
+    # The EMAs (reference trajectories, the nodes' latent centre) must not be rounded to bf16
+    # by a mixed-precision engine.
+    fp32_buffers = ("dG", "latent_centre")
     som_evaluation = True
 
     def __init__(self, cfg: Any) -> None:
