@@ -155,6 +155,11 @@ class TrackingConfig:
                                      # per scan (`hpcbrain predict-age`); None: not logged
     alias: str = "current"
     enabled: bool = True
+    on_unreachable: str = "fail"     # server silent at start: fail (seconds) | offline (spool)
+    health_timeout_s: float = 5.0    # how long the start-up health check waits
+    retry_s: float = 5.0             # metrics wait in the run folder's spool; retried this often
+    finish_timeout_s: float = 30.0   # the end of a run waits at most this for metrics to leave
+    queue_size: int = 1000           # metric batches queued in memory before they spool to disk
 
 
 @dataclass

@@ -170,10 +170,19 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
     status = "FAILED"
     try:
         done = load_result(run_dir)
-        if done is not None and trainer.progress.epoch >= cfg.train.epochs:
+        complete = done is not None and trainer.progress.epoch >= cfg.train.epochs
+        # A run that finished while the tracking server was away registers its encoder on the
+        # first rerun that reaches it (its final checkpoint is loaded: nothing is retrained).
+        register_late = dist.broadcast_object(bool(
+            complete and done.model_uri is None and cfg.tracking.registered_model
+            and tracker.online))
+        if complete and not register_late:
             # A finished run rerun (the demo twice, a requeue after the end): keep its model
             # version instead of registering the same weights again.
             log.info("run %s is already complete; its encoder is %s", run_dir, done.model_uri)
+            if done.run_id is None and trainer.run_id is not None and dist.is_global_rank0():
+                done.run_id = trainer.run_id      # trained offline: its metrics went here now
+                save_result(done)
             status = "FINISHED"
             return done
         progress = trainer.fit()

@@ -6,19 +6,63 @@ MLFLOW_TRACKING_URI, points runs at a shared server instead.
 
 mlflow is imported lazily: `import mlflow.pytorch` costs ~3 s, too much for every CLI call and
 every DataLoader worker.
+
+Outages: a tracking server is asked for its health at start (`tracking.health_timeout_s`); when
+it does not answer, the run stops with a message naming it (`tracking.on_unreachable: fail`) or
+goes on offline (`offline`). Metrics go through a background sender and a spool in the run
+folder (`hpcbrain.metric_sender`), so a server that disappears mid-run never stalls training;
+what it missed is sent when it is back, or by the next run of the same command, each value
+once. MLflow's own HTTP retries are bounded (`_bound_http_retries`), and so is `finish`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
 from hpcbrain.config import PROJECT_ROOT, flatten_config
+from hpcbrain.metric_sender import MetricSender
+from hpcbrain.metric_spool import MetricRecord, MetricSpool
+from hpcbrain.redact import redact_text
+
+log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer at start and tracking.on_unreachable is fail."""
+
+
+def _bound_http_retries() -> None:
+    """MLflow retries a failed request 7 times with exponential backoff and waits 120 s for
+    each answer (a vanished server held every call ~4 minutes). Metrics are retried by our
+    sender instead, so one quick retry is enough; a user's own settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def server_health(uri: str, timeout_s: float) -> str | None:
+    """None when the tracking store answers, else why not. Only http(s) servers are asked
+    (their /health endpoint); a local sqlite store is always there."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        answer = requests.get(url, timeout=timeout_s)
+    except requests.RequestException as exc:
+        return f"{type(exc).__name__} after at most {timeout_s:g} s"
+    if answer.status_code != 200:
+        return f"HTTP {answer.status_code} from {redact_text(url)}"
+    return None
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -42,6 +86,7 @@ class NullTracker:
 
     run_id: str | None = None
     enabled = False
+    online = False           # metrics and models reach a tracking server
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -52,6 +97,10 @@ class NullTracker:
                   extra_files: list[Path] | None = None) -> str | None: return None
     def finish(self, status: str = "FINISHED") -> None: ...
 
+    def health_note(self) -> str | None:
+        """None while metrics reach the server; else a short note for the progress line."""
+        return None
+
 
 class MlflowTracker(NullTracker):
     """One MLflow run per run folder: a resumed job continues the run it started."""
@@ -61,9 +110,32 @@ class MlflowTracker(NullTracker):
     def __init__(self, cfg: DictConfig, run_dir: Path, run_id: str | None = None):
         import mlflow
 
+        _bound_http_retries()
         self._mlflow = mlflow
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
+        self.spool = MetricSpool(run_dir)
+        self.sender: MetricSender | None = None
+        self.run_id = None
+        problem = server_health(self.uri, float(cfg.tracking.health_timeout_s))
+        if problem is not None:
+            where = redact_text(self.uri)
+            if cfg.tracking.on_unreachable != "offline":
+                raise TrackingUnavailable(
+                    f"tracking server {where} does not answer ({problem}). Start it, point "
+                    f"tracking.uri at one that runs, set tracking.on_unreachable=offline to "
+                    f"train now and send the metrics later (by rerunning the same command), or "
+                    f"tracking.enabled=false")
+            log.warning("tracking server %s does not answer (%s): training offline; metrics are "
+                        "kept in %s and sent by the next run of the same command; no model is "
+                        "registered until then", where, problem, self.spool.path)
+            self.offline_since = time.monotonic()
+            return
+        self.offline_since = None
+        self._start_run(cfg, run_dir, run_id)
+
+    def _start_run(self, cfg: DictConfig, run_dir: Path, run_id: str | None) -> None:
+        mlflow = self._mlflow
         mlflow.set_tracking_uri(self.uri)
         experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
@@ -81,17 +153,53 @@ class MlflowTracker(NullTracker):
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(self.run.info.run_id)
         self.run_id = self.run.info.run_id
+        client = mlflow.MlflowClient(self.uri)
+        run = self.run_id
+
+        def send(records: list[MetricRecord]) -> None:
+            from mlflow.entities import Metric
+
+            client.log_batch(run, metrics=[Metric(r.key, r.value, r.timestamp_ms, r.step)
+                                           for r in records], synchronous=True)
+
+        # replays what an earlier run of this folder could not send, then takes new metrics
+        self.sender = MetricSender(send, self.spool, int(cfg.tracking.queue_size),
+                                   float(cfg.tracking.retry_s), redact_text(self.uri))
+
+    @property
+    def online(self) -> bool:
+        return self.sender is not None
+
+    def health_note(self) -> str | None:
+        if self.sender is None:
+            return f"tracking offline, {len(self.spool)} spooled"
+        note = self.sender.status()
+        return f"tracking {note}" if note else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-        if finite:
-            self._mlflow.log_metrics(finite, step=step)
+        now = int(time.time() * 1000)
+        records = [MetricRecord(k, float(v), now, int(step)) for k, v in metrics.items()
+                   if math.isfinite(float(v))]
+        if self.sender is None:
+            self.spool.append(records)
+        else:
+            self.sender.submit(records)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._skipped_offline(f"artifact {path}"):
+            return
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_figure(self, figure: Any, name: str) -> None:
+        if self._skipped_offline(f"figure {name}"):
+            return
         self._mlflow.log_figure(figure, name)
+
+    def _skipped_offline(self, what: str) -> bool:
+        if self.online:
+            return False
+        log.warning("tracking offline: %s not logged (it stays in the run folder)", what)
+        return True
 
     def log_encoder(self, encoder: Any, example: Any,
                     extra_files: list[Path] | None = None) -> str | None:
@@ -110,6 +218,8 @@ class MlflowTracker(NullTracker):
         empty. `example` must hold at least 2 volumes: torch.export freezes a batch dimension
         of 1.
         """
+        if self._skipped_offline(f"model {artifact}"):
+            return None
         import copy
 
         import mlflow.pytorch
@@ -132,7 +242,17 @@ class MlflowTracker(NullTracker):
         return f"models:/{registered_name}@{alias}"
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._mlflow.end_run(status=status)
+        """Send what is left (at most tracking.finish_timeout_s; the rest stays spooled), then
+        end the MLflow run with `status`. Never raises: the run's outcome is already decided."""
+        if self.sender is None:
+            return
+        self.sender.close(float(self.cfg.tracking.finish_timeout_s))
+        try:
+            self._mlflow.end_run(status=status)
+        except Exception as exc:   # the server went away again: the next run reopens the run
+            log.warning("could not mark MLflow run %s %s (%s: %s); it stays RUNNING until the "
+                        "next run of the same command", self.run_id, status, type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
 
 
 def _param(value: Any) -> Any:

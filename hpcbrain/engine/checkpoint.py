@@ -157,8 +157,9 @@ def load_newest_good(run_dir: Path, map_location: str | torch.device = "cpu"
                      ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of `run_dir` that loads, with its path; None when there is none.
     One that does not verify or load (truncated, corrupt, no or a wrong checksum, holding more
-    than tensors and plain values, or non-finite parameters) is renamed to ``*.pt.bad`` with a warning naming it, and the one before it is tried: a
-    damaged file never crash-loops a requeued job."""
+    than tensors and plain values, or non-finite parameters) is renamed to ``*.pt.bad`` (its
+    checksum with it) with a warning naming it, and the one before it is tried: a damaged file
+    never crash-loops a requeued job."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checksum(path)

@@ -283,7 +283,11 @@ class Trainer:
         throughput and the worst rank's data wait and memory, to the tracker and the bar."""
         values = metrics.last_losses()
         window = metrics.close_window()
-        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{window['samples_per_s']:.1f}")
+        postfix = {"loss": f"{values['loss']:.4f}", "samples_s": f"{window['samples_per_s']:.1f}"}
+        note = self.tracker.health_note()        # e.g. "tracking offline 12s, 40 spooled"
+        if note:
+            postfix["warning"] = note
+        bar.set_postfix(**postfix)
         logged = {f"train/{k}": v for k, v in self._mean_over_ranks(values).items()}
         logged.update({f"schedule/{k}": v for k, v in self.method.scalars().items()})
         logged["schedule/lr"] = self.engine.lr

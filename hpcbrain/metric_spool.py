@@ -1,0 +1,108 @@
+"""Metric values on their way to the tracking server, kept in the run folder until they arrive.
+
+Every value is appended here before it is sent (write-ahead), and the count of lines the server
+has accepted is recorded after each accepted batch, so a server that goes away, a full queue or
+a job that ends while the server is down loses nothing: the next attempt — later in the run, or
+the next run of the same command — sends exactly the lines not yet accepted. (A crash between
+the server accepting a batch and the count being written resends that one batch: the window is
+one batch, not the outage.)
+
+    spool = MetricSpool(run_dir)
+    spool.append([MetricRecord("train/loss", 0.3, 1733212800000, 5)])
+    records, lines = spool.pending()     # oldest first
+    spool.mark_sent(lines)               # after the server took them
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+from hpcbrain.atomic import write_text_atomic
+
+__all__ = ["MetricRecord", "MetricSpool", "SPOOL_FILE", "SENT_FILE"]
+
+SPOOL_FILE = "tracking-spool.jsonl"
+SENT_FILE = "tracking-spool.sent"
+
+
+class MetricRecord(NamedTuple):
+    key: str
+    value: float
+    timestamp_ms: int
+    step: int
+
+
+class MetricSpool:
+    """An append-only JSON-lines file of `MetricRecord`s and the number already sent.
+    Thread-safe: the training thread and the sender thread may both append."""
+
+    def __init__(self, run_dir: str | Path):
+        folder = Path(run_dir)
+        self.path = folder / SPOOL_FILE
+        self.sent_path = folder / SENT_FILE
+        self._lock = threading.Lock()
+
+    def append(self, records: list[MetricRecord]) -> None:
+        if not records:
+            return
+        text = "".join(json.dumps(list(r)) + "\n" for r in records)
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a+", encoding="utf-8") as handle:
+                handle.seek(0, os.SEEK_END)
+                if handle.tell() > 0:
+                    handle.seek(handle.tell() - 1)
+                    if handle.read(1) != "\n":    # a line torn by a crash: end it first
+                        text = "\n" + text
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def _sent(self) -> int:
+        try:
+            return int(self.sent_path.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def pending(self, limit: int | None = None) -> tuple[list[MetricRecord], int]:
+        """The records not yet sent, oldest first (at most `limit`), and how many lines they
+        span (pass that to `mark_sent`). A line torn by a crash is skipped."""
+        with self._lock:
+            if not self.path.exists():
+                return [], 0
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            sent = self._sent()
+        out, consumed = [], 0
+        for line in lines[sent:]:
+            if limit is not None and len(out) >= limit:
+                break
+            consumed += 1
+            try:
+                key, value, timestamp, step = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            out.append(MetricRecord(str(key), float(value), int(timestamp), int(step)))
+        return out, consumed
+
+    def mark_sent(self, count: int) -> None:
+        """`count` more of the oldest pending lines reached the server. When none is left the
+        spool files are removed."""
+        with self._lock:
+            if not self.path.exists():
+                return
+            total = len(self.path.read_text(encoding="utf-8").splitlines())
+            sent = min(self._sent() + int(count), total)
+            if sent >= total:
+                self.path.unlink(missing_ok=True)
+                self.sent_path.unlink(missing_ok=True)
+            else:
+                write_text_atomic(self.sent_path, f"{sent}\n")
+
+    def __len__(self) -> int:
+        with self._lock:
+            if not self.path.exists():
+                return 0
+            return max(len(self.path.read_text(encoding="utf-8").splitlines()) - self._sent(), 0)
