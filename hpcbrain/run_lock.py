@@ -8,6 +8,9 @@ The lock is `fcntl.flock` on RUN_DIR/.lock, which the kernel releases when its p
 (host, pid, start time), so a refused second job names the holder; a record left by a process
 that is gone is taken over with a warning. With several ranks only global rank 0 locks, and the
 outcome is broadcast so every rank stops alike instead of waiting in a collective.
+
+`file_lock(path, what, advice)` is the same lock on any file, for one process (a conversion's
+``OUT.partial.lock``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Iterator
 
 from hpcbrain import dist
 
-__all__ = ["RunFolderLocked", "run_folder_lock", "LOCK_FILE"]
+__all__ = ["RunFolderLocked", "run_folder_lock", "file_lock", "LOCK_FILE"]
 
 LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
@@ -39,27 +42,34 @@ def _holder(path: Path) -> dict:
         return {}
 
 
-def _acquire(run_dir: Path):
-    """The open, locked file; RunFolderLocked naming the holder when another process has it."""
+def _acquire(path: Path, what: str, advice: str):
+    """The open, locked file `path`; RunFolderLocked naming `what`, the holder and `advice`
+    when another process has it."""
     import fcntl
 
-    path = Path(run_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(path)
-        handle.close()
-        raise RunFolderLocked(
-            f"{run_dir} is in use by {holder.get('host', '?')} pid {holder.get('pid', '?')} "
-            f"(since {holder.get('since', '?')}): two jobs must not share a run folder. Wait "
-            f"for it to finish, or pass another run.name") from None
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(path)
+            handle.close()
+            raise RunFolderLocked(
+                f"{what} is in use by {holder.get('host', '?')} pid {holder.get('pid', '?')} "
+                f"(since {holder.get('since', '?')}): {advice}") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()       # the holder removed the file as we opened it: lock the new one
     previous = _holder(path)
     if previous and (previous.get("host"), previous.get("pid")) != (socket.gethostname(),
                                                                      os.getpid()):
         log.warning("%s: taking over the lock record of %s pid %s, which no longer holds it "
-                    "(it ended without releasing: crashed, killed or preempted)", run_dir,
+                    "(it ended without releasing: crashed, killed or preempted)", what,
                     previous.get("host", "?"), previous.get("pid", "?"))
     handle.seek(0)
     handle.truncate()
@@ -75,7 +85,9 @@ def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
     handle, refusal = None, None
     if dist.is_global_rank0():
         try:
-            handle = _acquire(Path(run_dir))
+            handle = _acquire(Path(run_dir) / LOCK_FILE, str(run_dir),
+                              "two jobs must not share a run folder. Wait for it to finish, or "
+                              "pass another run.name")
         except RunFolderLocked as exc:
             refusal = str(exc)
     refusal = dist.broadcast_object(refusal)
@@ -88,3 +100,22 @@ def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()        # no record: the next owner has nothing to take over
             handle.close()           # closing releases the flock
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, what: str, advice: str, remove: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, in this process alone; RunFolderLocked
+    names `what`, the holder and `advice` when another live process holds it. With `remove`
+    the file goes when the block ends (a process that opened it meanwhile notices and retries
+    on a fresh file)."""
+    path = Path(path)
+    handle = _acquire(path, what, advice)
+    try:
+        yield
+    finally:
+        if remove:
+            path.unlink(missing_ok=True)
+        else:
+            handle.seek(0)
+            handle.truncate()
+        handle.close()

@@ -551,3 +551,100 @@ def test_crash_while_finalising_resumes_with_the_short_last_shard(tmp_path, monk
     np.testing.assert_array_equal(read_images(out), read_images(clean))
     g = zarr.open_group(str(out))
     np.testing.assert_array_equal(g["affine"][...], zarr.open_group(str(clean))["affine"][...])
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"                  # a zombie has ended; nobody reaped it yet
+
+
+def _slow_conversion(tmp_path: Path, n: int, workers: int, delay: float = 0.3):
+    """A converting subprocess whose scans each take `delay` seconds (workers included)."""
+    import subprocess
+    import sys
+
+    rows = []
+    for i in range(n):
+        save(tmp_path / f"s{i:02d}.nii", phantom((12, 12, 12), seed=i))
+        rows.append(f"s{i:02d}.nii,s{i:02d},ses-01,{50 + i}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,subject,session,age\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "o.zarr"
+    script = (
+        "import sys, time\n"
+        "import nibabel\n"
+        "real = nibabel.load\n"
+        f"nibabel.load = lambda *a, **k: (time.sleep({delay}), real(*a, **k))[1]\n"
+        "from hpcbrain.data import convert\n"
+        "if __name__ == '__main__':\n"
+        f"    convert.convert_cohort(sys.argv[1], sys.argv[2], 8, workers={workers}, "
+        "scans_per_shard=2, progress=False)\n")
+    path = tmp_path / "slow_convert.py"
+    path.write_text(script)
+    proc = subprocess.Popen([sys.executable, str(path), str(manifest), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, manifest, out
+
+
+def test_a_second_conversion_to_the_same_store_stops_naming_the_first(tmp_path):
+    import time
+
+    proc, manifest, out = _slow_conversion(tmp_path, n=12, workers=1)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.with_name("o.zarr.partial").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(ConversionError, match=rf"the conversion to {out} is in use by .* "
+                                                  rf"pid {proc.pid} .*another `hpcbrain convert`"):
+            convert_cohort(manifest, out, 8, scans_per_shard=2, progress=False)
+        assert proc.poll() is None           # the first one goes on, untouched
+    finally:
+        proc.wait(120)
+        proc.stderr.close()
+    assert proc.returncode == 0 and out.exists()
+    assert not out.with_name("o.zarr.partial.lock").exists()
+
+
+def test_conversion_workers_end_when_the_converting_process_is_killed(tmp_path):
+    import os
+    import signal
+    import time
+
+    proc, _, _ = _slow_conversion(tmp_path, n=40, workers=2)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 3:      # two workers and the resource tracker
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the pool did not start"
+            time.sleep(0.05)
+        children = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(c) for c in children):
+            assert time.monotonic() < deadline, [c for c in children if _alive(c)]
+            time.sleep(0.1)
+    finally:
+        proc.stderr.close()

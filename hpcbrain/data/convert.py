@@ -13,6 +13,9 @@ records in ``OUT.partial/hpcbrain_progress.json`` how far it got, together with 
 of the inputs (scan list, file sizes and mtimes, metadata, shape, dtype, scans per shard,
 preprocessing version). Rerunning the same command resumes after the last complete shard; a
 different fingerprint discards the partial store and starts over (and says so).
+One conversion per store at a time: ``OUT.partial.lock`` is held (`hpcbrain.run_lock.file_lock`)
+while it runs; a second one names the holder and stops. Pool workers end themselves when the
+converting process is gone (killed), instead of lingering as orphans.
 With ``workers > 1`` a process pool (``spawn`` context) loads and preprocesses scans; results
 are consumed in scan order, so the store is identical for any number of workers. As always with
 ``spawn``, a script that calls ``convert_cohort(workers > 1)`` needs an
@@ -43,6 +46,7 @@ import numpy as np
 from hpcbrain.data.discover import ConversionError, Scan, discover_scans
 from hpcbrain.data.preprocess import PREPROCESSING, BadScanError, load_scan
 from hpcbrain.data.store import PROGRESS_FILE, CohortStoreWriter, ImageLayout
+from hpcbrain.run_lock import RunFolderLocked, file_lock
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -70,6 +74,19 @@ def _convert_one(path: str, size: int, dtype: str):
         return None, None, None, f"cannot convert: {type(exc).__name__}: {exc}"
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the converting process is gone (a SIGKILL
+    leaves spawned workers blocked on their task queue for ever otherwise)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _results(tasks: list[tuple[int, str]], size: int, dtype: str,
              workers: int) -> Iterator[tuple[int, tuple]]:
     """Yield (index, _convert_one result) in task order, with a process pool if workers > 1."""
@@ -83,7 +100,8 @@ def _results(tasks: list[tuple[int, str]], size: int, dtype: str,
     from concurrent.futures.process import BrokenProcessPool
 
     pool = ProcessPoolExecutor(max_workers=workers,
-                               mp_context=multiprocessing.get_context("spawn"))
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
     try:
         pending = deque()
         queue = iter(tasks)
@@ -180,7 +198,6 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                    progress: bool = True) -> ConversionReport:
     """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images)."""
-    from tqdm import tqdm
 
     started = time.perf_counter()
     size = int(shape)
@@ -202,6 +219,26 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
         raise ConversionError(f"{out} already exists: hpcbrain never overwrites a store; "
                               f"delete it (rm -r {out}) or pass another --out")
 
+    lock = out.with_name(out.name + PARTIAL_SUFFIX + ".lock")
+    try:
+        with file_lock(lock, f"the conversion to {out}",
+                       "another `hpcbrain convert` is writing this store; wait for it to end, "
+                       "or pass another --out"):
+            return _convert_locked(source, out, partial, size, dtype, workers, skip_bad,
+                                   scans_per_shard, progress, started)
+    except RunFolderLocked as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def _convert_locked(source: Path, out: Path, partial: Path, size: int, dtype: str, workers: int,
+                    skip_bad: bool, scans_per_shard: int, progress: bool,
+                    started: float) -> ConversionReport:
+    """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
+    from tqdm import tqdm
+
+    if out.exists():             # finished by another conversion while we waited to check
+        raise ConversionError(f"{out} already exists: hpcbrain never overwrites a store; "
+                              f"delete it (rm -r {out}) or pass another --out")
     scans, fmt = discover_scans(source)
     if not scans:
         raise ConversionError(f"no T1w images found in {source}")
