@@ -185,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Errors about the user's input get one clear line; anything else is a bug: traceback.
     from hpcbrain.run_lock import RunFolderLocked
+    from hpcbrain.tracking import TrackingUnavailable
 
     user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError,
-                                                RunFolderLocked)
+                                                RunFolderLocked, TrackingUnavailable)
     if args.command in ("embed", "predict-age"):
         from hpcbrain.data.preprocess import BadScanError
 

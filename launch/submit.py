@@ -98,13 +98,14 @@ def run_local(args: argparse.Namespace, overrides: list[str]) -> int:
     from hpcbrain.job import run_training
     from hpcbrain.launcher import expand_jobs, parse_sweeps
     from hpcbrain.run_lock import RunFolderLocked
+    from hpcbrain.tracking import TrackingUnavailable
 
     configs, _, _ = expand_jobs(args.cfg, overrides, folds=args.folds,
                              sweeps=parse_sweeps(args.sweep))
     for cfg in configs:
         try:
             result = run_training(cfg)
-        except (StoreError, RunFolderLocked) as exc:
+        except (StoreError, RunFolderLocked, TrackingUnavailable) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except TrainingStopped as stopped:

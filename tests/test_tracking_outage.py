@@ -165,7 +165,7 @@ def tracked(uri: str, *extra: str) -> tuple[str, ...]:
 
 
 @pytest.mark.slow
-def test_a_server_that_is_not_there_fails_fast_naming_it(age_contrast_store, tmp_path):
+def test_a_server_that_is_not_there_fails_fast_naming_it(age_contrast_store, tmp_path, capsys):
     from hpcbrain.job import run_training
     from hpcbrain.tracking import TrackingUnavailable
 
@@ -176,6 +176,13 @@ def test_a_server_that_is_not_there_fails_fast_naming_it(age_contrast_store, tmp
         run_training(lsor_run_config(age_contrast_store, tmp_path, "x", *tracked(uri)))
     assert time.monotonic() - started < 60           # seconds, not the ~4 minutes of retries
     assert not list((tmp_path / "x").glob("checkpoints/*.pt"))
+    # the command line says it in one line and exits 2, as for other input errors
+    from hpcbrain.cli import main
+
+    assert main(["train", "--cfg", "lsor.yaml", "--cfg", "smoke.yaml",
+                 f"data.store={age_contrast_store}", "data.input_size=16",
+                 f"run.root={tmp_path}", "run.name=cli", *tracked(uri)]) == 2
+    assert f"error: tracking server {uri} does not answer" in capsys.readouterr().err
 
 
 @pytest.mark.slow
