@@ -265,12 +265,12 @@ class TrainingJob(submitit.helpers.Checkpointable):
     latest checkpoint and the MLflow run id kept beside it.
     """
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-
     #: How long global rank 0, stopped by SIGTERM alone, waits for the USR2 that submitit's
     #: preemption sends after it before leaving the requeue to Slurm (PreemptMode=REQUEUE).
     usr2_grace_s = 10.0
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
 
     def __call__(self):
         # MASTER_ADDR = first node, MASTER_PORT from the job id (the same after a requeue), RANK,
