@@ -115,6 +115,14 @@ def build_age_contrast_store(root: str | Path, *, subjects: int = 8, visits: int
                               images=images.astype(np.float32), scans_per_shard=6)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_cache(tmp_path_factory):
+    """Per-host measurements (a CPU's peak FLOP/s) go to a test folder, not ~/.cache."""
+    import os
+
+    os.environ["HPCBRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("hpcbrain-cache"))
+
+
 @pytest.fixture
 def age_contrast_store(tmp_path) -> Path:
     return build_age_contrast_store(tmp_path)

@@ -127,8 +127,11 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
                  "som/dcor_age_p", "som/occupied_nodes",
                  # SOM health, per epoch
                  "som/quantisation_error", "som/topographic_error", "som/latent_drift",
-                 "som/node_movement", "som/latent_spread"):
+                 "som/node_movement", "som/latent_spread",
+                 # counted FLOPs against this CPU's measured peak
+                 "throughput/tflops", "throughput/mfu"):
         assert name in run.data.metrics, name
+    assert run.data.metrics["throughput/tflops"] > 0 and run.data.metrics["throughput/mfu"] > 0
     # health is logged at every epoch end (latent drift from the second epoch on)
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "som/latent_drift")
     assert len(history) == 2

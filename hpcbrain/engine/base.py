@@ -22,6 +22,7 @@ class Engine(Protocol):
     method: nn.Module              # the unwrapped `Method` (what checkpoints and exports hold);
                                    # engine/ imports no method module
     device: torch.device
+    bf16: bool                     # steps run in bf16 (autocast, or DeepSpeed's bf16 weights)
     grad_accum_steps: int          # micro-batches per optimizer step
 
     def train_step(self, batch: dict[str, Any], where: str) -> dict[str, torch.Tensor]:

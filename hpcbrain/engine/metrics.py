@@ -49,13 +49,20 @@ class StepMetrics:
         self._device_sums = {}
         return dict(self._host_sums)
 
-    def close_window(self) -> dict[str, float]:
+    def close_window(self, flops_per_step: float | None = None,
+                     peak_tflops: float | None = None) -> dict[str, float]:
         """Throughput over the steps since the last call (all ranks' samples), then a new
-        window: samples_per_s, samples_per_s_per_rank, step_time_s, data_wait_share."""
+        window: samples_per_s, samples_per_s_per_rank, step_time_s, data_wait_share; with a
+        step's counted FLOPs (this rank's micro-batch) also tflops (achieved per rank) and,
+        with the device's peak, mfu (tflops / peak)."""
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         steps = max(self._window_steps, 1)
         samples_per_s = self._window_steps * self.batch_per_rank * self.world / elapsed
         window = {"samples_per_s": samples_per_s, "samples_per_s_per_rank": samples_per_s / self.world,
                   "step_time_s": elapsed / steps, "data_wait_share": self._window_wait / elapsed}
+        if flops_per_step:
+            window["tflops"] = flops_per_step * self._window_steps / elapsed / 1e12
+            if peak_tflops:
+                window["mfu"] = window["tflops"] / peak_tflops
         self._start_window()
         return window

@@ -24,6 +24,7 @@ from hpcbrain.data.datasets import StoreDataset
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
 from hpcbrain.engine.base import Engine
+from hpcbrain.engine.flops import count_flops, device_peak_tflops
 from hpcbrain.engine.metrics import StepMetrics
 from hpcbrain.engine.stop import StopRequest, TrainingStopped
 from hpcbrain.redact import redacted
@@ -77,6 +78,9 @@ class Trainer:
         # set by a signal handler (hpcbrain.engine.stop); honoured at the next step boundary
         self.stop = stop or StopRequest()
         self.progress = Progress()
+        # FLOPs of one step, counted on this process's first step; the peak they compare with
+        self.flops_per_step: float | None = None
+        self.peak_tflops: float | None = None
         self.world = dist.world_size()
         self.rank = dist.rank()
         # The run id lives on rank 0 (the only one tracking); every rank's checkpoint holds it.
@@ -225,7 +229,10 @@ class Trainer:
             batch = next(iterator)
             data_wait = time.perf_counter() - fetch_start
             self.method.set_progress(epoch, step_in_epoch, self.steps_per_epoch)
-            losses = self._step(batch, epoch, step_in_epoch)
+            if self.flops_per_step is None:
+                losses = self._first_step(batch, epoch, step_in_epoch)
+            else:
+                losses = self._step(batch, epoch, step_in_epoch)
             if step_in_epoch == first:     # the first step compiled and allocated: now short
                 dist.set_timeout(self.step_timeout)
             metrics.add_step(losses, data_wait)
@@ -265,6 +272,14 @@ class Trainer:
         log.warning("%s", stopped)
         raise stopped
 
+    def _first_step(self, batch: dict[str, Any], epoch: int,
+                    step_in_epoch: int) -> dict[str, torch.Tensor]:
+        """This process's first step, its FLOPs counted (for throughput/tflops and mfu)."""
+        losses, flops = count_flops(lambda: self._step(batch, epoch, step_in_epoch))
+        self.flops_per_step = flops
+        self.peak_tflops = device_peak_tflops(self.engine.device, self.engine.bf16)
+        return losses
+
     def _step(self, batch: dict[str, Any], epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
         where = f"epoch {epoch}, step {step_in_epoch} (global step {self.progress.global_step})"
         try:
@@ -282,7 +297,7 @@ class Trainer:
         """The log step: the latest losses (mean over ranks), schedules, the window's
         throughput and the worst rank's data wait and memory, to the tracker and the bar."""
         values = metrics.last_losses()
-        window = metrics.close_window()
+        window = metrics.close_window(self.flops_per_step, self.peak_tflops)
         postfix = {"loss": f"{values['loss']:.4f}", "samples_s": f"{window['samples_per_s']:.1f}"}
         note = self.tracker.health_note()        # e.g. "tracking offline 12s, 40 spooled"
         if note:

@@ -1,0 +1,113 @@
+"""How close a run comes to its hardware: counted FLOPs per step against the device's peak.
+
+The FLOPs of one training step are counted once, on the first step a process runs
+(`torch.utils.flop_counter.FlopCounterMode`: every matmul and convolution the step executes,
+forward and backward, on this rank's micro-batch); every log window then reports the achieved
+TFLOP/s per rank (`throughput/tflops`) and its share of the device's peak (`throughput/mfu`).
+
+Peaks: dense tensor-core figures from NVIDIA's data sheets for the GPUs hpcbrain is run on
+(`GPU_PEAK_TFLOPS`, bf16 and fp32/TF32-off); for a CPU, measured once per host, CPU model,
+thread count and dtype (a large matmul, cached in ~/.cache/hpcbrain/peak.json or
+$HPCBRAIN_CACHE_DIR): the best this host's BLAS reaches, which is what a training step could.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+
+__all__ = ["GPU_PEAK_TFLOPS", "count_flops", "device_peak_tflops", "measure_cpu_peak_tflops"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Dense peak TFLOP/s per GPU (name fragment as torch.cuda.get_device_name reports it):
+#: (bf16 tensor cores, fp32 without TF32). SXM parts; a PCIe card of the same name is slower,
+#: so its MFU reads a little low.
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 67.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "A10": (125.0, 31.2),
+    "V100": (125.0, 15.7),    # fp16 tensor cores: V100 has no bf16
+}
+
+
+def count_flops(run: Callable[[], T]) -> tuple[T, float]:
+    """`run()`'s result and the FLOPs of the matmuls and convolutions it executed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = run()
+    return result, float(counter.get_total_flops())
+
+
+def measure_cpu_peak_tflops(bf16: bool, size: int = 1024, repeats: int = 5) -> float:
+    """The best TFLOP/s of a size³ matmul on this CPU with torch's current thread count."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)                                    # kernels picked, buffers warm
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size ** 3 / best / 1e12
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("HPCBRAIN_CACHE_DIR") or Path.home() / ".cache" / "hpcbrain"
+    return Path(root) / "peak.json"
+
+
+def device_peak_tflops(device: torch.device, bf16: bool,
+                       measure: Callable[[bool], float] = measure_cpu_peak_tflops,
+                       cache: Path | None = None) -> float | None:
+    """The peak TFLOP/s MFU is measured against; None for a GPU not in the table."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, (bf16_peak, fp32_peak) in GPU_PEAK_TFLOPS.items():
+            if fragment in name:
+                return bf16_peak if bf16 else fp32_peak
+        log.info("no peak FLOP/s known for %s: throughput/mfu not logged", name)
+        return None
+    if device.type != "cpu":
+        return None
+    key = f"{_cpu_model()} | {torch.get_num_threads()} threads | {'bf16' if bf16 else 'fp32'}"
+    path = cache or _cache_path()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = round(float(measure(bf16)), 4)
+        log.info("peak of this CPU (%s): %.3f TFLOP/s (measured once, cached in %s)", key,
+                 known[key], path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=2))
+            os.replace(tmp, path)
+        except OSError:                   # a read-only home: measured again next run
+            pass
+    return float(known[key])
