@@ -1,0 +1,126 @@
+"""Training-step throughput of a method: samples/s, counted FLOPs, achieved TFLOP/s and MFU.
+
+    .venv/bin/python bench/train_throughput.py --method lsor --size 64 --batch 8 [--steps 10]
+        [--precision fp32|bf16] [--device cpu|cuda] [--threads 2] [--json OUT.json]
+
+The method is built from its config (configs/METHOD.yaml) at SIZE³ and trained through the same
+engine a run uses (`hpcbrain.engine.backends.build_engine`, one process) on random volumes
+already on the device, so the figure is the step alone: no loader, no logging. LSOR is timed in
+its SOM phase (nodes from a k-means of the batch's latents), its costliest step: encoder, two
+decoder passes, SOM losses and the EMA. AdapN (and every contrastive loss) is timed with its
+two augmented views. FLOPs are counted once with torch.utils.flop_counter (what MFU in a run
+uses) and compared with the device's peak (`hpcbrain.engine.flops.device_peak_tflops`: the GPU
+table, or this CPU's matmul peak measured once). Samples are pairs for LSOR, scans for the
+contrastive methods (each scan gives two views).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def random_batch(method: str, batch: int, size: int, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    volume = lambda: torch.randn(batch, 1, size, size, size, generator=g).to(device)  # noqa: E731
+    if method == "lsor":
+        return {"x_u": volume(), "x_v": volume(), "dt": (0.5 + torch.rand(batch, generator=g)),
+                "index_u": torch.arange(batch) * 2, "index_v": torch.arange(batch) * 2 + 1}
+    return {"x": volume(), "age": 60 + 20 * torch.rand(batch, generator=g),
+            "index": torch.arange(batch)}
+
+
+def build(method: str, size: int, batch: int, precision: str, device: torch.device):
+    from hpcbrain.config import load_config
+    from hpcbrain.engine.backends import build_engine
+    from hpcbrain.methods import build_method
+
+    overrides = [f"data.input_size={size}", f"train.batch_size={batch}",
+                 f"train.precision={precision}", "engine.name=single"]
+    if method == "lsor":
+        overrides.append("lsor.kmeans_n_init=1")
+    cfg = load_config([f"{method}.yaml"], overrides)
+    model = build_method(cfg).to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    return cfg, model, build_engine(cfg, model, device)
+
+
+def measure(args) -> dict:
+    from hpcbrain.engine.flops import count_flops, device_peak_tflops
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, model, engine = build(args.method, args.size, args.batch, args.precision, device)
+    batch = random_batch(args.method, args.batch, args.size, device)
+    if args.method == "lsor":
+        # time the SOM phase's step: nodes from a k-means of enough random pairs' latents
+        nodes = cfg.lsor.grid_rows * cfg.lsor.grid_cols
+        extra = [random_batch("lsor", args.batch, args.size, device, seed)
+                 for seed in range(1, 1 + -(-nodes // (2 * args.batch)))]
+        for k, more in enumerate(extra, start=1):      # distinct scan indices for the dedup
+            more["index_u"] = more["index_u"] + 1000 * k
+            more["index_v"] = more["index_v"] + 1000 * k
+        model.initialise_som(lambda: iter(extra))
+        model.set_progress(cfg.lsor.warmup_epochs, 0, 100)
+    else:
+        model.set_progress(0, 0, 100)
+
+    def step():
+        engine.train_step(batch, "benchmark")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    _, flops = count_flops(step)                      # also the first (warm-up) step
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    peak = device_peak_tflops(device, engine.bf16)
+    tflops = flops / seconds / 1e12
+    return {"method": args.method, "size": args.size, "batch": args.batch,
+            "precision": "bf16" if engine.bf16 else "fp32", "device": str(device),
+            "threads": torch.get_num_threads(), "step_s": seconds,
+            "samples_per_s": args.batch / seconds, "gflop_per_step": flops / 1e9,
+            "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="lsor",
+                        choices=["lsor", "adapn", "exponential", "simclr", "rnc", "supervised"])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    result = measure(args)
+    mfu = f"{100 * result['mfu']:.1f} %" if result["mfu"] is not None else "n/a"
+    print(f"| {result['method']} | {result['size']}³ | {result['batch']} | {result['precision']} "
+          f"| {result['device']} ({result['threads']} threads) | {result['samples_per_s']:.2f} "
+          f"| {result['gflop_per_step']:.1f} | {1000 * result['tflops']:.1f} | {mfu} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
