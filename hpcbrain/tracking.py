@@ -129,9 +129,7 @@ class MlflowTracker(NullTracker):
             log.warning("tracking server %s does not answer (%s): training offline; metrics are "
                         "kept in %s and sent by the next run of the same command; no model is "
                         "registered until then", where, problem, self.spool.path)
-            self.offline_since = time.monotonic()
             return
-        self.offline_since = None
         self._start_run(cfg, run_dir, run_id)
 
     def _start_run(self, cfg: DictConfig, run_dir: Path, run_id: str | None) -> None:
