@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hpcbrain-installed
 DEMO := runs/demo
 
-.PHONY: setup demo test test-fast clean-demo
+.PHONY: setup demo test test-fast clean-demo serve
 
 setup: $(STAMP)
 
@@ -44,3 +44,16 @@ $(DEMO)/cohort.zarr/zarr.json: $(DEMO)/bids/participants.tsv
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The MLflow UI and API on the project's tracking store (what runs log to by default), on
+# loopback only: the server has no authentication. For a lab server reachable from other
+# machines, opt in with SERVE_HOST=0.0.0.0 SERVE_ARGS="--allowed-hosts NAME:PORT" behind your
+# own authenticating proxy, and point runs at it with tracking.uri=http://NAME:PORT.
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 5000
+SERVE_ARGS ?=
+serve: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--artifacts-destination $(CURDIR)/mlartifacts \
+		--host $(SERVE_HOST) --port $(SERVE_PORT) --workers 1 $(SERVE_ARGS)
