@@ -1,7 +1,7 @@
 """LSOR under torch.distributed: 2 gloo processes with UNEQUAL per-rank batches.
 
-* ema_update: one all_reduce of [sums | counts] → every rank equals a single process on the
-  concatenated batch;
+* ema_update and centre_update: one all_reduce each → every rank equals a single process on
+  the concatenated batch;
 * SOM init: latents gathered to rank 0, k-means there, G/ΔG broadcast → identical on both ranks
   (and equal to a single process encoding the same batches: with `init_bn_mode=batch` a latent
   depends on its batch's statistics, so the single process sees the ranks' batches);
@@ -14,7 +14,7 @@ import torch.distributed as dist
 from conftest import TINY_LSOR, run_on_ranks, tiny_config
 
 from hpcbrain.methods.lsor import LSOR
-from hpcbrain.methods.som import ema_update
+from hpcbrain.methods.som import centre_update, ema_update
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -26,7 +26,8 @@ PAIR_SPLIT = [(0, 3), (3, 9)]   # 3 pairs on rank 0, 6 on rank 1
 
 
 def make_cfg():
-    return tiny_config("lsor.yaml", **TINY_LSOR)
+    # centred nodes: the k-means init then also sets the latent centre on every rank
+    return tiny_config("lsor.yaml", **TINY_LSOR, **{"lsor.centred_nodes": "true"})
 
 
 def ema_data():
@@ -54,13 +55,15 @@ def _worker(rank: int) -> dict:
         ref, dz, cluster = ema_data()
         lo, hi = EMA_SPLIT[rank]
         ema = ema_update(ref, dz[lo:hi], cluster[lo:hi], alpha=0.9)
+        centre = centre_update(ref[0], dz[lo:hi], momentum=0.5)
 
         torch.manual_seed(0)
         model = LSOR(make_cfg())
         lo, hi = PAIR_SPLIT[rank]
         model.on_epoch_start(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
         health = model.on_epoch_end(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
-        return {"ema": ema, "G": model.G.detach().clone(), "dG": model.dG.clone(),
+        return {"ema": ema, "centre": centre, "latent_centre": model.latent_centre.clone(),
+                "G": model.G.detach().clone(), "dG": model.dG.clone(),
                 "init": bool(model.initialised.item()), "health": health}
     finally:
         dist.destroy_process_group()
@@ -78,13 +81,21 @@ def test_ema_update_matches_single_process_on_every_rank(results):
         torch.testing.assert_close(results[r]["ema"], single, rtol=0, atol=1e-6)
     # empty clusters kept their value
     torch.testing.assert_close(single[[2, 4]], ref[[2, 4]], rtol=0, atol=0)
+    # the latent centre: 0.5·c + 0.5·mean of all 7 rows, although rank 0 holds 2 and rank 1 5
+    expect = 0.5 * ref[0] + 0.5 * dz.mean(0)
+    for r in range(WORLD):
+        torch.testing.assert_close(results[r]["centre"], expect, rtol=0, atol=1e-6)
 
 
 def test_kmeans_init_identical_on_all_ranks_and_equal_to_single_process(results):
     assert all(r["init"] for r in results)
     assert torch.equal(results[0]["G"], results[1]["G"])
     assert torch.equal(results[0]["dG"], results[1]["dG"])
+    assert torch.equal(results[0]["latent_centre"], results[1]["latent_centre"])
+    assert torch.count_nonzero(results[0]["latent_centre"]) > 0
     single = _single_process()
+    torch.testing.assert_close(results[0]["latent_centre"], single.latent_centre, rtol=1e-4,
+                               atol=1e-5)
     torch.testing.assert_close(results[0]["G"], single.G.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results[0]["dG"], single.dG, rtol=1e-4, atol=1e-5)
 

@@ -266,7 +266,8 @@ class LSOR(Method):
 
     @torch.no_grad()
     def similarity(self, z: Tensor) -> Tensor:
-        """Similarity grid [B, K] (`similarity_grid` against G); reshape to (Nr, Nc) row-major."""
+        """Similarity grid [B, K] (`similarity_grid` against the nodes); reshape to (Nr, Nc)
+        row-major."""
         nodes = self.nodes.detach()
         return similarity_grid(z.to(nodes), nodes)
 
