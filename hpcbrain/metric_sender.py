@@ -36,6 +36,9 @@ class MetricSender:
         self._queue: queue.Queue = queue.Queue(maxsize=int(queue_size))
         self._offline_since: float | None = None
         self._last_error = ""
+        # set when `close` gave up on a send that hangs: whatever that send does later, this
+        # sender touches the spool no more (the next run sends what is left)
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="hpcbrain-metrics", daemon=True)
         self._thread.start()
 
@@ -72,6 +75,7 @@ class MetricSender:
             pass
         self._thread.join(max(deadline - time.monotonic(), 0.0))
         if self._thread.is_alive():
+            self._abandoned = True
             # the sender is stuck in a send: what is still queued goes to the spool
             while True:
                 try:
@@ -96,6 +100,8 @@ class MetricSender:
                 item = self._queue.get(timeout=self.retry_s if self.offline else None)
             except queue.Empty:
                 item = None                       # time to retry the spool
+            if self._abandoned:
+                return
             if item is _CLOSE:
                 closing = True
             elif item is not None:
@@ -115,7 +121,7 @@ class MetricSender:
                 return
 
     def _flush(self) -> None:
-        while True:
+        while not self._abandoned:
             records, lines = self.spool.pending(limit=MAX_BATCH)
             if not lines:
                 self._online()
@@ -125,6 +131,8 @@ class MetricSender:
                     self._send(records)
             except Exception as exc:      # any transport or server error: keep, retry later
                 self._offline(exc)
+                return
+            if self._abandoned:           # too late: the lines stay for the next run
                 return
             self.spool.mark_sent(lines)
 

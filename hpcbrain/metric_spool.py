@@ -71,9 +71,7 @@ class MetricSpool:
         """The records not yet sent, oldest first (at most `limit`), and how many lines they
         span (pass that to `mark_sent`). A line torn by a crash is skipped."""
         with self._lock:
-            if not self.path.exists():
-                return [], 0
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            lines = self._lines()
             sent = self._sent()
         out, consumed = [], 0
         for line in lines[sent:]:
@@ -91,9 +89,9 @@ class MetricSpool:
         """`count` more of the oldest pending lines reached the server. When none is left the
         spool files are removed."""
         with self._lock:
-            if not self.path.exists():
+            total = len(self._lines())
+            if total == 0:
                 return
-            total = len(self.path.read_text(encoding="utf-8").splitlines())
             sent = min(self._sent() + int(count), total)
             if sent >= total:
                 self.path.unlink(missing_ok=True)
@@ -103,6 +101,10 @@ class MetricSpool:
 
     def __len__(self) -> int:
         with self._lock:
-            if not self.path.exists():
-                return 0
-            return max(len(self.path.read_text(encoding="utf-8").splitlines()) - self._sent(), 0)
+            return max(len(self._lines()) - self._sent(), 0)
+
+    def _lines(self) -> list[str]:
+        try:
+            return self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:        # nothing spooled, or all sent and removed
+            return []
