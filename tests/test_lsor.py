@@ -12,14 +12,17 @@ from hpcbrain.methods.lsor import LSOR, batch_norm_mode
 from hpcbrain.methods.som import (
     centre_update,
     ema_update,
-    grid_neighbour_cost,
-    init_reference_trajectories,
-    kmeans_grid_init,
     lsor_losses,
-    reorder_to_grid,
     similarity_grid,
     som_weights,
     tau_at,
+)
+from hpcbrain.methods.som_init import (
+    grid_neighbour_cost,
+    init_reference_trajectories,
+    kmeans_grid_init,
+    pca_grid_init,
+    reorder_to_grid,
 )
 from hpcbrain.models import ConvAutoencoder
 
@@ -416,6 +419,33 @@ def _expected_init(m, batches, use_batch_statistics):
     dt = torch.cat([b["dt"] for b in batches])
     G = kmeans_grid_init(torch.cat([z_u, z_v]), (2, 3), seed=0)
     return G, init_reference_trajectories(z_u, (z_v - z_u) / dt[:, None], G)
+
+
+def test_pca_grid_init_hand_worked():
+    """10 latents on the plane z = 30 around (10, 20): x ∈ {−2, −1, 0, 1, 2} twice, y = ±0.5.
+    Standard deviations (ddof 1): √(20/9) = 1.4907 along x, √(2.5/9) = 0.5270 along y. A 2×3
+    grid puts its 3 columns along x at (−√3, 0, √3)·1.4907 and its rows along y at ±√3·0.5270."""
+    xs = [-2, -1, 0, 1, 2]
+    lat = torch.tensor([[10.0 + x, 20.0 + y, 30.0] for x in xs for y in (-0.5, 0.5)])
+    G = pca_grid_init(lat, (2, 3))
+    a, b = math.sqrt(3) * math.sqrt(20 / 9), math.sqrt(3) * math.sqrt(2.5 / 9)
+    expect = torch.tensor([[10 + ca, 20 + rb, 30.0] for rb in (-b, b) for ca in (-a, 0.0, a)])
+    torch.testing.assert_close(G, expect, rtol=0, atol=1e-5)
+    # a tall grid (3×2) puts its long side, the rows, along the first component
+    tall = pca_grid_init(lat, (3, 2)).reshape(3, 2, 3)          # [row, col, coordinate]
+    torch.testing.assert_close(tall[:, 0, 0], torch.tensor([10 - a, 10.0, 10 + a]))
+    torch.testing.assert_close(tall[1, :, 1], torch.tensor([20 - b, 20 + b]))
+
+
+def test_lsor_init_pca_starts_from_the_latents_principal_plane():
+    m = make_model(init="pca")
+    batches = make_batches(8, 3, with_idx=True)
+    m.on_epoch_start(2, lambda: iter(batches))
+    with torch.no_grad(), batch_norm_mode(m, use_batch_statistics=True):
+        z = [m.encoder()(torch.cat([b["x_u"], b["x_v"]])) for b in batches]
+    n = [b["x_u"].shape[0] for b in batches]
+    scans = torch.cat([zi[:k] for zi, k in zip(z, n)] + [zi[k:] for zi, k in zip(z, n)])
+    torch.testing.assert_close(m.G.detach(), pca_grid_init(scans, (2, 3)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["batch", "running"])

@@ -25,8 +25,6 @@ from hpcbrain.methods.base import Method, register_method
 from hpcbrain.methods.som import (
     centre_update,
     ema_update,
-    init_reference_trajectories,
-    kmeans_grid_init,
     lsor_losses,
     similarity_grid,
     som_health,
@@ -34,9 +32,10 @@ from hpcbrain.methods.som import (
     squared_distances,
     tau_at,
 )
+from hpcbrain.methods.som_init import init_reference_trajectories, kmeans_grid_init, pca_grid_init
 from hpcbrain.models.autoencoder import ConvAutoencoder
 
-__all__ = ["LSOR", "batch_norm_mode", "SOM_FILE", "INIT_BN_MODES"]
+__all__ = ["LSOR", "batch_norm_mode", "SOM_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,6 @@ SCAN_INDEX_KEYS = ("index_u", "index_v")
 
 #: The SOM file registered with an LSOR encoder (`LSOR.registry_files`, read by `hpcbrain embed`).
 SOM_FILE = "som.npz"
-#: BatchNorm statistics the k-means initialisation encodes with (see `LSOR.initialise_som`).
-INIT_BN_MODES = ("batch", "running")
 
 
 @contextlib.contextmanager
@@ -114,17 +111,9 @@ class LSOR(Method):
         self.kmeans_n_init = int(c.kmeans_n_init)
         self.init_bn_mode = str(c.init_bn_mode)
         self.node_lr_scale = float(c.node_lr_scale)
-        if not self.node_lr_scale > 0:
-            raise ValueError(f"lsor.node_lr_scale must be > 0, got {self.node_lr_scale}")
-        if self.init_bn_mode not in INIT_BN_MODES:
-            raise ValueError(f"lsor.init_bn_mode must be one of {', '.join(INIT_BN_MODES)}, "
-                             f"got {self.init_bn_mode!r}")
-        if min(self.grid) < 1:
-            raise ValueError(f"lsor.grid_rows/grid_cols must be >= 1, got {self.grid}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"lsor.warmup_epochs={self.warmup_epochs} must lie in "
-                             f"[0, train.epochs={self.epochs}]")
-        tau_at(0, 1, self.tau_min, self.tau_max)  # validates τ's
+        self.init = str(c.init)
+        # ranges and choices (grid ≥ 1, warm-up ≤ epochs, node lr > 0, τmin ≤ τmax, the BN
+        # mode, the initialisation) are checked when the config loads (config_checks.py)
 
         self.net = ConvAutoencoder(self.widths, self.input_size)
         self.latent_dim = self.net.latent_dim
@@ -352,8 +341,11 @@ class LSOR(Method):
         else:
             scans = torch.cat([z_u, z_v], dim=0)
         dz = (z_v - z_u) / dt.unsqueeze(1)
-        G = kmeans_grid_init(scans, self.grid, seed=self.seed, max_iter=self.kmeans_max_iter,
-                             n_init=self.kmeans_n_init)
+        if self.init == "pca":
+            G = pca_grid_init(scans, self.grid)
+        else:
+            G = kmeans_grid_init(scans, self.grid, seed=self.seed, max_iter=self.kmeans_max_iter,
+                                 n_init=self.kmeans_n_init)
         dG = init_reference_trajectories(z_u, dz, G)
         centre = scans.mean(0) if self.centred_nodes else torch.zeros_like(scans[0])
         return G, dG, centre.unsqueeze(0)
