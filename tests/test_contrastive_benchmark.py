@@ -63,21 +63,25 @@ def test_baselines_and_a_trained_loss_on_a_tiny_cohort(age_contrast_store, tmp_p
     from hpcbrain.job import build_datasets
 
     table = load_table_module()
-    preset = table.Preset(subjects=8, folds=2, seeds=[0], methods=["exponential"], configs=[],
+    # NNCLR: its queue is capped to the tiny training set when it trains, and scoring must
+    # rebuild it with that cap (the run's saved config), not the config file's 1,024
+    preset = table.Preset(subjects=8, folds=2, seeds=[0], methods=["exponential", "nnclr"],
+                          configs=[],
                           input_size=16, overrides=[
                               "model.resnet_width=2", "model.projection_dim=8",
                               "train.epochs=1", "train.batch_size=4", "data.num_workers=0",
                               "train.precision=fp32", "train.num_threads=1"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    configs = [table.run_config(preset, "exponential", age_contrast_store, fold, 0, tmp_path, uri)
-               for fold in range(2)]
+    configs = [table.run_config(preset, method, age_contrast_store, fold, 0, tmp_path, uri)
+               for method in preset.methods for fold in range(2)]
     table.train_all(configs, use_slurm=False)
     assert all(table.is_complete(cfg) for cfg in configs)
     rows = table.score(preset, age_contrast_store, tmp_path, uri)
     kinds = {(r["method"], r["features"]) for r in rows}
     assert kinds == {("constant", "-"), ("ridge on raw voxels", "-"),
                      ("untrained encoder", "backbone"), ("untrained encoder", "projection"),
-                     ("exponential", "backbone"), ("exponential", "projection")}
+                     ("exponential", "backbone"), ("exponential", "projection"),
+                     ("nnclr", "backbone"), ("nnclr", "projection")}
     store = CohortStore(age_contrast_store)
     ages = np.asarray(store.column("age"), dtype=float)
     for fold in range(2):

@@ -116,12 +116,16 @@ def train_all(configs: list, use_slurm: bool) -> None:
 
 
 def trained_method(cfg):
+    """The run's method with its final weights, built from the config the run saved: what the
+    method resolved at training time (NNCLR's queue capped to the training set) is in it."""
+    from hpcbrain.config import load_config
     from hpcbrain.engine import checkpoint
     from hpcbrain.job import run_dir_of
     from hpcbrain.methods import build_method
 
-    method = build_method(cfg)
-    state = checkpoint.load(checkpoint.latest_checkpoint(run_dir_of(cfg)))
+    run_dir = run_dir_of(cfg)
+    method = build_method(load_config([str(run_dir / "config.yaml")], []))
+    state = checkpoint.load(checkpoint.latest_checkpoint(run_dir))
     method.load_state_dict(state["engine"]["method"])
     return method.eval()
 
