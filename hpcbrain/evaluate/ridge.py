@@ -227,16 +227,19 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
     run_dir = Path(run_dir)
     (run_dir / "ridge.json").write_text(json.dumps(asdict(result), indent=1))
     if tracker.enabled:
-        rows = _experiment_rows(cfg)
-        if rows:
-            table = comparison_table(rows)
-            (run_dir / "ridge_comparison.md").write_text(table)
-            with open(run_dir / "ridge_comparison.csv", "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-            tracker.log_artifact(run_dir / "ridge_comparison.md")
-            tracker.log_artifact(run_dir / "ridge_comparison.csv")
+        # this run's row from its own figures: its metrics are still on their way to the
+        # tracking store (sent in the background), the other runs' are there
+        rows = [r for r in _experiment_rows(cfg) if r["run_id"] != tracker.run_id]
+        rows.append({"run": run_dir.name, "run_id": tracker.run_id, "method": cfg.method,
+                     "backbone": str(cfg.model.backbone), "mae_mean": float(result.mae_mean),
+                     "mae_std": float(result.mae_std), "n_test": float(result.n_test)})
+        (run_dir / "ridge_comparison.md").write_text(comparison_table(rows))
+        with open(run_dir / "ridge_comparison.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        tracker.log_artifact(run_dir / "ridge_comparison.md")
+        tracker.log_artifact(run_dir / "ridge_comparison.csv")
         tracker.log_artifact(run_dir / "ridge.json")
     fitted = fit_ridge(train_x, ages[split.train], groups=subjects[split.train],
                        seed=result.seeds[0], alphas=[float(a) for a in c.ridge_alphas],
