@@ -82,24 +82,21 @@ def _acquire(path: Path, what: str, advice: str):
 @contextlib.contextmanager
 def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold the run folder for the block (see the module doc). A collective with a group."""
-    handle, refusal = None, None
-    if dist.is_global_rank0():
-        try:
-            handle = _acquire(Path(run_dir) / LOCK_FILE, str(run_dir),
-                              "two jobs must not share a run folder. Wait for it to finish, or "
-                              "pass another run.name")
-        except RunFolderLocked as exc:
-            refusal = str(exc)
-    refusal = dist.broadcast_object(refusal)
-    if refusal:
-        raise RunFolderLocked(refusal)
-    try:
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if dist.is_global_rank0():
+            try:
+                # the lock file stays (the run folder is its home); its record is cleared
+                held.enter_context(file_lock(
+                    Path(run_dir) / LOCK_FILE, str(run_dir),
+                    "two jobs must not share a run folder. Wait for it to finish, or pass "
+                    "another run.name", remove=False))
+            except RunFolderLocked as exc:
+                refusal = str(exc)
+        refusal = dist.broadcast_object(refusal)
+        if refusal:
+            raise RunFolderLocked(refusal)
         yield
-    finally:
-        if handle is not None:
-            handle.seek(0)
-            handle.truncate()        # no record: the next owner has nothing to take over
-            handle.close()           # closing releases the flock
 
 
 @contextlib.contextmanager
@@ -117,5 +114,5 @@ def file_lock(path: str | Path, what: str, advice: str, remove: bool = True) -> 
             path.unlink(missing_ok=True)
         else:
             handle.seek(0)
-            handle.truncate()
-        handle.close()
+            handle.truncate()        # no record: the next owner has nothing to take over
+        handle.close()               # closing releases the flock

@@ -74,6 +74,12 @@ def _convert_one(path: str, size: int, dtype: str):
         return None, None, None, f"cannot convert: {type(exc).__name__}: {exc}"
 
 
+def _refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise ConversionError(f"{out} already exists: hpcbrain never overwrites a store; "
+                              f"delete it (rm -r {out}) or pass another --out")
+
+
 def _exit_with_parent(parent_pid: int) -> None:
     """Worker initializer: end this worker when the converting process is gone (a SIGKILL
     leaves spawned workers blocked on their task queue for ever otherwise)."""
@@ -215,9 +221,7 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    if out.exists():
-        raise ConversionError(f"{out} already exists: hpcbrain never overwrites a store; "
-                              f"delete it (rm -r {out}) or pass another --out")
+    _refuse_existing(out)
 
     lock = out.with_name(out.name + PARTIAL_SUFFIX + ".lock")
     try:
@@ -236,9 +240,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, size: int, dtype: st
     """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
     from tqdm import tqdm
 
-    if out.exists():             # finished by another conversion while we waited to check
-        raise ConversionError(f"{out} already exists: hpcbrain never overwrites a store; "
-                              f"delete it (rm -r {out}) or pass another --out")
+    _refuse_existing(out)             # finished by another conversion while we waited to check
     scans, fmt = discover_scans(source)
     if not scans:
         raise ConversionError(f"no T1w images found in {source}")

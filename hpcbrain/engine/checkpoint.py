@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -140,17 +140,28 @@ def save_atomic(payload: dict[str, Any], path: Path, keep_last: int = 2) -> Path
     return path
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint written by `save_atomic`, read with ``weights_only=True``: tensors and
-    plain containers of numbers and strings only, so a crafted file in a shared run folder
-    cannot run code on the next resume (it fails to load instead, naming the file)."""
+def load_weights_only(path: str | Path, map_location: Any = "cpu",
+                      allowed: Sequence[type] = (),
+                      holds: str = "tensors and plain values, which hpcbrain never writes",
+                      advice: str = "Remove it if you did not put it there; the run resumes "
+                                    "from the previous checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` allowing only the classes in `allowed` beyond tensors
+    and plain containers, so a crafted file cannot run code; a refusal names the file, what
+    it may hold (`holds`) and what to do (`advice`)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise pickle.UnpicklingError(
-            f"{path}: refused to load: it holds objects other than tensors and plain values, "
-            f"which hpcbrain never writes ({str(exc).splitlines()[0]}). Remove it if you did "
-            f"not put it there; the run resumes from the previous checkpoint") from None
+            f"{path}: refused to load: it holds objects other than {holds} "
+            f"({str(exc).splitlines()[0]}). {advice}") from None
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by `save_atomic`, read with `load_weights_only`: tensors and plain
+    containers of numbers and strings only, so a crafted file in a shared run folder cannot
+    run code on the next resume (it fails to load instead, naming the file)."""
+    return load_weights_only(path, map_location)
 
 
 def load_newest_good(run_dir: Path, map_location: str | torch.device = "cpu"

@@ -171,20 +171,14 @@ def deepspeed_checkpoint_globals() -> list[type]:
 def weights_only_checkpoint_engine(config: Any):
     """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True`` (its own loads
     with False: any pickle in a shared run folder would run on the next resume)."""
-    import pickle
-
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            try:
-                with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
-                    return torch.load(path, map_location=map_location, weights_only=True)
-            except pickle.UnpicklingError as exc:
-                raise pickle.UnpicklingError(
-                    f"{path}: refused to load: it holds objects other than tensors, plain values "
-                    f"and DeepSpeed's own checkpoint classes ({str(exc).splitlines()[0]}). "
-                    f"Remove this checkpoint folder if you did not write it") from None
+            return checkpoint.load_weights_only(
+                path, map_location, allowed=deepspeed_checkpoint_globals(),
+                holds="tensors, plain values and DeepSpeed's own checkpoint classes",
+                advice="Remove this checkpoint folder if you did not write it")
 
     return WeightsOnlyCheckpointEngine(config)
 

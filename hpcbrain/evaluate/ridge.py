@@ -177,13 +177,19 @@ def _experiment_rows(cfg) -> list[dict[str, Any]]:
         metrics, params = run.data.metrics, run.data.params
         if METRIC not in metrics:
             continue
-        rows.append({"run": run.info.run_name or run.info.run_id, "run_id": run.info.run_id,
-                     "method": params.get("method", "?"),
-                     "backbone": params.get("model.backbone", ""),
-                     "mae_mean": float(metrics[METRIC]),
-                     "mae_std": float(metrics.get("ridge/test_mae_std", float("nan"))),
-                     "n_test": float(metrics.get("ridge/n_test", 0))})
+        rows.append(_comparison_row(run.info.run_name or run.info.run_id, run.info.run_id,
+                                    params.get("method", "?"), params.get("model.backbone", ""),
+                                    metrics[METRIC],
+                                    metrics.get("ridge/test_mae_std", float("nan")),
+                                    metrics.get("ridge/n_test", 0)))
     return rows
+
+
+def _comparison_row(run: str, run_id: str | None, method: str, backbone: str, mae_mean: float,
+                    mae_std: float, n_test: float) -> dict[str, Any]:
+    """One run's line of the comparison table (`comparison_table`)."""
+    return {"run": run, "run_id": run_id, "method": method, "backbone": backbone,
+            "mae_mean": float(mae_mean), "mae_std": float(mae_std), "n_test": float(n_test)}
 
 
 @dataclass
@@ -230,9 +236,9 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
         # this run's row from its own figures: its metrics are still on their way to the
         # tracking store (sent in the background), the other runs' are there
         rows = [r for r in _experiment_rows(cfg) if r["run_id"] != tracker.run_id]
-        rows.append({"run": run_dir.name, "run_id": tracker.run_id, "method": cfg.method,
-                     "backbone": str(cfg.model.backbone), "mae_mean": float(result.mae_mean),
-                     "mae_std": float(result.mae_std), "n_test": float(result.n_test)})
+        rows.append(_comparison_row(run_dir.name, tracker.run_id, cfg.method,
+                                    str(cfg.model.backbone), result.mae_mean, result.mae_std,
+                                    result.n_test))
         (run_dir / "ridge_comparison.md").write_text(comparison_table(rows))
         with open(run_dir / "ridge_comparison.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
