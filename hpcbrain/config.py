@@ -89,7 +89,7 @@ class LSORConfig:
     tau_max: float = 1.0             # SOM neighbourhood width at the start of the SOM phase
     tau_min: float = 0.1             # ... and at its end
     ema_alpha: float = 0.99          # reference-trajectory EMA decay
-    init: str = "kmeans"             # SOM start: kmeans (paper, official) | pca (Kohonen's linear)
+    init: str = "kmeans"             # SOM start: kmeans (paper, official) | pca | longitudinal
     kmeans_max_iter: int = 300
     kmeans_n_init: int = 3           # k-means restarts at the SOM initialisation
     init_bn_mode: str = "batch"      # BatchNorm statistics of the k-means encoding: batch

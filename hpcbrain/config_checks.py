@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.features": ("projection", "backbone"),
     "train.precision": ("auto", "bf16", "fp32"),
     "lsor.init_bn_mode": ("batch", "running"),
-    "lsor.init": ("kmeans", "pca"),
+    "lsor.init": ("kmeans", "pca", "longitudinal"),
     "tracking.on_unreachable": ("fail", "offline"),
     "contrastive.kernel": ("rbf", "gaussian", "cauchy"),
     "contrastive.distance": ("manhattan", "euclidean", "chebyshev", "cosine", "similarity"),

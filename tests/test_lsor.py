@@ -437,6 +437,20 @@ def test_pca_grid_init_hand_worked():
     torch.testing.assert_close(tall[1, :, 1], torch.tensor([20 - b, 20 + b]))
 
 
+def test_pca_grid_init_along_a_given_first_axis():
+    """The same 10 latents, first axis (0, −2, 0) (say the ageing direction, pointing to −y):
+    the long side runs along −y (std √(2.5/9) there, first column at +y), the short side along
+    what remains, x (std √(20/9)), in the sign of its largest coordinate (+x)."""
+    xs = [-2, -1, 0, 1, 2]
+    lat = torch.tensor([[10.0 + x, 20.0 + y, 30.0] for x in xs for y in (-0.5, 0.5)])
+    G = pca_grid_init(lat, (2, 3), first_axis=torch.tensor([0.0, -2.0, 0.0]))
+    a, b = math.sqrt(3) * math.sqrt(2.5 / 9), math.sqrt(3) * math.sqrt(20 / 9)
+    expect = torch.tensor([[10 + rb, 20 - ca, 30.0] for rb in (-b, b) for ca in (-a, 0.0, a)])
+    torch.testing.assert_close(G, expect, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="first_axis"):
+        pca_grid_init(lat, (2, 3), first_axis=torch.zeros(3))
+
+
 def test_lsor_init_pca_starts_from_the_latents_principal_plane():
     m = make_model(init="pca")
     batches = make_batches(8, 3, with_idx=True)

@@ -343,6 +343,8 @@ class LSOR(Method):
         dz = (z_v - z_u) / dt.unsqueeze(1)
         if self.init == "pca":
             G = pca_grid_init(scans, self.grid)
+        elif self.init == "longitudinal":
+            G = pca_grid_init(scans, self.grid, first_axis=dz.mean(0))
         else:
             G = kmeans_grid_init(scans, self.grid, seed=self.seed, max_iter=self.kmeans_max_iter,
                                  n_init=self.kmeans_n_init)

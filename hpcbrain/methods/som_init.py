@@ -149,20 +149,38 @@ def kmeans_grid_init(
     return torch.from_numpy(centroids[perm]).to(torch.float32)
 
 
-def pca_grid_init(latents: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Nodes [Nr·Nc, D] (float32, row-major, CPU) on the plane of the first two principal
-    components of ``latents`` [N, D]: node (r, c) = mean + a_c·√λ1·v1 + b_r·√λ2·v2, a and b
-    evenly spaced on [−√3, √3], columns along the first component when Nc ≥ Nr (else rows).
-    The signs of v1 and v2 follow the largest-magnitude coordinate, so the grid is
-    deterministic."""
+def pca_grid_init(latents: Tensor, grid: tuple[int, int], first_axis: Tensor | None = None) -> Tensor:
+    """Nodes [Nr·Nc, D] (float32, row-major, CPU) on a plane through the mean of ``latents``
+    [N, D]: node (r, c) = mean + a_c·s1·v1 + b_r·s2·v2, a and b evenly spaced on [−√3, √3],
+    s1, s2 the standard deviations of the latents along v1, v2, columns along v1 when Nc ≥ Nr
+    (else rows).
+
+    Without ``first_axis`` v1, v2 are the first two principal components, signs following
+    their largest-magnitude coordinate (deterministic). With ``first_axis`` [D] (``lsor.init:
+    longitudinal``: the mean Δz of the training pairs) v1 is that direction, kept in its sign
+    so the long side runs young → old, and v2 the first principal component of what is left
+    after removing v1."""
     x = _as_numpy(latents)
     if x.ndim != 2 or x.shape[0] < 3:
         raise ValueError(f"pca_grid_init: need latents [N ≥ 3, D], got shape {x.shape}")
     n_rows, n_cols = int(grid[0]), int(grid[1])
     mean = x.mean(axis=0)
-    _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
-    std = singular[:2] / np.sqrt(max(x.shape[0] - 1, 1))
-    axes = vt[:2] * np.sign(vt[:2][np.arange(2), np.abs(vt[:2]).argmax(axis=1)])[:, None]
+    centred = x - mean
+    if first_axis is None:
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        axes = vt[:2] * np.sign(vt[:2][np.arange(2), np.abs(vt[:2]).argmax(axis=1)])[:, None]
+    else:
+        v1 = _as_numpy(first_axis).reshape(-1)
+        norm = np.linalg.norm(v1)
+        if v1.shape[0] != x.shape[1] or not np.isfinite(norm) or norm == 0:
+            raise ValueError("pca_grid_init: first_axis must be a finite non-zero vector of the "
+                             f"latent size {x.shape[1]}")
+        v1 = v1 / norm
+        rest = centred - np.outer(centred @ v1, v1)
+        _, _, vt = np.linalg.svd(rest, full_matrices=False)
+        v2 = vt[0] * np.sign(vt[0][np.abs(vt[0]).argmax()])
+        axes = np.stack([v1, v2])
+    std = (centred @ axes.T).std(axis=0, ddof=1)
     long_side, short_side = (n_cols, n_rows) if n_cols >= n_rows else (n_rows, n_cols)
     along = np.linspace(-np.sqrt(3), np.sqrt(3), long_side) * std[0]
     across = np.linspace(-np.sqrt(3), np.sqrt(3), short_side) * std[1] if short_side > 1 \
