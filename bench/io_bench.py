@@ -102,13 +102,15 @@ def read_rate(read_one, n: int, repeats: int, seed: int) -> tuple[float, list[fl
     return statistics.median(rates), rates
 
 
-def write_store(path: Path, volumes: np.ndarray, dtype: str, per_shard: int) -> None:
+def write_store(path: Path, volumes: np.ndarray, dtype: str, per_shard: int,
+                codec: str = "blosc-lz4") -> None:
+    """Only the images array: enough for the write rate, zarr reads and the size on disk."""
     import zarr
 
     from hpcbrain.data.store import ImageLayout, create_images_array
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    layout = ImageLayout(volumes.shape[1:], dtype=dtype, scans_per_shard=per_shard)
+    layout = ImageLayout(volumes.shape[1:], dtype=dtype, scans_per_shard=per_shard, codec=codec)
     images = create_images_array(group, len(volumes), layout)
     for start in range(0, len(volumes), per_shard):
         images[start:start + per_shard] = volumes[start:start + per_shard].astype(dtype)
@@ -119,6 +121,15 @@ def read_store_image(path: Path):
 
     images = zarr.open_group(str(path), mode="r")["images"]
     return lambda i: np.asarray(images[i], dtype=np.float32)
+
+
+def fast_reader(path: Path, dtype=np.float32):
+    """What `CohortStore.read_image` runs for this layout (the shard fast path)."""
+    from hpcbrain.data.shard_reader import open_fast_reader
+
+    read = open_fast_reader(path / "images")
+    assert read is not None, f"{path}: layout not readable by the fast path"
+    return lambda i: read(i, dtype)
 
 
 # ---------------------------------------------------------------------------------- bench
@@ -146,17 +157,20 @@ def bench_size(src: Path, work: Path, size: int, args) -> list[dict]:
                      "read_vol_per_s": median, "read_vol_per_s_all": rates,
                      "mb_on_disk": nbytes / 1e6, "files": nfiles})
 
-    # the store as converted: its write-only rate from rewriting the same volumes
+    # the store as converted (float16, blosc-lz4): its write-only rate from rewriting the volumes
     rewrite = work / f"rewrite{size}.zarr"
     write_s = timed(lambda: write_store(rewrite, volumes, "float16", args.scans_per_shard))
     shutil.rmtree(rewrite)
-    row("zarr store float16", store_path, write_s, store.read_image, report.seconds)
-    row("zarr store float16, read through zarr", store_path, write_s,
+    row("store float16 blosc-lz4 (default)", store_path, write_s, store.read_image,
+        report.seconds)
+    row("store float16 blosc-lz4, kept float16", store_path, write_s,
+        lambda i: store.read_image(i, None))
+    row("store float16 blosc-lz4, read through zarr", store_path, write_s,
         read_store_image(store_path))
-
-    f32 = work / f"store{size}_f32.zarr"
-    write_s = timed(lambda: write_store(f32, volumes, "float32", args.scans_per_shard))
-    row("zarr store float32", f32, write_s, read_store_image(f32))
+    for dtype, codec in (("float16", "zstd"), ("float32", "blosc-lz4"), ("float32", "zstd")):
+        path = work / f"store{size}_{dtype}_{codec}.zarr"
+        write_s = timed(lambda: write_store(path, volumes, dtype, args.scans_per_shard, codec))
+        row(f"store {dtype} {codec}", path, write_s, fast_reader(path))
 
     for ext in ("nii.gz", "nii"):
         folder = work / f"nifti{size}_{ext.replace('.', '')}"
@@ -168,8 +182,13 @@ def bench_size(src: Path, work: Path, size: int, args) -> list[dict]:
                 nib.save(nib.Nifti1Image(v, affine), p)
 
         write_s = timed(write_all)
+        # mmap=False: the voxels are read into memory, as a training step needs them (nibabel
+        # memory-maps an uncompressed .nii by default and get_fdata then reads nothing yet)
         row(f".{ext} float32", folder, write_s,
-            lambda i, paths=paths: nib.load(paths[i]).get_fdata(dtype=np.float32))
+            lambda i, paths=paths: nib.load(paths[i], mmap=False).get_fdata(dtype=np.float32))
+        if ext == "nii":
+            row(".nii float32, memory-mapped (not read)", folder, write_s,
+                lambda i, paths=paths: nib.load(paths[i]).get_fdata(dtype=np.float32))
     return rows
 
 
@@ -193,13 +212,21 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="convert_cohort workers")
     parser.add_argument("--scans-per-shard", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and blosc threads while reading (default 1: one reader, "
+                             "one thread)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/io.json"))
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where data go (default: a temporary folder, deleted after)")
     args = parser.parse_args(argv)
 
     import nibabel
+    import numcodecs.blosc
+    import torch
     import zarr
+
+    torch.set_num_threads(args.threads)
+    numcodecs.blosc.set_nthreads(args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="io_bench_", dir=args.workdir))
     try:
@@ -217,11 +244,18 @@ def main(argv=None) -> int:
     ratios = {}
     for size in args.sizes:
         by = {r["format"]: r for r in rows if r["size"] == size}
-        ratios[f"{size}"] = by["zarr store float16"]["read_vol_per_s"] / \
-            by[".nii.gz float32"]["read_vol_per_s"]
+        store, nii = by["store float16 blosc-lz4 (default)"], by[".nii float32"]
+        ratios[f"{size}"] = {
+            "read_vs_nii": store["read_vol_per_s"] / nii["read_vol_per_s"],
+            "read_kept_float16_vs_nii":
+                by["store float16 blosc-lz4, kept float16"]["read_vol_per_s"] / nii["read_vol_per_s"],
+            "bytes_vs_nii": store["mb_on_disk"] / nii["mb_on_disk"],
+            "read_vs_niigz": store["read_vol_per_s"] / by[".nii.gz float32"]["read_vol_per_s"]}
     print(table)
-    print("\nstore (float16) read speed / .nii.gz: "
-          + ", ".join(f"{s}³ {r:.2f}×" for s, r in ratios.items()))
+    print("\nstore (float16 blosc-lz4, float32 out) vs .nii float32 read into memory, one "
+          "thread: " + "; ".join(
+              f"{s}³ {r['read_vs_nii']:.2f}× the speed ({r['read_kept_float16_vs_nii']:.2f}× kept "
+              f"float16) in {100 * r['bytes_vs_nii']:.0f} % of the bytes" for s, r in ratios.items()))
     result = {
         "command": " ".join(["python", "bench/io_bench.py", *(argv or sys.argv[1:])]),
         "data": data, "subjects": args.subjects, "repeats": args.repeats,
@@ -231,7 +265,7 @@ def main(argv=None) -> int:
                     "nibabel": nibabel.__version__,
                     "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "rows": rows, "read_ratio_store_vs_niigz": ratios, "table": table,
+        "threads": args.threads, "rows": rows, "ratios": ratios, "table": table,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

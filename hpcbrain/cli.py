@@ -32,13 +32,40 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _codec_arguments(parser) -> None:
+    from hpcbrain.data.store import DEFAULT_CODEC, DEFAULT_LEVELS, IMAGE_CODECS
+
+    parser.add_argument("--codec", default=DEFAULT_CODEC, choices=list(IMAGE_CODECS),
+                        help="images compressor (default %(default)s: fastest to read; zstd: "
+                             "smallest)")
+    parser.add_argument("--codec-level", type=int, default=None,
+                        help="compression level (default " +
+                             ", ".join(f"{k} {v}" for k, v in DEFAULT_LEVELS.items()) + ")")
+
+
+def _cmd_recompress(args) -> int:
+    from hpcbrain.data.recompress import recompress_store
+    from hpcbrain.data.store import StoreError
+
+    try:
+        report = recompress_store(args.store, args.codec, args.codec_level)
+    except (StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"recompressed {report.n_scans} scans of {report.store} with {report.codec['name']} "
+          f"level {report.codec['level']}: images {report.bytes_before / 1e6:.1f} MB → "
+          f"{report.bytes_after / 1e6:.1f} MB in {report.seconds:.1f} s")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from hpcbrain.data.convert import ConversionError, convert_cohort
 
     try:
         report = convert_cohort(args.source, args.out, args.shape, workers=args.workers,
                                 skip_bad=args.skip_bad, dtype=args.dtype,
-                                scans_per_shard=args.scans_per_shard, progress=not args.quiet)
+                                scans_per_shard=args.scans_per_shard, codec=args.codec,
+                                codec_level=args.codec_level, progress=not args.quiet)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -145,8 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="convert the good scans, record the bad ones in the store")
     convert.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     convert.add_argument("--scans-per-shard", type=int, default=16)
+    _codec_arguments(convert)
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_cmd_convert)
+
+    recompress = sub.add_parser("recompress", help="rewrite a cohort store's images with "
+                                                   "another codec, in place")
+    recompress.add_argument("store", type=Path, help="an existing cohort store")
+    _codec_arguments(recompress)
+    recompress.set_defaults(func=_cmd_recompress)
 
     embed = sub.add_parser("embed", help="embed NIfTI scans with a registered encoder")
     embed.add_argument("model", help="e.g. models:/hpcbrain-lsor-encoder@current (set "

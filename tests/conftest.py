@@ -33,7 +33,7 @@ def build_cohort_store(root: str | Path, *, name: str = "cohort.zarr",
                        images: np.ndarray | None = None,
                        columns: Mapping[str, Sequence] | None = None,
                        seed: int = 0, dtype: str = "float16",
-                       scans_per_shard: int = 4) -> Path:
+                       scans_per_shard: int = 4, codec: str = "blosc-lz4") -> Path:
     """Write a tiny schema-v1 cohort store at root/name and return its path."""
     import zarr
 
@@ -84,7 +84,8 @@ def build_cohort_store(root: str | Path, *, name: str = "cohort.zarr",
 
     path = Path(root) / name
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    layout = cohort.ImageLayout(shape=shape, dtype=dtype, scans_per_shard=scans_per_shard)
+    layout = cohort.ImageLayout(shape=shape, dtype=dtype, scans_per_shard=scans_per_shard,
+                                codec=codec)
     array = cohort.create_images_array(group, n_scans, layout)
     array[...] = images.astype(dtype)
     cohort.write_columns(group, data)

@@ -93,7 +93,10 @@ def test_store_reads_back_with_plain_zarr(tmp_path):
     assert images.chunks == (1, S, S, S)
     assert images.shards == (4, S, S, S)
     assert images.dtype == np.float16
-    assert [type(c).__name__ for c in images.compressors] == ["ZstdCodec"]
+    (blosc,) = images.compressors                 # the default codec, readable by plain zarr
+    assert type(blosc).__name__ == "BloscCodec"
+    assert (blosc.cname.value, blosc.clevel, blosc.shuffle.value, blosc.typesize) == \
+        ("lz4", 5, "shuffle", 2)
     assert sorted(p.name for p in (out / "images" / "c").iterdir()) == ["0", "1"]  # 2 shards
     assert np.isfinite(images[...]).all()
 
@@ -119,6 +122,7 @@ def test_store_reads_back_with_plain_zarr(tmp_path):
     assert info["shape"] == [S, S, S]
     assert info["spacing_mm"] == pytest.approx([14 / S] * 3)  # largest extent 14 mm over S voxels
     assert info["dtype"] == "float16" and info["n_scans"] == 6 and info["skipped"] == []
+    assert info["codec"] == {"name": "blosc-lz4", "level": 5}
     assert info["source"] == {"path": str(src), "format": "bids"}
     assert info["preprocessing"]["reorient"].startswith("RAS+")
     assert info["preprocessing"]["resample"]["order"] == 1
@@ -130,6 +134,22 @@ def test_store_reads_back_with_plain_zarr(tmp_path):
     store = CohortStore(out)  # the project's reader agrees
     assert len(store) == 6 and store.shape == (S, S, S)
     assert store.metadata["group"].tolist() == ["MCI", "MCI", "AD", "AD", "CN", "CN"]
+
+
+def test_zstd_on_request_stores_the_same_voxels(tmp_path):
+    src = make_bids(tmp_path / "bids", n_subjects=2, n_sessions=2)
+    default = convert_cohort(src, tmp_path / "lz4.zarr", S, progress=False).out
+    zstd = convert_cohort(src, tmp_path / "zstd.zarr", S, codec="zstd", codec_level=7,
+                          progress=False).out
+    images = zarr.open_group(str(zstd), mode="r")["images"]
+    assert [type(c).__name__ for c in images.compressors] == ["ZstdCodec"]
+    assert images.compressors[0].level == 7
+    assert CohortStore(zstd).info["codec"] == {"name": "zstd", "level": 7}
+    np.testing.assert_array_equal(images[...],
+                                  zarr.open_group(str(default), mode="r")["images"][...])
+    with pytest.raises(ConversionError, match="unknown image codec 'gzip'.*blosc-lz4, zstd"):
+        convert_cohort(src, tmp_path / "bad.zarr", S, codec="gzip", progress=False)
+    assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_existing_store_is_never_overwritten(tmp_path):

@@ -3,19 +3,33 @@ import numpy as np
 import pytest
 import zarr
 
-from hpcbrain.data.store import CohortStore, StoreError
+from hpcbrain.data.store import CohortStore, StoreError, cast_volume
 
 
+@pytest.mark.parametrize("codec", ["blosc-lz4", "zstd"])
 @pytest.mark.parametrize("scans_per_shard", [1, 4, 5])
-def test_fast_read_equals_zarr_for_every_scan(make_store, tmp_path, scans_per_shard):
+def test_fast_read_equals_zarr_for_every_scan(make_store, tmp_path, scans_per_shard, codec):
     path = make_store(tmp_path, subjects=4, visits=[3, 2, 1, 3], size=(8, 6, 7),
-                      scans_per_shard=scans_per_shard)
+                      scans_per_shard=scans_per_shard, codec=codec)
     store = CohortStore(path)
     assert store._fast_read is None
     plain = zarr.open_group(str(path), mode="r")["images"]
     for i in range(len(store)):
-        np.testing.assert_array_equal(store.read_image(i), plain[i].astype(np.float32))
+        volume = store.read_image(i)
+        assert volume.dtype == np.float32 and volume.flags.writeable
+        np.testing.assert_array_equal(volume, plain[i].astype(np.float32))
+        kept = store.read_image(i, dtype=None)             # as stored, to cast on the device
+        assert kept.dtype == np.float16
+        np.testing.assert_array_equal(kept, plain[i])
     assert store._fast_read, "the converter's layout must take the fast path"
+
+
+def test_float16_to_float32_cast_is_exact_including_specials():
+    values = np.array([0.0, -0.0, 1.5, -65504.0, 6e-8, np.inf, -np.inf, np.nan], np.float16)
+    cast = cast_volume(values.reshape(2, 2, 2), np.float32).ravel()
+    assert cast.dtype == np.float32
+    np.testing.assert_array_equal(cast, values.astype(np.float32))
+    assert np.signbit(cast[1])
 
 
 def test_unwritten_scans_read_as_fill_value(make_store, tmp_path):

@@ -30,6 +30,7 @@ recorded in ``attrs["hpcbrain"]["skipped"]``; if nothing is left, it is an error
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ import numpy as np
 
 from hpcbrain.data.discover import ConversionError, Scan, discover_scans
 from hpcbrain.data.preprocess import PREPROCESSING, BadScanError, load_scan
-from hpcbrain.data.store import PROGRESS_FILE, CohortStoreWriter, ImageLayout
+from hpcbrain.data.store import DEFAULT_CODEC, PROGRESS_FILE, CohortStoreWriter, ImageLayout
 from hpcbrain.run_lock import RunFolderLocked, file_lock
 
 PARTIAL_SUFFIX = ".partial"
@@ -157,7 +158,7 @@ def _build_columns(scans: list[Scan]) -> tuple[dict[str, np.ndarray], dict[str, 
     return columns, types
 
 
-def _fingerprint(scans: list[Scan], size: int, dtype: str, scans_per_shard: int) -> str:
+def _fingerprint(scans: list[Scan], size: int, layout: ImageLayout) -> str:
     items = []
     for scan in scans:
         try:
@@ -167,8 +168,8 @@ def _fingerprint(scans: list[Scan], size: int, dtype: str, scans_per_shard: int)
             file = None
         items.append([str(scan.path), file, scan.subject, scan.session, scan.age,
                       sorted(scan.meta.items()), scan.problems])
-    blob = json.dumps({"scans": items, "shape": size, "dtype": dtype,
-                       "scans_per_shard": scans_per_shard,
+    blob = json.dumps({"scans": items, "shape": size, "dtype": layout.dtype,
+                       "scans_per_shard": layout.scans_per_shard, "codec": layout.codec_attrs(),
                        "preprocessing": PREPROCESSING}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -202,6 +203,7 @@ def _describe(bad: list[tuple[str, str, str, str]], n_scans: int, header: str = 
 # ============================================================================================
 def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: int = 1,
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
+                   codec: str = DEFAULT_CODEC, codec_level: int | None = None,
                    progress: bool = True) -> ConversionReport:
     """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images)."""
 
@@ -217,7 +219,11 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                               f"got {dtype!r}") from None
     dtype = np.dtype(dtype).name
     workers = max(1, int(workers))
-    scans_per_shard = max(1, int(scans_per_shard))
+    try:
+        layout = ImageLayout((size,) * 3, dtype=dtype, scans_per_shard=max(1, int(scans_per_shard)),
+                             codec=codec, level=codec_level)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
@@ -228,23 +234,24 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
         with file_lock(lock, f"the conversion to {out}",
                        "another `hpcbrain convert` is writing this store; wait for it to end, "
                        "or pass another --out"):
-            return _convert_locked(source, out, partial, size, dtype, workers, skip_bad,
-                                   scans_per_shard, progress, started)
+            return _convert_locked(source, out, partial, layout, workers, skip_bad, progress,
+                                   started)
     except RunFolderLocked as exc:
         raise ConversionError(str(exc)) from None
 
 
-def _convert_locked(source: Path, out: Path, partial: Path, size: int, dtype: str, workers: int,
-                    skip_bad: bool, scans_per_shard: int, progress: bool,
-                    started: float) -> ConversionReport:
+def _convert_locked(source: Path, out: Path, partial: Path, layout: ImageLayout, workers: int,
+                    skip_bad: bool, progress: bool, started: float) -> ConversionReport:
     """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
     from tqdm import tqdm
+
+    size, dtype = layout.shape[0], layout.dtype
 
     _refuse_existing(out)             # finished by another conversion while we waited to check
     scans, fmt = discover_scans(source)
     if not scans:
         raise ConversionError(f"no T1w images found in {source}")
-    fingerprint = _fingerprint(scans, size, dtype, scans_per_shard)
+    fingerprint = _fingerprint(scans, size, layout)
     reasons: dict[int, list[str]] = {i: list(s.problems) for i, s in enumerate(scans)
                                      if s.problems}
     candidates = [i for i in range(len(scans)) if i not in reasons]
@@ -274,7 +281,8 @@ def _convert_locked(source: Path, out: Path, partial: Path, size: int, dtype: st
     if not candidates:
         fail(nothing_left)
 
-    per_shard = max(1, min(scans_per_shard, len(candidates)))
+    layout = dataclasses.replace(layout,
+                                 scans_per_shard=min(layout.scans_per_shard, len(candidates)))
     state = _read_progress(partial, fingerprint)
     if state is None:
         state = {"fingerprint": fingerprint, "done": 0, "written": 0, "shards": [], "bad": {}}
@@ -284,9 +292,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, size: int, dtype: st
     if resumed_shards:
         print(f"hpcbrain convert: resuming {partial}: {resumed_shards} shard(s), "
               f"{state['written']} scans already written", file=sys.stderr)
-    writer = CohortStoreWriter(partial, len(candidates),
-                               ImageLayout((size,) * 3, dtype=dtype, scans_per_shard=per_shard),
-                               state)
+    writer = CohortStoreWriter(partial, len(candidates), layout, state)
     writing = skip_bad or not state["bad"]
     consumed = state["done"]
     tasks = [(i, str(scans[i].path)) for i in candidates[state["done"]:]]

@@ -24,12 +24,11 @@ from hpcbrain.engine.single import (
     CheckpointMismatchError,
     NonFiniteLossError,
     SingleEngine,
-    bf16_supported,
     check_finite,
     peak_memory_mb,
     to_device,
-    use_bf16,
 )
+from hpcbrain.engine.precision import bf16_supported, use_bf16
 
 __all__ = ["ENGINES", "build_engine", "resolve_engine_name", "needs_process_group",
            "SingleEngine", "NonFiniteLossError", "CheckpointMismatchError", "bf16_supported",
@@ -65,7 +64,9 @@ def build_optimizer(cfg: Any, method: nn.Module) -> torch.optim.Optimizer:
 def build_engine(cfg: Any, method: nn.Module, device: torch.device):
     """The engine `cfg.engine` asks for, around `method` (already on `device`)."""
     name = resolve_engine_name(cfg.engine.name, dist.world_size())
-    bf16 = use_bf16(cfg.train.precision, device)
+    # one verdict for every rank: `auto` may measure this CPU, and ranks must not disagree
+    bf16 = bool(dist.broadcast_object(use_bf16(cfg.train.precision, device)
+                                      if dist.is_global_rank0() else None))
     optimizer = build_optimizer(cfg, method)
     grad_clip = float(cfg.engine.grad_clip) if cfg.engine.grad_clip else None
     accum = int(cfg.engine.grad_accum_steps)

@@ -12,14 +12,14 @@ $HPCBRAIN_CACHE_DIR): the best this host's BLAS reaches, which is what a trainin
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
+
+from hpcbrain.engine.host_cache import cache_path, cached_measurement, cpu_model
 
 __all__ = ["GPU_PEAK_TFLOPS", "count_flops", "device_peak_tflops", "measure_cpu_peak_tflops"]
 
@@ -62,24 +62,6 @@ def measure_cpu_peak_tflops(bf16: bool, size: int = 1024, repeats: int = 5) -> f
     return 2.0 * size ** 3 / best / 1e12
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def _cache_path() -> Path:
-    root = os.environ.get("HPCBRAIN_CACHE_DIR") or Path.home() / ".cache" / "hpcbrain"
-    return Path(root) / "peak.json"
-
-
 def device_peak_tflops(device: torch.device, bf16: bool,
                        measure: Callable[[bool], float] = measure_cpu_peak_tflops,
                        cache: Path | None = None) -> float | None:
@@ -93,21 +75,13 @@ def device_peak_tflops(device: torch.device, bf16: bool,
         return None
     if device.type != "cpu":
         return None
-    key = f"{_cpu_model()} | {torch.get_num_threads()} threads | {'bf16' if bf16 else 'fp32'}"
-    path = cache or _cache_path()
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = round(float(measure(bf16)), 4)
+    key = f"{cpu_model()} | {torch.get_num_threads()} threads | {'bf16' if bf16 else 'fp32'}"
+    path = cache or cache_path("peak.json")
+
+    def measure_once() -> float:
+        peak = round(float(measure(bf16)), 4)
         log.info("peak of this CPU (%s): %.3f TFLOP/s (measured once, cached in %s)", key,
-                 known[key], path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(known, indent=2))
-            os.replace(tmp, path)
-        except OSError:                   # a read-only home: measured again next run
-            pass
-    return float(known[key])
+                 peak, path)
+        return peak
+
+    return float(cached_measurement(path, key, measure_once))

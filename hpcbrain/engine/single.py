@@ -53,27 +53,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # On CPU bf16 only pays off with AMX tiles; without them autocast is slower than fp32.
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return "amx_bf16" in handle.read()
-    except OSError:
-        return False
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if precision == "auto":
-        return bf16_supported(device)
-    raise ValueError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: allocated CUDA memory on a GPU, max RSS on a CPU."""
     if device.type == "cuda":
