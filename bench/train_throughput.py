@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py --method lsor --size 64 --batch 8 [--steps 10]
         [--precision fp32|bf16] [--device cpu|cuda] [--threads 2] [--json OUT.json]
+        [--official CHECKOUT]     # time the official LSOR step beside ours, alternating
 
 The method is built from its config (configs/METHOD.yaml) at SIZE³ and trained through the same
 engine a run uses (`hpcbrain.engine.backends.build_engine`, one process) on random volumes
@@ -54,7 +55,8 @@ def build(method: str, size: int, batch: int, precision: str, device: torch.devi
     return cfg, model, build_engine(cfg, model, device)
 
 
-def measure(args) -> dict:
+def prepare(args):
+    """(one training step of ours, its description without timings)."""
     from hpcbrain.engine.flops import count_flops, device_peak_tflops
 
     device = torch.device(args.device)
@@ -81,21 +83,54 @@ def measure(args) -> dict:
             torch.cuda.synchronize(device)
 
     _, flops = count_flops(step)                      # also the first (warm-up) step
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
-    peak = device_peak_tflops(device, engine.bf16)
-    tflops = flops / seconds / 1e12
-    return {"method": args.method, "size": args.size, "batch": args.batch,
+    info = {"method": args.method, "size": args.size, "batch": args.batch,
             "precision": "bf16" if engine.bf16 else "fp32", "device": str(device),
-            "threads": torch.get_num_threads(), "step_s": seconds,
-            "samples_per_s": args.batch / seconds, "gflop_per_step": flops / 1e9,
-            "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None}
+            "threads": torch.get_num_threads(), "gflop_per_step": flops / 1e9,
+            "peak_tflops": device_peak_tflops(device, engine.bf16)}
+    return step, info
+
+
+def timed_steps(steps: dict[str, callable], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each function, timed in turn (A B A B ...) so that a change
+    of load or clock during the run hits every contender alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_timing(info: dict, seconds: float) -> dict:
+    tflops = info["gflop_per_step"] * 1e9 / seconds / 1e12
+    peak = info["peak_tflops"]
+    return {**info, "step_s": seconds, "samples_per_s": info["batch"] / seconds,
+            "tflops": tflops, "mfu": tflops / peak if peak else None}
+
+
+def measure(args) -> dict:
+    step, info = prepare(args)
+    steps = {"hpcbrain": step}
+    if args.official:
+        from bench.official_lsor import official_step
+
+        if args.method != "lsor":
+            raise SystemExit("--official compares the LSOR step: use --method lsor")
+        device = torch.device(args.device)
+        steps["official"] = official_step(args.official, args.batch, args.size, device)
+        steps["official, no snapshots"] = official_step(args.official, args.batch, args.size,
+                                                        device, snapshots=False)
+    seconds = timed_steps(steps, args.warmup, args.steps)
+    result = with_timing(info, seconds["hpcbrain"])
+    if args.official:
+        result["official"] = {name: {"step_s": sec, "samples_per_s": args.batch / sec,
+                                     "ours_vs_it": sec / seconds["hpcbrain"]}
+                              for name, sec in seconds.items() if name != "hpcbrain"}
+    return result
 
 
 def main() -> int:
@@ -110,12 +145,19 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--official", type=Path, default=None,
+                        help="a checkout of the official LSOR code: time its step beside ours, "
+                             "alternating (bench/official_lsor.py)")
     args = parser.parse_args()
     result = measure(args)
     mfu = f"{100 * result['mfu']:.1f} %" if result["mfu"] is not None else "n/a"
     print(f"| {result['method']} | {result['size']}³ | {result['batch']} | {result['precision']} "
           f"| {result['device']} ({result['threads']} threads) | {result['samples_per_s']:.2f} "
           f"| {result['gflop_per_step']:.1f} | {1000 * result['tflops']:.1f} | {mfu} |")
+    for name, other in result.get("official", {}).items():
+        print(f"| {name} LSOR | {result['size']}³ | {result['batch']} | fp32 | "
+              f"{result['device']} ({result['threads']} threads) | {other['samples_per_s']:.2f} "
+              f"| hpcbrain / it: **{other['ours_vs_it']:.2f}×** | | |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
