@@ -48,8 +48,8 @@ fi
     echo "| loader | workers | batch | rate |"
     echo "|---|---|---|---|"
 } >> "$TABLE"
-timeout 120 "$PY" bench/loader_throughput.py --store "$STORE" --kind pairs --workers 0 4 8 \
-    --batch 8 --batches 40 2>"$OUT/loader.err" | tee -a "$TABLE" || status=1
+timeout 150 "$PY" bench/loader_throughput.py --store "$STORE" --kind pairs --workers 4 8 \
+    --batch 8 --batches 40 --augment 2>"$OUT/loader.err" | tee -a "$TABLE" || status=1
 
 # 3. one-process DDP and DeepSpeed ZeRO-2 over NCCL, bf16, end to end (smoke config at 64³)
 {

@@ -46,6 +46,9 @@ class DataConfig:
     val_fraction: float = 0.1        # share of the non-test subjects held out for validation
     split_seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # where data.augment runs: device (a whole batch on the training device; the loader workers
+    # only read) | workers (per item in the DataLoader workers, on their CPUs)
+    augment_on: str = "device"
 
 
 @dataclass

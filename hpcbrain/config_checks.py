@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 #: MLflow params read "Precision.bf16" instead of "bf16".
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pairs": ("all", "consecutive"),
+    "data.augment_on": ("device", "workers"),
     "model.backbone": ("resnet18", "resnet34", "lsor"),
     "model.features": ("projection", "backbone"),
     "train.precision": ("auto", "bf16", "fp32"),

@@ -80,15 +80,17 @@ def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
                           val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
                           groups=groups)
     augment = build_augmentation(cfg.data.augment)
+    on_device = cfg.data.augment_on == "device"
     if batch_kind == "pairs":
         consecutive = {"all": False, "consecutive": True}.get(cfg.data.pairs)
         if consecutive is None:
             raise ValueError(f"data.pairs must be 'all' or 'consecutive', not {cfg.data.pairs!r}")
         train = PairDataset(store, split.train, consecutive_only=consecutive, transform=augment,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, augment_on_device=on_device)
         val = PairDataset(store, split.val, consecutive_only=consecutive) if len(split.val) else None
     elif batch_kind == "scans":
-        train = ScanDataset(store, split.train, transform=augment, seed=cfg.train.seed)
+        train = ScanDataset(store, split.train, transform=augment, seed=cfg.train.seed,
+                            augment_on_device=on_device)
         val = ScanDataset(store, split.val) if len(split.val) else None
     else:
         raise ValueError(f"unknown batch kind {batch_kind!r}")
@@ -136,6 +138,7 @@ def run_training(cfg: DictConfig, stop: StopRequest | None = None) -> TrainingRe
 
 def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) -> TrainingResult:
     from hpcbrain.engine.trainer import Trainer
+    from hpcbrain.data.batch_augment import BatchAugmentation
     from hpcbrain.methods import build_method, get_method_class
     from hpcbrain.tracking import make_tracker, tracking_uri
 
@@ -152,6 +155,8 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
         save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg)
     method.to(device)
+    if train_set.augment_on_device:
+        method.batch_augmentation = BatchAugmentation(train_set.transform, train_set.seed)
     if cfg.train.channels_last and resolve_engine_name(cfg.engine.name,
                                                        dist.world_size()) != "deepspeed":
         # oneDNN (CPU) and cuDNN pick their faster channels-last 3D kernels from the weights'

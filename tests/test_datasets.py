@@ -201,3 +201,33 @@ def test_without_augmentation_returns_plain_items_and_leaves_original_augmented(
     assert torch.equal(plain[0]["x_u"], raw[0]["x_u"])
     assert not torch.equal(augmented[0]["x_u"], raw[0]["x_u"])
     assert augmented.transform is not None
+
+
+@pytest.mark.parametrize("kind", ["scans", "pairs"])
+def test_device_augmentation_gives_the_batches_the_workers_gave(cohort, kind):
+    """data.augment_on=device: the loader yields plain volumes with their keys, and
+    BatchAugmentation on the batch reproduces what per-item augmentation in the workers gave,
+    epoch by epoch (both scans of a pair alike)."""
+    from hpcbrain.data.batch_augment import AUGMENT_KEY, BatchAugmentation
+
+    make = ScanDataset if kind == "scans" else PairDataset
+    in_workers = make(cohort, transform=augmentation(), seed=4)
+    on_device = make(cohort, transform=augmentation(), seed=4, augment_on_device=True)
+    plain = make(cohort)
+    apply = BatchAugmentation(on_device.transform, on_device.seed)
+    volumes = ["x"] if kind == "scans" else ["x_u", "x_v"]
+    for epoch in (0, 3):
+        in_workers.set_epoch(epoch)
+        on_device.set_epoch(epoch)
+        expected = next(iter(DataLoader(in_workers, batch_size=len(in_workers))))
+        raw = next(iter(DataLoader(on_device, batch_size=len(on_device))))
+        for key in volumes:                     # the workers only read
+            torch.testing.assert_close(raw[key], next(iter(DataLoader(plain, batch_size=99)))[key])
+        assert raw[AUGMENT_KEY].tolist() == [[epoch, i] for i in range(len(on_device))]
+        augmented = apply(raw)
+        assert AUGMENT_KEY not in augmented and set(augmented) == set(expected)
+        for key in expected:
+            torch.testing.assert_close(augmented[key], expected[key], rtol=0, atol=1e-5)
+    # un-augmented views (k-means encoding, validation) carry no key and pass through
+    item = on_device.without_augmentation()[0]
+    assert AUGMENT_KEY not in item and apply({"x": item[volumes[0]][None]}).keys() == {"x"}

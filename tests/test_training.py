@@ -66,6 +66,29 @@ def test_resume_after_kill_gives_the_parameters_of_an_uninterrupted_run(store, t
     assert got["dG"].abs().sum() > 0
 
 
+def test_augmenting_on_the_device_trains_the_model_the_workers_train(store, tmp_path):
+    """data.augment_on=device (the default) against =workers, flips and rotations at p 1 on a
+    real LSOR run: the same draws reach the same scans, so the final parameters agree."""
+    augment = ["data.augment.flip=true", "data.augment.rotation_deg=6",
+               "data.augment.translation_vox=1", "data.augment.p=1.0"]
+    states = {}
+    for where in ("device", "workers"):
+        result = run_training(lsor_run_config(store, tmp_path / "runs", where, *augment,
+                                              f"data.augment_on={where}"))
+        states[where] = final_state(result.run_dir)[0]
+    plain = run_training(lsor_run_config(store, tmp_path / "runs", "plain"))
+    for key, value in states["workers"].items():
+        torch.testing.assert_close(states["device"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # and the augmentation did something: without it the encoder ends elsewhere
+    weights = [k for k in value_keys(states["workers"]) if "encoder" in k]
+    assert any(not torch.allclose(states["workers"][k], final_state(plain.run_dir)[0][k],
+                                  atol=1e-4) for k in weights)
+
+
+def value_keys(state):
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(store, tmp_path,
                                                                        monkeypatch):
     from hpcbrain.methods.lsor import LSOR

@@ -199,3 +199,22 @@ def test_build_augmentation_off_and_errors():
         build_augmentation({"flip": True, "p": 1.5})
     with pytest.raises(ValueError, match="noise_std"):
         build_augmentation({"noise_std": -1})
+
+
+def test_a_whole_batch_on_its_device_equals_each_item_alone():
+    """apply_batch is the device path: every transform at p 0.5, so in a batch of 8 some items
+    fire and some do not; each item's result must be what its own draw gives it alone."""
+    pipeline = build_augmentation({"flip": True, "rotation_deg": 10, "translation_vox": 2,
+                                   "cutout_size": 4, "noise_std": 0.1, "p": 0.5})
+    x = torch.randn(8, 1, 12, 10, 9, generator=torch.Generator().manual_seed(3))
+    draws, alone = [], []
+    for b in range(8):
+        generator = torch.Generator().manual_seed(100 + b)
+        alone.append(pipeline(x[b], generator))
+        draws.append(pipeline.sample(x.shape[1:], torch.Generator().manual_seed(100 + b)))
+    for j in range(4):                      # each transform fires for some items, not all
+        assert 0 < sum(draw[j] is not None for draw in draws) < 8, j
+    batch = pipeline.apply_batch(x, draws)
+    torch.testing.assert_close(batch, torch.stack(alone), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, C, D, H, W\] batch and B parameter draws"):
+        pipeline.apply_batch(x, draws[:7])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hpcbrain.data.batch_augment import AUGMENT_KEY
 from hpcbrain.data.store import CohortStore
 from hpcbrain.data.transforms import Transform
 
@@ -63,10 +64,13 @@ class StoreDataset(Dataset):
     """Lazy per-process store access, the epoch counter and per-item generators."""
 
     def __init__(self, store: CohortStore | str | Path, transform: Augmentation | None,
-                 seed: int):
+                 seed: int, augment_on_device: bool = False):
         self._cohort = _as_store(store)
         self._owner_pid = os.getpid()
         self.transform = transform
+        # True: items carry their augmentation key instead of being augmented here
+        # (data.augment_on=device; batch_augment.BatchAugmentation applies it on the device)
+        self.augment_on_device = bool(augment_on_device)
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed = int(seed)
@@ -100,6 +104,14 @@ class StoreDataset(Dataset):
     def _generator(self, index: int) -> torch.Generator:
         return item_generator(self.seed, self.epoch, index)
 
+    def _augments_here(self) -> bool:
+        return self.transform is not None and not self.augment_on_device
+
+    def _augment_key(self, index: int) -> dict[str, torch.Tensor]:
+        if self.transform is None or not self.augment_on_device:
+            return {}
+        return {AUGMENT_KEY: torch.tensor([self.epoch, index], dtype=torch.int64)}
+
     def _read(self, scan: int) -> torch.Tensor:
         return torch.from_numpy(self.store.read_image(int(scan)))[None]  # [1, S, S, S]
 
@@ -114,8 +126,9 @@ class ScanDataset(StoreDataset):
     """Single scans. Item: x float32 [1, S, S, S], age float32 scalar, index long (in store)."""
 
     def __init__(self, store: CohortStore | str | Path, indices: Sequence[int] | None = None,
-                 transform: Augmentation | None = None, seed: int = 0):
-        super().__init__(store, transform, seed)
+                 transform: Augmentation | None = None, seed: int = 0,
+                 augment_on_device: bool = False):
+        super().__init__(store, transform, seed, augment_on_device)
         self.indices = _check_indices(indices, len(self._cohort), "ScanDataset")
         self.ages = np.asarray(self._cohort.column("age"), dtype=np.float32)[self.indices]
 
@@ -126,11 +139,11 @@ class ScanDataset(StoreDataset):
         index = self._check_item(index)
         scan = int(self.indices[index])
         x = self._read(scan)
-        if self.transform is not None:
+        if self._augments_here():
             x = self.transform(x, self._generator(index))
         return {"x": x,
                 "age": torch.tensor(self.ages[index], dtype=torch.float32),
-                "index": torch.tensor(scan, dtype=torch.int64)}
+                "index": torch.tensor(scan, dtype=torch.int64), **self._augment_key(index)}
 
     def __repr__(self) -> str:
         return (f"ScanDataset({self._cohort.path}, scans={len(self)}, "
@@ -189,8 +202,8 @@ class PairDataset(StoreDataset):
 
     def __init__(self, store: CohortStore | str | Path, indices: Sequence[int] | None = None,
                  consecutive_only: bool = False, transform: Augmentation | None = None,
-                 seed: int = 0):
-        super().__init__(store, transform, seed)
+                 seed: int = 0, augment_on_device: bool = False):
+        super().__init__(store, transform, seed, augment_on_device)
         selected = _check_indices(indices, len(self._cohort), "PairDataset")
         self.consecutive_only = bool(consecutive_only)
         self._store_ages = np.asarray(self._cohort.column("age"), dtype=np.float32)
@@ -213,14 +226,14 @@ class PairDataset(StoreDataset):
         index = self._check_item(index)
         u, v = (int(s) for s in self.pairs[index])
         x_u, x_v = self._read(u), self._read(v)
-        if self.transform is not None:
+        if self._augments_here():
             x_u, x_v = self._augment_pair(x_u, x_v, self._generator(index))
         return {"x_u": x_u, "x_v": x_v,
                 "dt": torch.tensor(self.dt[index], dtype=torch.float32),
                 "age_u": torch.tensor(self._store_ages[u], dtype=torch.float32),
                 "age_v": torch.tensor(self._store_ages[v], dtype=torch.float32),
                 "index_u": torch.tensor(u, dtype=torch.int64),
-                "index_v": torch.tensor(v, dtype=torch.int64)}
+                "index_v": torch.tensor(v, dtype=torch.int64), **self._augment_key(index)}
 
     def __repr__(self) -> str:
         return (f"PairDataset({self._cohort.path}, pairs={len(self)}, "

@@ -91,6 +91,20 @@ class Transform:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.apply_many([x], generator)[0]
 
+    def apply_batch(self, x: torch.Tensor, params: Sequence[Any | None]) -> torch.Tensor:
+        """A whole batch [B, C, D, H, W] on its device, item b with its own draw ``params[b]``
+        (from `sample`; None: left as it is). Equal to applying each item's draw to it alone;
+        subclasses do it in one call over the batch where they can."""
+        _check_batch(x, params, self)
+        return torch.stack([xi if p is None else self.apply(xi, p) for xi, p in zip(x, params)])
+
+
+def _check_batch(x: torch.Tensor, params: Sequence[Any], transform: Transform) -> None:
+    if x.ndim != 5 or len(params) != x.shape[0]:
+        raise ValueError(f"{type(transform).__name__}.apply_batch: expected a [B, C, D, H, W] "
+                         f"batch and B parameter draws, got shape {tuple(x.shape)} and "
+                         f"{len(params)} draws")
+
 
 def _check_probability(p: float, where: str) -> float:
     p = float(p)
@@ -114,6 +128,15 @@ class Compose(Transform):
                 x = t.apply(x, t_params)
         return x
 
+    def apply_batch(self, x: torch.Tensor, params: Sequence[list[Any]]) -> torch.Tensor:
+        """``params[b]``: item b's draw from `sample` (one entry per transform)."""
+        _check_batch(x, params, self)
+        for j, t in enumerate(self.transforms):
+            column = [p[j] for p in params]
+            if any(p is not None for p in column):
+                x = t.apply_batch(x, column)
+        return x
+
     def __len__(self) -> int:
         return len(self.transforms)
 
@@ -133,6 +156,11 @@ class HemisphereFlip(Transform):
 
     def apply(self, x, params):
         return torch.flip(x, dims=(LEFT_RIGHT_AXIS,))
+
+    def apply_batch(self, x, params):
+        _check_batch(x, params, self)
+        fires = torch.tensor([p is not None for p in params], device=x.device)
+        return torch.where(fires.view(-1, 1, 1, 1, 1), torch.flip(x, dims=(LEFT_RIGHT_AXIS + 1,)), x)
 
     def __repr__(self) -> str:
         return f"HemisphereFlip(p={self.p})"
@@ -167,7 +195,13 @@ def affine_transform(x: torch.Tensor, rotation_deg: Sequence[float] = (0.0, 0.0,
     """
     if x.ndim != 4:
         raise ValueError(f"affine_transform expects [C, D, H, W], got {tuple(x.shape)}")
-    sizes = torch.tensor(x.shape[1:], dtype=torch.float64)
+    return _resample(x[None], _affine_theta(x.shape[1:], rotation_deg, translation_vox)[None])[0]
+
+
+def _affine_theta(sizes: Sequence[int], rotation_deg: Sequence[float],
+                  translation_vox: Sequence[float]) -> torch.Tensor:
+    """affine_grid's 3×4 matrix (float64) for `affine_transform` on volumes of `sizes` (D, H, W)."""
+    sizes = torch.tensor(list(sizes), dtype=torch.float64)
     rotation = _rotation_matrix(rotation_deg)
     shift = torch.tensor([float(t) for t in translation_vox], dtype=torch.float64)
     # Content map in centred voxel coordinates: v_out = R v_in + t, so the sampling grid needs
@@ -178,13 +212,16 @@ def affine_transform(x: torch.Tensor, rotation_deg: Sequence[float] = (0.0, 0.0,
     offset = -(inv_half @ rotation.T @ shift)
     # affine_grid orders coordinates (x=W, y=H, z=D): reverse the axes.
     reverse = torch.flip(torch.eye(3, dtype=torch.float64), dims=(0,))
-    theta = torch.cat([reverse @ linear @ reverse, (reverse @ offset)[:, None]], dim=1)
+    return torch.cat([reverse @ linear @ reverse, (reverse @ offset)[:, None]], dim=1)
+
+
+def _resample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """x [N, C, D, H, W] resampled through theta [N, 3, 4] (float64): trilinear, zeros outside."""
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    theta = theta.to(dtype=dtype, device=x.device)[None]
-    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
-    out = F.grid_sample(x[None].to(dtype), grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
-    return out[0]
+    grid = F.affine_grid(theta.to(dtype=dtype, device=x.device), list(x.shape),
+                         align_corners=False)
+    return F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
 
 
 class RandomAffine(Transform):
@@ -205,6 +242,17 @@ class RandomAffine(Transform):
     def apply(self, x, params):
         rotation_deg, translation_vox = params
         return affine_transform(x, rotation_deg, translation_vox)
+
+    def apply_batch(self, x, params):
+        _check_batch(x, params, self)
+        fired = [b for b, p in enumerate(params) if p is not None]
+        if not fired:
+            return x
+        theta = torch.stack([_affine_theta(x.shape[2:], *params[b]) for b in fired])
+        moved = _resample(x[fired], theta)            # one grid_sample for the whole batch
+        out = x.to(moved.dtype).clone()
+        out[fired] = moved
+        return out
 
     def __repr__(self) -> str:
         return (f"RandomAffine(rotation_deg={self.rotation_deg}, "
@@ -228,9 +276,14 @@ class Cutout(Transform):
         return tuple(starts)
 
     def apply(self, x, params):
-        box = tuple(slice(start, start + self.size) for start in params)
+        return self.apply_batch(x[None], [params])[0]
+
+    def apply_batch(self, x, params):
+        _check_batch(x, params, self)
         x = x.clone()
-        x[(slice(None), *box)] = 0
+        for b, starts in enumerate(params):
+            if starts is not None:
+                x[(b, slice(None), *(slice(s, s + self.size) for s in starts))] = 0
         return x
 
     def __repr__(self) -> str:
@@ -253,6 +306,17 @@ class GaussianNoise(Transform):
     def apply(self, x, params):
         noise_generator = torch.Generator(device=x.device).manual_seed(params)
         noise = torch.randn(x.shape, generator=noise_generator, dtype=x.dtype, device=x.device)
+        return x + self.std * noise
+
+    def apply_batch(self, x, params):
+        # a field per item from its own seed (what makes the result independent of the batch)
+        _check_batch(x, params, self)
+        noise = torch.zeros_like(x)
+        for b, seed in enumerate(params):
+            if seed is not None:
+                generator = torch.Generator(device=x.device).manual_seed(seed)
+                noise[b] = torch.randn(x.shape[1:], generator=generator, dtype=x.dtype,
+                                       device=x.device)
         return x + self.std * noise
 
     def __repr__(self) -> str:

@@ -261,7 +261,7 @@ class DeepSpeedEngine:
         # As DDP: BatchNorm running statistics follow rank 0, so every rank (and the
         # checkpoint, which holds rank 0's module state) has the same model.
         dist.broadcast_buffers(self.method)
-        losses = self.model(to_device(batch, self.device))
+        losses = self.model(self.method.prepare_batch(to_device(batch, self.device)))
         check_finite(losses, where)
         self.model.backward(losses["loss"])   # scales by 1/accumulation steps itself
         self.model.step()                     # steps the optimizer at accumulation boundaries

@@ -147,8 +147,9 @@ class SingleEngine:
         self.model.train()
         if self._micro_step == 0:
             self.optimizer.zero_grad(set_to_none=True)
+        batch = self.method.prepare_batch(to_device(batch, self.device))
         with self.autocast():
-            losses = self.model(to_device(batch, self.device))
+            losses = self.model(batch)
         check_finite(losses, where)
         boundary = self._micro_step + 1 == self.grad_accum_steps
         with self._sync_gradients(boundary):

@@ -47,6 +47,9 @@ class Method(torch.nn.Module):
         self.step_in_epoch = 0
         self.steps_per_epoch = 1
         self._parameter_writer: Optional[Callable[[torch.nn.Parameter, Tensor], None]] = None
+        #: data.augment applied on the device (data.augment_on=device): installed by the job,
+        #: called by the engines on every training batch once it is on the device
+        self.batch_augmentation: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
 
     def set_parameter_writer(self, writer: Optional[Callable[[torch.nn.Parameter, Tensor], None]]
                              ) -> None:
@@ -65,6 +68,14 @@ class Method(torch.nn.Module):
             self._parameter_writer(param, value)
         else:
             param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A training batch already on the device, as `forward` takes it: augmented here when
+        ``batch_augmentation`` is installed (batches without augmentation keys pass through)."""
+        if self.batch_augmentation is None:
+            return batch
+        with torch.no_grad():
+            return self.batch_augmentation(batch)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

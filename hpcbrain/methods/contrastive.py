@@ -254,12 +254,14 @@ class ContrastiveMethod(Method):
         """[B,1,S,S,S] → [2B,1,S,S,S]: all first views, then all second views."""
         if self.view_transform is None:
             return torch.cat([x, x], dim=0)
+        # draws on the CPU, per scan from its own generator (first view, then second); the
+        # volumes are augmented where they are, the whole 2B batch at once
         first, second = [], []
-        for item, scan in zip(x, index.tolist()):
+        for scan in index.tolist():
             generator = view_generator(self.seed, self.epoch, int(scan))
-            first.append(self.view_transform(item, generator))
-            second.append(self.view_transform(item, generator))
-        return torch.cat([torch.stack(first), torch.stack(second)], dim=0)
+            first.append(self.view_transform.sample(x.shape[1:], generator))
+            second.append(self.view_transform.sample(x.shape[1:], generator))
+        return self.view_transform.apply_batch(torch.cat([x, x], dim=0), first + second)
 
     # --- losses -----------------------------------------------------------------------------------
     def _loss_sum(self, z: Tensor, labels: Tensor, anchors: Tensor) -> Tensor:
