@@ -169,7 +169,8 @@ def bench_size(src: Path, work: Path, size: int, args) -> list[dict]:
         read_store_image(store_path))
     for dtype, codec in (("float16", "zstd"), ("float32", "blosc-lz4"), ("float32", "zstd")):
         path = work / f"store{size}_{dtype}_{codec}.zarr"
-        write_s = timed(lambda: write_store(path, volumes, dtype, args.scans_per_shard, codec))
+        write_s = timed(lambda path=path, dtype=dtype, codec=codec:
+                        write_store(path, volumes, dtype, args.scans_per_shard, codec))
         row(f"store {dtype} {codec}", path, write_s, fast_reader(path))
 
     for ext in ("nii.gz", "nii"):

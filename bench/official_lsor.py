@@ -3,10 +3,10 @@
 Reads `DIR/src/model.py` of a checkout of github.com/ouyangjiahong/longitudinal-som-single-modality
 and builds its `SOMPairVisit` with `src/config_pair.yaml`'s settings (4×8 grid, 1024-d latent,
 LNE direction loss with the grid EMA). One step is the body of `main_pair.py`'s training loop in
-the SOM phase, in its order: `forward_pair_z`, the five losses, `loss.backward()`, its per-parameter
-finiteness check, the snapshot of nodes, encoder and decoder to numpy it takes before every
-`optimizer.step()`, the step (Adam, amsgrad, as its optimiser), `zero_grad()` and the snapshot after it (the loop
-prints the mean change of each). With
+the SOM phase, in its order: `forward_pair_z`, the five losses, `loss.backward()`, its
+per-parameter finiteness check, the snapshot of nodes, encoder and decoder to numpy it takes
+before every `optimizer.step()`, the step (Adam, amsgrad, as its optimiser), `zero_grad()` and
+the snapshot after it (the loop prints the mean change of each). With
 ``snapshots=False`` the step leaves the snapshot out (it only feeds debugging output), to show
 what it costs. Nothing of the official code is copied here: it is imported from DIR.
 

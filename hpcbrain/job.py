@@ -137,8 +137,8 @@ def run_training(cfg: DictConfig, stop: StopRequest | None = None) -> TrainingRe
 
 
 def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) -> TrainingResult:
-    from hpcbrain.engine.trainer import Trainer
     from hpcbrain.data.batch_augment import BatchAugmentation
+    from hpcbrain.engine.trainer import Trainer
     from hpcbrain.methods import build_method, get_method_class
     from hpcbrain.tracking import make_tracker, tracking_uri
 

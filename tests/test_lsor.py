@@ -462,6 +462,23 @@ def test_lsor_init_pca_starts_from_the_latents_principal_plane():
     torch.testing.assert_close(m.G.detach(), pca_grid_init(scans, (2, 3)), rtol=1e-4, atol=1e-4)
 
 
+def test_lsor_init_longitudinal_lays_the_long_side_along_the_mean_dz():
+    m = make_model(init="longitudinal")
+    batches = make_batches(8, 3, with_idx=True)
+    m.on_epoch_start(2, lambda: iter(batches))
+    with torch.no_grad(), batch_norm_mode(m, use_batch_statistics=True):
+        z = [m.encoder()(torch.cat([b["x_u"], b["x_v"]])) for b in batches]
+    n = [b["x_u"].shape[0] for b in batches]
+    scans = torch.cat([zi[:k] for zi, k in zip(z, n)] + [zi[k:] for zi, k in zip(z, n)])
+    dz = torch.cat([(zi[k:] - zi[:k]) / b["dt"].unsqueeze(1) for zi, k, b in zip(z, n, batches)])
+    expect = pca_grid_init(scans, (2, 3), first_axis=dz.mean(0))
+    torch.testing.assert_close(m.G.detach(), expect, rtol=1e-4, atol=1e-4)
+    # columns advance along the mean Δz: each step right moves the node forward along it
+    grid = m.G.detach().reshape(2, 3, -1)
+    step = grid[:, 1:] - grid[:, :-1]
+    assert (step @ dz.mean(0) > 0).all()
+
+
 @pytest.mark.parametrize("mode", ["batch", "running"])
 def test_initialise_som_end_to_end_and_dedup(mode):
     m = make_model(init_bn_mode=mode)

@@ -5,7 +5,7 @@ import zarr
 
 from hpcbrain.cli import main
 from hpcbrain.data import recompress
-from hpcbrain.data.store import CohortStore, StoreError
+from hpcbrain.data.store import CohortStore
 
 
 def snapshot(path):

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcbrain.data.store import (ATTRS_KEY, IMAGES, CohortStore, ImageLayout, StoreError,
-                                 create_images_array)
+from hpcbrain.data.store import ATTRS_KEY, IMAGES, CohortStore, ImageLayout, StoreError, create_images_array
 from hpcbrain.run_lock import RunFolderLocked, file_lock
 
 PARTIAL_SUFFIX = ".recompress.partial"

@@ -4,8 +4,9 @@ zarr 3.1 spends ~2.5 ms of async/thread machinery on reading one chunk out of a 
 several times the cost of decoding it (bench/io_bench.py measures it). The layout the converter
 writes is fixed and simple (Zarr v3 `sharding_indexed`, index at the end of the shard file,
 inner codecs bytes + blosc or bytes + zstd), so for that exact layout we read the shard index
-and the chunk ourselves, decoding straight into the output array. Any other layout returns None from `open_fast_reader`, and the caller
-falls back to zarr: correctness never depends on this module.
+and the chunk ourselves, decoding straight into the output array. Any other layout returns
+None from `open_fast_reader`, and the caller falls back to zarr: correctness never depends on
+this module.
 """
 from __future__ import annotations
 

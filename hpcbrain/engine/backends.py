@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hpcbrain import dist
+from hpcbrain.engine.precision import bf16_supported, use_bf16
 from hpcbrain.engine.single import (
     CheckpointMismatchError,
     NonFiniteLossError,
@@ -28,7 +29,6 @@ from hpcbrain.engine.single import (
     peak_memory_mb,
     to_device,
 )
-from hpcbrain.engine.precision import bf16_supported, use_bf16
 
 __all__ = ["ENGINES", "build_engine", "resolve_engine_name", "needs_process_group",
            "SingleEngine", "NonFiniteLossError", "CheckpointMismatchError", "bf16_supported",
