@@ -65,7 +65,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         report = convert_cohort(args.source, args.out, args.shape, workers=args.workers,
                                 skip_bad=args.skip_bad, dtype=args.dtype,
                                 scans_per_shard=args.scans_per_shard, codec=args.codec,
-                                codec_level=args.codec_level, progress=not args.quiet)
+                                codec_level=args.codec_level, register=args.register,
+                                progress=not args.quiet)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="convert the good scans, record the bad ones in the store")
     convert.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     convert.add_argument("--scans-per-shard", type=int, default=16)
+    convert.add_argument("--register", action="store_true",
+                         help="N4 bias correction and affine registration to MNI152 (ANTsPy) "
+                              "before resampling; failed registrations are bad scans")
     _codec_arguments(convert)
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_cmd_convert)

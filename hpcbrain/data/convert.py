@@ -45,7 +45,7 @@ from typing import Iterator
 import numpy as np
 
 from hpcbrain.data.discover import ConversionError, Scan, discover_scans
-from hpcbrain.data.preprocess import PREPROCESSING, BadScanError, load_scan
+from hpcbrain.data.preprocess import BadScanError, load_scan, preprocessing_attrs
 from hpcbrain.data.store import DEFAULT_CODEC, PROGRESS_FILE, CohortStoreWriter, ImageLayout
 from hpcbrain.run_lock import RunFolderLocked, file_lock
 
@@ -61,10 +61,20 @@ class ConversionReport:
     resumed_shards: int
 
 
-def _convert_one(path: str, size: int, dtype: str):
+@dataclass(frozen=True)
+class Recipe:
+    """How each scan is turned into a store volume (sent to the worker processes)."""
+
+    size: int
+    dtype: str
+    register: bool = False
+
+
+def _convert_one(path: str, recipe: Recipe):
     """Worker task: (volume as dtype, affine, voxel mm, None) or (None, None, None, reason)."""
+    size, dtype = recipe.size, recipe.dtype
     try:
-        volume, affine, out_vox = load_scan(path, size)
+        volume, affine, out_vox = load_scan(path, size, register=recipe.register)
         volume = volume.astype(dtype)
         if not np.isfinite(volume).all():
             raise BadScanError(f"values overflow {dtype}")
@@ -94,13 +104,13 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _results(tasks: list[tuple[int, str]], size: int, dtype: str,
+def _results(tasks: list[tuple[int, str]], recipe: Recipe,
              workers: int) -> Iterator[tuple[int, tuple]]:
     """Yield (index, _convert_one result) in task order, with a process pool if workers > 1."""
     workers = min(workers, len(tasks))
     if workers <= 1:
         for index, path in tasks:
-            yield index, _convert_one(path, size, dtype)
+            yield index, _convert_one(path, recipe)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -113,7 +123,7 @@ def _results(tasks: list[tuple[int, str]], size: int, dtype: str,
         pending = deque()
         queue = iter(tasks)
         for index, path in queue:
-            pending.append((index, pool.submit(_convert_one, path, size, dtype)))
+            pending.append((index, pool.submit(_convert_one, path, recipe)))
             if len(pending) >= 3 * workers:
                 break
         while pending:
@@ -128,7 +138,7 @@ def _results(tasks: list[tuple[int, str]], size: int, dtype: str,
                     "kept and rerunning the same command resumes") from exc
             nxt = next(queue, None)
             if nxt is not None:
-                pending.append((nxt[0], pool.submit(_convert_one, nxt[1], size, dtype)))
+                pending.append((nxt[0], pool.submit(_convert_one, nxt[1], recipe)))
             yield index, result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -158,7 +168,7 @@ def _build_columns(scans: list[Scan]) -> tuple[dict[str, np.ndarray], dict[str, 
     return columns, types
 
 
-def _fingerprint(scans: list[Scan], size: int, layout: ImageLayout) -> str:
+def _fingerprint(scans: list[Scan], size: int, layout: ImageLayout, preprocessing: dict) -> str:
     items = []
     for scan in scans:
         try:
@@ -170,7 +180,7 @@ def _fingerprint(scans: list[Scan], size: int, layout: ImageLayout) -> str:
                       sorted(scan.meta.items()), scan.problems])
     blob = json.dumps({"scans": items, "shape": size, "dtype": layout.dtype,
                        "scans_per_shard": layout.scans_per_shard, "codec": layout.codec_attrs(),
-                       "preprocessing": PREPROCESSING}, sort_keys=True, default=str)
+                       "preprocessing": preprocessing}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -204,8 +214,9 @@ def _describe(bad: list[tuple[str, str, str, str]], n_scans: int, header: str = 
 def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: int = 1,
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                    codec: str = DEFAULT_CODEC, codec_level: int | None = None,
-                   progress: bool = True) -> ConversionReport:
-    """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images)."""
+                   register: bool = False, progress: bool = True) -> ConversionReport:
+    """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images); with
+    `register`, every scan is bias-corrected and affinely registered to MNI152 first."""
 
     started = time.perf_counter()
     size = int(shape)
@@ -224,6 +235,13 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                              codec=codec, level=codec_level)
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
+    if register:
+        from hpcbrain.data.register import RegistrationUnavailable, _ants
+
+        try:
+            _ants()
+        except RegistrationUnavailable as exc:
+            raise ConversionError(str(exc)) from None
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
@@ -234,24 +252,26 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
         with file_lock(lock, f"the conversion to {out}",
                        "another `hpcbrain convert` is writing this store; wait for it to end, "
                        "or pass another --out"):
-            return _convert_locked(source, out, partial, layout, workers, skip_bad, progress,
-                                   started)
+            return _convert_locked(source, out, partial, Recipe(size, dtype, bool(register)),
+                                   layout, workers, skip_bad, progress, started)
     except RunFolderLocked as exc:
         raise ConversionError(str(exc)) from None
 
 
-def _convert_locked(source: Path, out: Path, partial: Path, layout: ImageLayout, workers: int,
-                    skip_bad: bool, progress: bool, started: float) -> ConversionReport:
+def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layout: ImageLayout,
+                    workers: int, skip_bad: bool, progress: bool,
+                    started: float) -> ConversionReport:
     """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
     from tqdm import tqdm
 
-    size, dtype = layout.shape[0], layout.dtype
+    size = recipe.size
+    preprocessing = preprocessing_attrs(recipe.register)
 
     _refuse_existing(out)             # finished by another conversion while we waited to check
     scans, fmt = discover_scans(source)
     if not scans:
         raise ConversionError(f"no T1w images found in {source}")
-    fingerprint = _fingerprint(scans, size, layout)
+    fingerprint = _fingerprint(scans, size, layout, preprocessing)
     reasons: dict[int, list[str]] = {i: list(s.problems) for i, s in enumerate(scans)
                                      if s.problems}
     candidates = [i for i in range(len(scans)) if i not in reasons]
@@ -272,7 +292,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, layout: ImageLayout,
         tasks = [(i, str(s.path)) for i, s in enumerate(scans)
                  if s.path is not None and s.path.is_file()]
         bar = tqdm(total=len(tasks), disable=not progress, unit="scan", desc="check")
-        for index, (_, _, _, reason) in _results(tasks, size, dtype, workers):
+        for index, (_, _, _, reason) in _results(tasks, recipe, workers):
             if reason:
                 reasons.setdefault(index, []).append(reason)
             bar.update()
@@ -299,7 +319,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, layout: ImageLayout,
     bar = tqdm(total=len(candidates), initial=state["done"], disable=not progress,
                unit="scan", desc=f"convert {out.name}")
     try:
-        for index, (volume, affine, out_vox, reason) in _results(tasks, size, dtype, workers):
+        for index, (volume, affine, out_vox, reason) in _results(tasks, recipe, workers):
             consumed += 1
             if reason:
                 reasons.setdefault(index, []).append(reason)
@@ -325,7 +345,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, layout: ImageLayout,
                for p, sub, ses, r in bad_list()]
     try:
         writer.finalise(out, columns, types, {
-            "preprocessing": PREPROCESSING,
+            "preprocessing": preprocessing,
             "skipped": skipped,
             "source": {"path": str(source), "format": fmt},
             "created_by": f"hpcbrain {_version()} (hpcbrain.data.convert.convert_cohort)",

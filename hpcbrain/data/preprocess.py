@@ -6,6 +6,8 @@ Preprocessing (`preprocess_image`, recorded in ``attrs["hpcbrain"]["preprocessin
 ---------------------------------------------------------------------------------------
 1. ``nibabel.load``; a 4D image whose extra dimensions are all 1 is squeezed to 3D; any other
    4D image (several volumes), a 2D image or a 3D image with a single slice is rejected.
+   With registration (``hpcbrain convert --register``, `hpcbrain.data.register`): N4 bias-field
+   correction and affine registration to MNI152 (2 mm) first; the rest applies to the result.
 2. Reorientation to RAS+ (``nibabel.as_closest_canonical``); ``get_fdata(dtype=float32)`` (so
    scl_slope / scl_inter are applied). NaN or Inf voxels reject the scan.
 3. The field of view is padded, centred, to a cube in mm (side L = the largest extent) and
@@ -130,10 +132,25 @@ def preprocess_image(img, size: int) -> tuple[np.ndarray, np.ndarray, float]:
     return volume, np.asarray(img.affine, dtype=np.float64), out_vox
 
 
-def load_scan(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Load a NIfTI file and preprocess it; raises `BadScanError` saying why it is unusable."""
+def preprocessing_attrs(register: bool = False) -> dict:
+    """What a store records in ``attrs["hpcbrain"]["preprocessing"]`` (and a model trained on
+    it carries): `PREPROCESSING`, and the registration when there is one (else null)."""
+    from hpcbrain.data.register import registration_attrs
+
+    return {**PREPROCESSING, "registration": registration_attrs() if register else None}
+
+
+def load_scan(path: str | Path, size: int, register: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Load a NIfTI file and preprocess it; raises `BadScanError` saying why it is unusable.
+    With `register`, the scan is first bias-corrected and affinely registered to MNI152
+    (`hpcbrain.data.register`); the affine returned is then the template's."""
     import nibabel as nib
 
+    if register:
+        from hpcbrain.data.register import register_to_template
+
+        return preprocess_image(register_to_template(path), size)
     try:
         img = nib.load(str(path))
     except Exception as exc:
