@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 RunFolderLocked, TrackingUnavailable)
     if args.command in ("embed", "predict-age"):
         from hpcbrain.data.preprocess import BadScanError
+        from hpcbrain.evaluate.model_inputs import ModelInputError
 
-        user_errors += (BadScanError,)
+        user_errors += (BadScanError, ModelInputError)
     try:
         return args.func(args)
     except user_errors as exc:

@@ -243,6 +243,7 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
             tracker.log_artifact(figure, artifact_path="figures")
         result.metrics = report.metrics
         result.figures = report.figures
+    from hpcbrain.evaluate.model_inputs import model_inputs_metadata
     from hpcbrain.evaluate.ridge import evaluate_after_training
 
     age = evaluate_after_training(cfg, method, store, split, tracker, run_dir,
@@ -250,13 +251,16 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
     size = cfg.data.input_size
     example = torch.from_numpy(np.stack([store.read_image(i) for i in split.train[:2]]))[:, None]
     example = example.reshape(-1, 1, size, size, size)
+    inputs = model_inputs_metadata(store)
     result.model_uri = tracker.log_encoder(method.encoder(), example,
-                                           extra_files=method.registry_files(run_dir / "registry"))
+                                           extra_files=method.registry_files(run_dir / "registry"),
+                                           metadata=inputs)
     if age is not None:
         result.metrics = {**(result.metrics or {}), **age.metrics}
         if cfg.tracking.registered_age_model:
             result.age_model_uri = tracker.log_model(age.predictor, example, "age_predictor",
-                                                     cfg.tracking.registered_age_model)
+                                                     cfg.tracking.registered_age_model,
+                                                     metadata=inputs)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):

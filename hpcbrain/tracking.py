@@ -91,10 +91,11 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
-    def log_encoder(self, encoder: Any, example: Any,
-                    extra_files: list[Path] | None = None) -> str | None: return None
+    def log_encoder(self, encoder: Any, example: Any, extra_files: list[Path] | None = None,
+                    metadata: dict | None = None) -> str | None: return None
     def log_model(self, module: Any, example: Any, artifact: str, registered_name: str | None,
-                  extra_files: list[Path] | None = None) -> str | None: return None
+                  extra_files: list[Path] | None = None,
+                  metadata: dict | None = None) -> str | None: return None
     def finish(self, status: str = "FINISHED") -> None: ...
 
     def health_note(self) -> str | None:
@@ -199,18 +200,21 @@ class MlflowTracker(NullTracker):
         log.warning("tracking offline: %s not logged (it stays in the run folder)", what)
         return True
 
-    def log_encoder(self, encoder: Any, example: Any,
-                    extra_files: list[Path] | None = None) -> str | None:
+    def log_encoder(self, encoder: Any, example: Any, extra_files: list[Path] | None = None,
+                    metadata: dict | None = None) -> str | None:
         """Log the encoder (pytorch flavour, with signature) as `tracking.registered_model`;
         see `log_model`. `extra_files` land in the model's ``extra_files/`` folder (LSOR: its
         SOM grid)."""
         return self.log_model(encoder, example, "encoder", self.cfg.tracking.registered_model,
-                              extra_files)
+                              extra_files, metadata)
 
     def log_model(self, module: Any, example: Any, artifact: str, registered_name: str | None,
-                  extra_files: list[Path] | None = None) -> str | None:
+                  extra_files: list[Path] | None = None,
+                  metadata: dict | None = None) -> str | None:
         """Log a torch module (pytorch flavour, signature from `example`) under `artifact`;
         register it as `registered_name` and point `tracking.alias` at the new version.
+        `metadata` goes into the model's MLmodel file (hpcbrain's: how its inputs were made,
+        `hpcbrain.evaluate.model_inputs`).
 
         Returns the `models:/NAME@ALIAS` URI, or the run's model URI when `registered_name` is
         empty. `example` must hold at least 2 volumes: torch.export freezes a batch dimension
@@ -231,7 +235,8 @@ class MlflowTracker(NullTracker):
         info = mlflow.pytorch.log_model(module, name=artifact, signature=signature,
                                         input_example=example.numpy(),
                                         registered_model_name=registered_name or None,
-                                        extra_files=[str(f) for f in extra_files or []] or None)
+                                        extra_files=[str(f) for f in extra_files or []] or None,
+                                        metadata=metadata)
         if not registered_name:
             return info.model_uri
         alias = self.cfg.tracking.alias

@@ -175,6 +175,18 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     with np.load(model_dir / "extra_files" / SOM_FILE) as som:
         np.testing.assert_array_equal(som["nodes"], reference.G.detach().numpy())
         assert tuple(som["grid"]) == (2, 2)
+    # ... and how its inputs were made: the store's preparation, read back as what to do
+    from mlflow.models import Model
+
+    from hpcbrain.data.store import CohortStore
+    from hpcbrain.evaluate.model_inputs import required_preparation
+
+    inputs = Model.load(str(model_dir / "MLmodel")).metadata["hpcbrain"]["inputs"]
+    trained_on = CohortStore(store)
+    assert inputs["shape"] == list(trained_on.shape) and inputs["orientation"] == "RAS+"
+    assert inputs["preprocessing"] == trained_on.info["preprocessing"]
+    preparation = required_preparation(model_dir, 16)
+    assert (preparation.size, preparation.register) == (16, False)
 
     # Rerunning a finished run (the demo twice, a requeue after the end) registers nothing new.
     again = run_training(cfg)

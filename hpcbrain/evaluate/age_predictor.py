@@ -61,8 +61,8 @@ def predict_ages(model_uri: str, scans: Sequence[str | Path], batch_size: int = 
     """Predicted age (years) of each NIfTI file in `scans` with a registered `AgePredictor`."""
     from hpcbrain.evaluate.embed import apply_to_scans, load_registered
 
-    module, _, size = load_registered(model_uri)
-    ages = apply_to_scans(module, scans, size, batch_size)
+    module, _, preparation = load_registered(model_uri)
+    ages = apply_to_scans(module, scans, preparation, batch_size)
     if ages.ndim != 1:
         raise ValueError(f"{model_uri} gives outputs of shape {ages.shape[1:]} per scan, not one "
                          f"age: is it an encoder? `hpcbrain embed` gives an encoder's features; "

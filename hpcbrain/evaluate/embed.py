@@ -1,7 +1,8 @@
 """Embed new scans with a registered encoder: `hpcbrain embed MODEL_URI SCAN... --out FILE`.
 
-Scans are preprocessed exactly as the converter preprocesses a cohort (`load_scan`), so a model
-trained on a store sees new NIfTI files the way it saw its training data.
+Scans are preprocessed exactly as the converter preprocessed the model's training store
+(`load_scan`, registered to MNI152 when the store was: the model carries how, see
+`model_inputs.py`), so a model sees new NIfTI files the way it saw its training data.
 """
 from __future__ import annotations
 
@@ -46,19 +47,24 @@ def _som_of(model_dir: Path) -> dict | None:
 
 
 def load_registered(model_uri: str):
-    """(torch module, its downloaded model folder, S of the S³ input) of a logged model."""
+    """(torch module, its downloaded model folder, the `Preparation` of its inputs) of a logged
+    model; `model_inputs.ModelInputError` before anything is loaded when new scans cannot be
+    prepared for it here."""
     import mlflow.artifacts
     import mlflow.pytorch
 
+    from hpcbrain.evaluate.model_inputs import required_preparation
+
     size = model_input_size(model_uri)
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    return mlflow.pytorch.load_model(str(model_dir)), model_dir, size
+    preparation = required_preparation(model_dir, size)
+    return mlflow.pytorch.load_model(str(model_dir)), model_dir, preparation
 
 
-def apply_to_scans(module, scans: Sequence[str | Path], size: int,
+def apply_to_scans(module, scans: Sequence[str | Path], preparation,
                    batch_size: int = 8) -> np.ndarray:
-    """`module` on the NIfTI files `scans`, preprocessed as the converter does (`load_scan`),
-    in batches; its outputs concatenated along the first axis. A bad file raises BadScanError
+    """`module` on the NIfTI files `scans`, prepared as `preparation` says (`load_scan`), in
+    batches; its outputs concatenated along the first axis. A bad file raises BadScanError
     naming it."""
     import torch
 
@@ -69,7 +75,8 @@ def apply_to_scans(module, scans: Sequence[str | Path], size: int,
         volumes = []
         for path in scans[start:start + batch_size]:
             try:
-                volumes.append(load_scan(path, size)[0])
+                volumes.append(load_scan(path, preparation.size,
+                                         register=preparation.register)[0])
             except BadScanError as exc:
                 raise BadScanError(f"{path}: {exc}") from None
         with torch.no_grad():
@@ -83,8 +90,8 @@ def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8
 
     from hpcbrain.methods.som import similarity_grid, squared_distances
 
-    encoder, model_dir, size = load_registered(model_uri)
-    result = Embedding(apply_to_scans(encoder, scans, size, batch_size))
+    encoder, model_dir, preparation = load_registered(model_uri)
+    result = Embedding(apply_to_scans(encoder, scans, preparation, batch_size))
     som = _som_of(model_dir)
     if som is not None:
         z = torch.from_numpy(result.latents).to(torch.float64)
