@@ -66,6 +66,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                                 skip_bad=args.skip_bad, dtype=args.dtype,
                                 scans_per_shard=args.scans_per_shard, codec=args.codec,
                                 codec_level=args.codec_level, register=args.register,
+                                bids_filter=args.bids_filter,
                                 progress=not args.quiet)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="convert the good scans, record the bad ones in the store")
     convert.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     convert.add_argument("--scans-per-shard", type=int, default=16)
+    convert.add_argument("--bids-filter", default=None, metavar="JSON|FILE",
+                         help="which T1w images of a session to use, e.g. "
+                              "'{\"t1w\": {\"acquisition\": \"mprage\", \"run\": 1}}'")
     convert.add_argument("--register", action="store_true",
                          help="N4 bias correction and affine registration to MNI152 (ANTsPy) "
                               "before resampling; failed registrations are bad scans")

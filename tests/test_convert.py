@@ -123,7 +123,7 @@ def test_store_reads_back_with_plain_zarr(tmp_path):
     assert info["spacing_mm"] == pytest.approx([14 / S] * 3)  # largest extent 14 mm over S voxels
     assert info["dtype"] == "float16" and info["n_scans"] == 6 and info["skipped"] == []
     assert info["codec"] == {"name": "blosc-lz4", "level": 5}
-    assert info["source"] == {"path": str(src), "format": "bids"}
+    assert info["source"] == {"path": str(src), "format": "bids", "bids_filter": None}
     assert info["preprocessing"]["reorient"].startswith("RAS+")
     assert info["preprocessing"]["resample"]["order"] == 1
     assert {"subject", "session", "age", "source_path", "affine", "sex", "group",

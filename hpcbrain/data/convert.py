@@ -214,9 +214,11 @@ def _describe(bad: list[tuple[str, str, str, str]], n_scans: int, header: str = 
 def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: int = 1,
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                    codec: str = DEFAULT_CODEC, codec_level: int | None = None,
-                   register: bool = False, progress: bool = True) -> ConversionReport:
+                   register: bool = False, bids_filter: str | None = None,
+                   progress: bool = True) -> ConversionReport:
     """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images); with
-    `register`, every scan is bias-corrected and affinely registered to MNI152 first."""
+    `register`, every scan is bias-corrected and affinely registered to MNI152 first;
+    `bids_filter` (JSON or a JSON file) chooses among a session's T1w images."""
 
     started = time.perf_counter()
     size = int(shape)
@@ -253,14 +255,14 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                        "another `hpcbrain convert` is writing this store; wait for it to end, "
                        "or pass another --out"):
             return _convert_locked(source, out, partial, Recipe(size, dtype, bool(register)),
-                                   layout, workers, skip_bad, progress, started)
+                                   layout, workers, skip_bad, progress, started, bids_filter)
     except RunFolderLocked as exc:
         raise ConversionError(str(exc)) from None
 
 
 def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layout: ImageLayout,
-                    workers: int, skip_bad: bool, progress: bool,
-                    started: float) -> ConversionReport:
+                    workers: int, skip_bad: bool, progress: bool, started: float,
+                    bids_filter: str | None = None) -> ConversionReport:
     """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
     from tqdm import tqdm
 
@@ -268,7 +270,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     preprocessing = preprocessing_attrs(recipe.register)
 
     _refuse_existing(out)             # finished by another conversion while we waited to check
-    scans, fmt = discover_scans(source)
+    scans, fmt = discover_scans(source, bids_filter)
     if not scans:
         raise ConversionError(f"no T1w images found in {source}")
     fingerprint = _fingerprint(scans, size, layout, preprocessing)
@@ -347,7 +349,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
         writer.finalise(out, columns, types, {
             "preprocessing": preprocessing,
             "skipped": skipped,
-            "source": {"path": str(source), "format": fmt},
+            "source": {"path": str(source), "format": fmt, "bids_filter": bids_filter},
             "created_by": f"hpcbrain {_version()} (hpcbrain.data.convert.convert_cohort)",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })

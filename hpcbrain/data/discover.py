@@ -12,8 +12,9 @@ Sources
   participants.tsv becomes ``participant_age``).
   A subject **without session folders** (``sub-X/anat/sub-X_T1w.nii.gz``) has one scan, labelled
   session ``ses-01``; its age comes from participants.tsv's ``age`` column.
-  Several T1w images for one subject/session (e.g. two runs) are a *duplicate*: name the one to
-  use in a CSV manifest.
+  Several T1w images for one subject/session (e.g. two runs) are a *duplicate*: choose one with
+  ``--bids-filter`` (`hpcbrain.data.bids_filter`, e.g. ``{"t1w": {"run": 1}}``) or name it in a
+  CSV manifest.
 * **CSV manifest** (``.csv``; ``.tsv`` is read tab-separated): columns ``path``, ``subject``,
   ``age`` (required), ``session`` (optional, default ``ses-01``), then any columns. Relative paths
   resolve against the manifest's folder. Rows keep the manifest's order.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcbrain.data.bids_filter import BidsFilterError, load_filter, matches
 from hpcbrain.data.store import IMAGES
 
 DEFAULT_SESSION = "ses-01"
@@ -112,14 +114,15 @@ def _label(value: str, prefix: str) -> str:
     return value if value.startswith(prefix) else prefix + value
 
 
-def _t1w_images(anat: Path, prefix: str) -> list[Path]:
+def _t1w_images(anat: Path, prefix: str, allowed=None) -> list[Path]:
     if not anat.is_dir():
         return []
     return sorted(p for p in anat.glob(f"{prefix}_*T1w.nii*")
-                  if p.name.endswith(("_T1w.nii", "_T1w.nii.gz")) and p.is_file())
+                  if p.name.endswith(("_T1w.nii", "_T1w.nii.gz")) and p.is_file()
+                  and matches(p, allowed))
 
 
-def _read_bids(root: Path) -> list[Scan]:
+def _read_bids(root: Path, allowed=None) -> list[Scan]:
     subjects = sorted(d for d in root.glob("sub-*") if d.is_dir())
     if not subjects:
         raise ConversionError(f"{root} holds no sub-* folders: not a BIDS dataset (or pass a "
@@ -184,7 +187,7 @@ def _read_bids(root: Path) -> list[Scan]:
                 age, problem = None, f"{sub} has no row in {ptsv}"
             else:
                 age, problem = _parse_age(age_text, where)
-            for image in _t1w_images(subdir / "anat", sub):
+            for image in _t1w_images(subdir / "anat", sub, allowed):
                 scans.append(Scan(image, sub, DEFAULT_SESSION, age, participant_meta(sub, True),
                                   common + ([problem] if problem else [])))
             continue
@@ -192,7 +195,7 @@ def _read_bids(root: Path) -> list[Scan]:
         rows = sessions[sub]
         for ses_dir in ses_dirs:
             ses = ses_dir.name
-            images = _t1w_images(ses_dir / "anat", f"{sub}_{ses}")
+            images = _t1w_images(ses_dir / "anat", f"{sub}_{ses}", allowed)
             if not images:
                 continue
             problems = list(common)
@@ -250,19 +253,28 @@ def _read_manifest(path: Path) -> list[Scan]:
     return scans
 
 
-def discover_scans(source: str | Path) -> tuple[list[Scan], str]:
+def discover_scans(source: str | Path, bids_filter: str | None = None
+                   ) -> tuple[list[Scan], str]:
     """List the scans of a BIDS folder or CSV manifest with their metadata problems.
 
     Returns ``(scans, format)`` with format ``"bids"`` or ``"manifest"``. Problems found
     without reading images (missing or bad age, missing file, duplicate subject/session) are
-    in each scan's ``problems``.
+    in each scan's ``problems``. `bids_filter` (JSON or a JSON file, `bids_filter.load_filter`)
+    keeps only the matching T1w images of a BIDS folder.
     """
     source = Path(source).expanduser()
     if not source.exists():
         raise ConversionError(f"source {source} does not exist")
+    try:
+        allowed = load_filter(bids_filter)
+    except BidsFilterError as exc:
+        raise ConversionError(str(exc)) from None
     if source.is_dir():
-        scans, fmt = _read_bids(source), "bids"
+        scans, fmt = _read_bids(source, allowed), "bids"
     else:
+        if allowed:
+            raise ConversionError("--bids-filter chooses among a BIDS folder's images; a CSV "
+                                  "manifest names its images itself")
         scans, fmt = _read_manifest(source), "manifest"
     groups: dict[tuple[str, str], list[int]] = {}
     for i, scan in enumerate(scans):
@@ -272,6 +284,8 @@ def discover_scans(source: str | Path) -> tuple[list[Scan], str]:
         if len(members) > 1:
             for i in members:
                 others = ", ".join(str(scans[j].path) for j in members if j != i)
+                advice = ("; choose one with --bids-filter, e.g. '{\"t1w\": {\"run\": 1}}'"
+                          if fmt == "bids" else "")
                 scans[i].problems.append(
-                    f"duplicate subject/session {subject} {session} (also: {others})")
+                    f"duplicate subject/session {subject} {session} (also: {others}){advice}")
     return scans, fmt
