@@ -58,6 +58,26 @@ def _cmd_recompress(args) -> int:
     return 0
 
 
+def _cmd_bids_app(args) -> int:
+    from hpcbrain import bids_app
+
+    if args.analysis_level == "group":
+        written = bids_app.run_group(args.output_dir)
+    else:
+        if not args.model:
+            print("error: the participant level needs --model MODEL_URI", file=sys.stderr)
+            return 2
+        if args.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(args.tracking_uri)
+        written = bids_app.run_participant(args.bids_dir, args.output_dir, args.model,
+                                           args.participant_label, args.session_label,
+                                           args.bids_filter, args.batch_size)
+    print(f"bids-app {args.analysis_level}: wrote {len(written)} files under {args.output_dir}")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from hpcbrain.data.convert import ConversionError, convert_cohort
 
@@ -190,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     _codec_arguments(recompress)
     recompress.set_defaults(func=_cmd_recompress)
 
+    app = sub.add_parser("bids-app", help="BIDS-App: a registered model's outputs as BIDS "
+                                          "derivatives (participant), gathered (group)")
+    app.add_argument("bids_dir", type=Path, help="the BIDS dataset")
+    app.add_argument("output_dir", type=Path, help="the derivative dataset to write")
+    app.add_argument("analysis_level", choices=["participant", "group"])
+    app.add_argument("--model", help="e.g. models:/hpcbrain-lsor-encoder@current (participant "
+                                     "level; MLFLOW_TRACKING_URI or --tracking-uri says where)")
+    app.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the model")
+    app.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL",
+                     help="only these participants (with or without sub-)")
+    app.add_argument("--session-label", nargs="+", default=None, metavar="LABEL",
+                     help="only these sessions (with or without ses-)")
+    app.add_argument("--bids-filter", default=None, metavar="JSON|FILE",
+                     help="which T1w images of a session to use (see hpcbrain convert)")
+    app.add_argument("--batch-size", type=int, default=8)
+    app.set_defaults(func=_cmd_bids_app)
+
     embed = sub.add_parser("embed", help="embed NIfTI scans with a registered encoder")
     embed.add_argument("model", help="e.g. models:/hpcbrain-lsor-encoder@current (set "
                                      "MLFLOW_TRACKING_URI for a non-default store)")
@@ -231,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError,
                                                 RunFolderLocked, TrackingUnavailable)
-    if args.command in ("embed", "predict-age"):
+    if args.command in ("embed", "predict-age", "bids-app"):
+        from hpcbrain.bids_app import BidsAppError
         from hpcbrain.data.preprocess import BadScanError
         from hpcbrain.evaluate.model_inputs import ModelInputError
 
-        user_errors += (BadScanError, ModelInputError)
+        user_errors += (BadScanError, ModelInputError, BidsAppError)
     try:
         return args.func(args)
     except user_errors as exc:

@@ -1,0 +1,248 @@
+"""hpcbrain as a BIDS-App: ``hpcbrain bids-app BIDS_DIR OUTPUT_DIR participant|group --model URI``.
+
+``participant`` applies a registered model to each selected participant's T1w scans (prepared
+as the model's training store was: `evaluate.model_inputs`) and writes BIDS derivatives beside
+the source layout, ``OUTPUT_DIR/sub-X[/ses-Y]/anat/<source entities>_desc-hpcbrain_<what>.tsv``
+with a JSON sidecar each:
+
+* ``latent``: one row z0…z{D−1}, for an encoder;
+* ``somnode`` (som_row, som_col: the best-matching node) and ``similarity`` (the Nr × Nc
+  similarity grid ρ, one row per grid row), for an encoder that carries a SOM grid (LSOR);
+* ``brainage``: predicted_age (years), for a brain-age model (`tracking.registered_age_model`).
+
+``OUTPUT_DIR/dataset_description.json`` says what made the dataset (DatasetType derivative,
+GeneratedBy hpcbrain with its version and the model URI, SourceDatasets the raw dataset).
+Participants can be processed by separate processes into the same OUTPUT_DIR (one per Slurm
+array task); one OUTPUT_DIR holds one model's outputs only. ``group`` gathers every
+participant's files into ``OUTPUT_DIR/group/`` tables (latents.tsv, somnodes.tsv,
+brainage.tsv) with a figure each for the SOM occupancy and the predicted ages.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hpcbrain.atomic import atomic_write, write_text_atomic
+
+BIDS_VERSION = "1.9.0"
+DESC = "hpcbrain"
+SUFFIXES = {"latent": "latent", "somnode": "somnode", "similarity": "similarity",
+            "brainage": "brainage"}
+
+
+class BidsAppError(ValueError):
+    """A request the BIDS-App cannot carry out (bad labels, another model's output folder)."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hpcbrain")
+    except Exception:
+        return "unknown"
+
+
+def _labels(values: Sequence[str] | None, prefix: str) -> set[str] | None:
+    if not values:
+        return None
+    return {v if v.startswith(prefix) else prefix + v for v in values}
+
+
+@dataclass
+class SelectedScan:
+    path: Path
+    subject: str
+    session: str
+
+
+def select_scans(bids_dir: Path, participants: Sequence[str] | None,
+                 sessions: Sequence[str] | None, bids_filter: str | None) -> list[SelectedScan]:
+    """The T1w images of the chosen participants and sessions; ages are not needed here, but
+    two images for one session are (choose with --bids-filter)."""
+    from hpcbrain.data.discover import ConversionError, discover_scans
+
+    if not bids_dir.is_dir():
+        raise BidsAppError(f"{bids_dir} is not a folder: BIDS_DIR must be a BIDS dataset")
+    try:
+        scans, _ = discover_scans(bids_dir, bids_filter)
+    except ConversionError as exc:
+        raise BidsAppError(str(exc)) from None
+    wanted_subjects, wanted_sessions = _labels(participants, "sub-"), _labels(sessions, "ses-")
+    present = {s.subject for s in scans}
+    if wanted_subjects and wanted_subjects - present:
+        raise BidsAppError(f"--participant-label {sorted(wanted_subjects - present)}: no T1w "
+                           f"images for them in {bids_dir}")
+    chosen = [s for s in scans if (not wanted_subjects or s.subject in wanted_subjects)
+              and (not wanted_sessions or s.session in wanted_sessions)]
+    duplicates = [p for s in chosen for p in s.problems if p.startswith("duplicate")]
+    if duplicates:
+        raise BidsAppError("\n".join(sorted(set(duplicates))))
+    if not chosen:
+        raise BidsAppError(f"no T1w images in {bids_dir} for the participants and sessions "
+                           f"asked for")
+    return [SelectedScan(Path(s.path), s.subject, s.session) for s in chosen]
+
+
+def dataset_description(bids_dir: Path, model_uri: str) -> dict:
+    source = {"URL": bids_dir.resolve().as_uri()}
+    raw = bids_dir / "dataset_description.json"
+    if raw.is_file():
+        try:
+            meta = json.loads(raw.read_text())
+            source.update({k: meta[k] for k in ("DatasetDOI", "Version") if k in meta})
+        except ValueError:
+            pass
+    return {"Name": "hpcbrain derivatives", "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "hpcbrain", "Version": _version(),
+                             "Description": f"model {model_uri}"}],
+            "SourceDatasets": [source]}
+
+
+def _claim_output(output_dir: Path, description: dict) -> None:
+    """Write dataset_description.json, or check that the one there is this model's."""
+    path = output_dir / "dataset_description.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        made_by = [g.get("Description") for g in existing.get("GeneratedBy", [])]
+        if made_by != [g["Description"] for g in description["GeneratedBy"]]:
+            raise BidsAppError(f"{output_dir} holds derivatives of {made_by}; write "
+                               f"{description['GeneratedBy'][0]['Description']}'s elsewhere")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(description, indent=2) + "\n")
+
+
+def _derivative_base(scan: SelectedScan, bids_dir: Path, output_dir: Path) -> Path:
+    """OUTPUT_DIR/<the source's folder>/<its entities>_desc-hpcbrain (no suffix yet)."""
+    relative = scan.path.resolve().relative_to(bids_dir.resolve())
+    stem = relative.name.split(".")[0].rsplit("_", 1)[0]          # drop _T1w and the extension
+    return output_dir / relative.parent / f"{stem}_desc-{DESC}"
+
+
+def _write_tsv(path: Path, header: list[str], rows: list[list], sidecar: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as handle:
+        handle.write("\t".join(header) + "\n")
+        for row in rows:
+            handle.write("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v)
+                                   for v in row) + "\n")
+    write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    return path
+
+
+def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str,
+                    participants: Sequence[str] | None = None,
+                    sessions: Sequence[str] | None = None,
+                    bids_filter: str | None = None, batch_size: int = 8) -> list[Path]:
+    """Participant level (see the module doc); returns the files written."""
+    import torch
+
+    from hpcbrain.evaluate.embed import _som_of, apply_to_scans, load_registered
+    from hpcbrain.methods.som import similarity_grid, squared_distances
+
+    bids_dir, output_dir = Path(bids_dir), Path(output_dir)
+    scans = select_scans(bids_dir, participants, sessions, bids_filter)
+    module, model_dir, preparation = load_registered(model_uri)
+    _claim_output(output_dir, dataset_description(bids_dir, model_uri))
+    outputs = apply_to_scans(module, [s.path for s in scans], preparation, batch_size)
+    som = _som_of(model_dir)
+    written = []
+    for scan, out in zip(scans, outputs):
+        base = _derivative_base(scan, bids_dir, output_dir)
+        source = f"bids:raw:{scan.path.resolve().relative_to(bids_dir.resolve())}"
+        common = {"Sources": [source], "GeneratedBy": f"hpcbrain {_version()}, model {model_uri}",
+                  "Preparation": {"size": preparation.size, "registered": preparation.register}}
+        if np.ndim(out) == 0:
+            written.append(_write_tsv(Path(f"{base}_{SUFFIXES['brainage']}.tsv"),
+                                      ["predicted_age"], [[float(out)]],
+                                      {**common, "predicted_age": {
+                                          "Description": "brain age predicted by the model",
+                                          "Units": "years"}}))
+            continue
+        written.append(_write_tsv(Path(f"{base}_{SUFFIXES['latent']}.tsv"),
+                                  [f"z{k}" for k in range(out.shape[0])],
+                                  [[float(v) for v in out]],
+                                  {**common, "Description": "the encoder's latent vector"}))
+        if som is not None:
+            z = torch.from_numpy(out[None]).to(torch.float64)
+            nodes = torch.from_numpy(som["nodes"]).to(torch.float64)
+            rows, cols = som["grid"]
+            node = int(squared_distances(z, nodes).argmin(dim=1))
+            rho = similarity_grid(z, nodes).numpy().reshape(rows, cols)
+            written.append(_write_tsv(Path(f"{base}_{SUFFIXES['somnode']}.tsv"),
+                                      ["som_row", "som_col"], [[node // cols, node % cols]],
+                                      {**common, "Description": "the best-matching node of the "
+                                       "model's SOM grid (row-major, 0-based)"}))
+            written.append(_write_tsv(Path(f"{base}_{SUFFIXES['similarity']}.tsv"),
+                                      [f"col{c}" for c in range(cols)],
+                                      [[float(v) for v in row] for row in rho],
+                                      {**common, "Description": "similarity ρ of the latent to "
+                                       "every node, one row per grid row"}))
+    return written
+
+
+def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    lines = path.read_text().splitlines()
+    return lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+
+
+def run_group(output_dir: str | Path) -> list[Path]:
+    """Group level: tables (and figures) over every participant's files in `output_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    if not (output_dir / "dataset_description.json").is_file():
+        raise BidsAppError(f"{output_dir} holds no hpcbrain derivatives: run the participant "
+                           f"level first")
+    group = output_dir / "group"
+    written = []
+    for what, table in (("latent", "latents"), ("somnode", "somnodes"),
+                        ("brainage", "brainage")):
+        files = sorted(output_dir.glob(f"sub-*/**/*_desc-{DESC}_{what}.tsv"))
+        if not files:
+            continue
+        header, rows = None, []
+        for path in files:
+            head, body = _read_tsv(path)
+            header = header or head
+            entities = dict(part.split("-", 1) for part in path.name.split("_")
+                            if "-" in part and not part.startswith("desc-"))
+            rows.append([f"sub-{entities['sub']}", f"ses-{entities.get('ses', '01')}",
+                         str(path.relative_to(output_dir)), *body[0]])
+        path = group / f"{table}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as handle:
+            handle.write("\t".join(["participant_id", "session_id", "source", *header]) + "\n")
+            handle.writelines("\t".join(row) + "\n" for row in rows)
+        written.append(path)
+        figure = None
+        if what == "somnode":
+            cells = np.array([[int(r[3]), int(r[4])] for r in rows])
+            counts = np.zeros((cells[:, 0].max() + 1, cells[:, 1].max() + 1))
+            np.add.at(counts, (cells[:, 0], cells[:, 1]), 1)
+            figure, axis = plt.subplots(figsize=(6, 3.5))
+            image = axis.imshow(counts, cmap="viridis")
+            axis.set_title("scans per SOM node")
+            figure.colorbar(image, ax=axis)
+        elif what == "brainage":
+            figure, axis = plt.subplots(figsize=(5, 3.5))
+            axis.hist([float(r[3]) for r in rows], bins=20)
+            axis.set_xlabel("predicted age (years)")
+            axis.set_ylabel("scans")
+        if figure is not None:
+            png = group / f"{table}.png"
+            figure.savefig(png, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            written.append(png)
+    if not written:
+        raise BidsAppError(f"no participant outputs under {output_dir}")
+    return written

@@ -1,0 +1,102 @@
+"""`hpcbrain bids-app`: a trained, registered LSOR encoder applied to a BIDS dataset, written as
+BIDS derivatives for exactly the participants asked for, then gathered at the group level."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import lsor_run_config
+from test_convert import make_bids
+
+from hpcbrain.cli import main
+from hpcbrain.data.convert import convert_cohort
+from hpcbrain.data.preprocess import load_scan
+from hpcbrain.job import run_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A BIDS dataset of 4 participants × 2 sessions, its 16³ store, LSOR trained on it and
+    registered in a local MLflow store."""
+    root = tmp_path_factory.mktemp("bids_app")
+    bids = make_bids(root / "bids", n_subjects=4, n_sessions=2, shape=(18, 16, 14))
+    (bids / "dataset_description.json").write_text(json.dumps(
+        {"Name": "phantoms", "BIDSVersion": "1.9.0", "Version": "1.0"}))
+    store = convert_cohort(bids, root / "cohort.zarr", 16, progress=False).out
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    result = run_training(lsor_run_config(
+        store, root / "runs", "app", "tracking.enabled=true", f"tracking.uri={uri}",
+        "tracking.registered_model=app-encoder", "train.epochs=2", "data.val_fraction=0"))
+    return bids, uri, result
+
+
+def test_participant_level_writes_derivatives_for_exactly_those_participants(trained,
+                                                                            tmp_path):
+    bids, uri, result = trained
+    out = tmp_path / "derivatives"
+    assert main(["bids-app", str(bids), str(out), "participant", "--model", result.model_uri,
+                 "--tracking-uri", uri, "--participant-label", "02", "sub-04"]) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    expected = []
+    for sub in ("sub-02", "sub-04"):
+        for ses in ("ses-01", "ses-02"):
+            for what in ("latent", "somnode", "similarity"):
+                stem = f"{sub}/{ses}/anat/{sub}_{ses}_desc-hpcbrain_{what}"
+                expected += [f"{stem}.json", f"{stem}.tsv"]
+    assert written == sorted(["dataset_description.json", *expected])
+
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
+    (made_by,) = description["GeneratedBy"]
+    assert made_by["Name"] == "hpcbrain" and made_by["Version"]
+    assert result.model_uri in made_by["Description"]
+    assert description["SourceDatasets"] == [{"URL": bids.resolve().as_uri(), "Version": "1.0"}]
+
+    # the latent is the encoder's on the scan prepared as the store was
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(uri)
+    encoder = mlflow.pytorch.load_model(result.model_uri)
+    scan = bids / "sub-02" / "ses-01" / "anat" / "sub-02_ses-01_T1w.nii.gz"
+    expected_z = encoder(torch.from_numpy(load_scan(scan, 16)[0])[None, None]).detach().numpy()
+    stem = out / "sub-02" / "ses-01" / "anat" / "sub-02_ses-01_desc-hpcbrain"
+    lines = (stem.parent / f"{stem.name}_latent.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == [f"z{k}" for k in range(expected_z.shape[1])]
+    np.testing.assert_allclose([float(v) for v in lines[1].split("\t")], expected_z[0],
+                               rtol=1e-4, atol=1e-4)
+    rho = np.loadtxt(stem.parent / f"{stem.name}_similarity.tsv", skiprows=1, ndmin=2)
+    assert rho.shape == (2, 2) and rho.sum() == pytest.approx(1.0, abs=1e-4)
+    sidecar = json.loads((stem.parent / f"{stem.name}_latent.json").read_text())
+    assert sidecar["Sources"] == ["bids:raw:sub-02/ses-01/anat/sub-02_ses-01_T1w.nii.gz"]
+
+    # a second participant's task adds to the same folder; the group level gathers them all
+    assert main(["bids-app", str(bids), str(out), "participant", "--model", result.model_uri,
+                 "--tracking-uri", uri, "--participant-label", "01",
+                 "--session-label", "ses-02"]) == 0
+    assert main(["bids-app", str(bids), str(out), "group"]) == 0
+    table = (out / "group" / "latents.tsv").read_text().splitlines()
+    assert [row.split("\t")[:2] for row in table[1:]] == [
+        ["sub-01", "ses-02"], ["sub-02", "ses-01"], ["sub-02", "ses-02"],
+        ["sub-04", "ses-01"], ["sub-04", "ses-02"]]
+    assert (out / "group" / "somnodes.png").stat().st_size > 1000
+
+
+def test_bad_requests_are_refused_by_name(trained, tmp_path, capsys):
+    bids, uri, result = trained
+    out = tmp_path / "d"
+    assert main(["bids-app", str(bids), str(out), "participant", "--model", result.model_uri,
+                 "--tracking-uri", uri, "--participant-label", "09"]) == 2
+    assert "['sub-09']: no T1w images" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["bids-app", str(bids), str(out), "group"]) == 2
+    assert "run the participant level first" in capsys.readouterr().err
+    out.mkdir()
+    (out / "dataset_description.json").write_text(json.dumps(
+        {"GeneratedBy": [{"Name": "hpcbrain", "Description": "model models:/other@x"}]}))
+    assert main(["bids-app", str(bids), str(out), "participant", "--model", result.model_uri,
+                 "--tracking-uri", uri]) == 2
+    assert "holds derivatives of ['model models:/other@x']" in capsys.readouterr().err
