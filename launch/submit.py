@@ -6,6 +6,8 @@
     python launch/submit.py --cfg lsor.yaml --cfg slurm/profiles/gpu-cluster.yaml --dry-run
     python launch/submit.py --cfg lsor.yaml --folds 5 --sweep train.lr=1e-3,5e-4   # one job array
     python launch/submit.py --cfg lsor.yaml --local                                  # no Slurm
+    python launch/submit.py --bids-app BIDS_DIR OUT_DIR --model URI [--participant-label L ..]
+                                           # the BIDS-App, one participant per array task
 
 Configs merge in order (bare names resolve under configs/), then key=value overrides, then the
 flags (--nodes, --gpus-per-node, --partition, --time, --account, --engine), which set the
@@ -54,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the sbatch script and the resolved config; submit nothing")
     parser.add_argument("--wait", action="store_true",
                         help="wait for the job(s); exit 1 if one failed")
+    app = parser.add_argument_group("BIDS-App on Slurm (hpcbrain/bids_app_launch.py)")
+    app.add_argument("--bids-app", nargs=2, metavar=("BIDS_DIR", "OUTPUT_DIR"),
+                     help="run `hpcbrain bids-app BIDS_DIR OUTPUT_DIR participant` as a job "
+                          "array, one participant per task (--wait: then the group level)")
+    app.add_argument("--model", help="the registered model for --bids-app")
+    app.add_argument("--participant-label", nargs="+", metavar="LABEL")
+    app.add_argument("--session-label", nargs="+", metavar="LABEL")
+    app.add_argument("--bids-filter", metavar="JSON|FILE")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -77,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = [*args.overrides, *flag_overrides(args)]
+        if args.bids_app:
+            return submit_bids_app(args, overrides)
         if args.local:
             return run_local(args, overrides)
         return submit(args, overrides)
@@ -148,6 +160,39 @@ def submit(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"job {job.job_id} FAILED: {headline(error)}\n  logs: {out}\n        {err}\n"
                   f"{str(error).strip()}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def submit_bids_app(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hpcbrain import launcher
+    from hpcbrain.bids_app import BidsAppError, run_group
+    from hpcbrain.bids_app_launch import submit_participants
+    from hpcbrain.config import load_config
+
+    if not args.model:
+        print("error: --bids-app needs --model MODEL_URI", file=sys.stderr)
+        return 2
+    cfg = load_config(launcher.resolve_config_files(args.cfg), overrides)
+    bids_dir, output_dir = (Path(p) for p in args.bids_app)
+    try:
+        jobs = submit_participants(cfg, bids_dir, output_dir, args.model, args.participant_label,
+                                   args.session_label, args.bids_filter)
+    except BidsAppError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first = jobs[0].job_id.split("_")[0]
+    print(f"submitted job array {first} ({len(jobs)} participants) -> {output_dir}")
+    print(f"then: hpcbrain bids-app {bids_dir} {output_dir} group")
+    if not args.wait:
+        return 0
+    failed = [(job, error) for job, _, error in launcher.wait(jobs) if error is not None]
+    for job, error in failed:
+        print(f"job {job.job_id} FAILED: {headline(error)}\n  logs: "
+              f"{launcher.task_log_paths(job)[1]}", file=sys.stderr)
+    if failed:
+        return 1
+    written = run_group(output_dir)
+    print(f"group level: {len(written)} files under {output_dir / 'group'}")
+    return 0
 
 
 def headline(error: BaseException) -> str:

@@ -264,3 +264,33 @@ def test_plain_sbatch_template_trains_on_two_nodes(devcluster, cluster_store, tm
     assert "2 nodes, 2 tasks, master node1" in log
     assert "[rank 0/2]" in log and "Created version" in log
     assert sacct_nodes(job_id) == "node[1-2]"
+
+
+@pytest.mark.timeout(900)
+def test_bids_app_runs_one_participant_per_array_task(devcluster, tmp_path):
+    """--bids-app on the real cluster: a model trained here, one array task per chosen
+    participant, each writing its derivatives into the shared folder; --wait then gathers the
+    group tables."""
+    from conftest import lsor_run_config
+    from test_convert import make_bids
+
+    from hpcbrain.data.convert import convert_cohort
+    from hpcbrain.job import run_training
+
+    bids = make_bids(tmp_path / "bids", n_subjects=4, n_sessions=2, shape=(18, 16, 14))
+    store = convert_cohort(bids, tmp_path / "cohort.zarr", 16, progress=False).out
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_training(lsor_run_config(
+        store, tmp_path / "runs", "app", "tracking.enabled=true", f"tracking.uri={uri}",
+        "tracking.registered_model=cluster-app", "train.epochs=2", "data.val_fraction=0"))
+    out = tmp_path / "derivatives"
+    proc = submit("--bids-app", str(bids), str(out), "--model", result.model_uri,
+                  "--participant-label", "01", "03", "--wait", f"tracking.uri={uri}",
+                  f"run.root={tmp_path}")
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    job_id = re.search(r"submitted job array (\d+) \(2 participants\)", proc.stdout).group(1)
+    assert settled_sacct_states(job_id) == ["COMPLETED", "COMPLETED"]
+    table = (out / "group" / "latents.tsv").read_text().splitlines()
+    assert [row.split("\t")[:2] for row in table[1:]] == [
+        ["sub-01", "ses-01"], ["sub-01", "ses-02"], ["sub-03", "ses-01"], ["sub-03", "ses-02"]]
+    assert not (out / "sub-02").exists()
