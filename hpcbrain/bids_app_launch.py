@@ -57,8 +57,7 @@ def submit_participants(cfg: DictConfig, bids_dir: Path, output_dir: Path, model
     """One Slurm job array, one element per participant; returns the submitit jobs."""
     import submitit
 
-    from hpcbrain.launcher import (check_partition, executor_parameters, log_dir_of,
-                                   require_slurm)
+    from hpcbrain.launcher import check_partition, executor_parameters, log_dir_of, require_slurm
     from hpcbrain.tracking import tracking_uri
 
     bids_dir, output_dir = bids_dir.resolve(), output_dir.resolve()
