@@ -23,9 +23,10 @@ def test_adapn_run_training_with_tracking(store, tmp_path, monkeypatch):
 
     logged = []
 
-    def record_encoder(self, encoder, example, extra_files=None):   # skip the slow logging
-        logged.append(encoder(example).shape)
+    def record_encoder(self, encoder, example, extra_files=None, metadata=None):
+        logged.append(encoder(example).shape)            # (skips the slow logging)
         assert not extra_files        # only LSOR ships files (its SOM) with its encoder
+        assert metadata["hpcbrain"]["inputs"]["shape"] == [16, 16, 16]   # how inputs are made
         return None
 
     monkeypatch.setattr(MlflowTracker, "log_encoder", record_encoder)
