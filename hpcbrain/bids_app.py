@@ -143,7 +143,7 @@ def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str
     """Participant level (see the module doc); returns the files written."""
     import torch
 
-    from hpcbrain.evaluate.embed import _som_of, apply_to_scans, load_registered
+    from hpcbrain.evaluate.embed import apply_to_scans, load_registered, som_of
     from hpcbrain.methods.som import similarity_grid, squared_distances
 
     bids_dir, output_dir = Path(bids_dir), Path(output_dir)
@@ -151,7 +151,7 @@ def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str
     module, model_dir, preparation = load_registered(model_uri)
     _claim_output(output_dir, dataset_description(bids_dir, model_uri))
     outputs = apply_to_scans(module, [s.path for s in scans], preparation, batch_size)
-    som = _som_of(model_dir)
+    som = som_of(model_dir)
     written = []
     for scan, out in zip(scans, outputs):
         base = _derivative_base(scan, bids_dir, output_dir)

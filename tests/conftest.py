@@ -186,3 +186,18 @@ def run_on_ranks(worker, out_dir: str | Path, *args, world: int = 2) -> list:
     mp.spawn(_rank_entry, args=(worker, free_port(), str(out_dir), world, args), nprocs=world,
              join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture
+def without_antspy(monkeypatch):
+    """`import ants` fails, as on a machine without ANTsPy (the register extra)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ants(name, *args, **kwargs):
+        if name == "ants":
+            raise ImportError("No module named 'ants'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ants)

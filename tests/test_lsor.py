@@ -451,19 +451,10 @@ def test_pca_grid_init_along_a_given_first_axis():
         pca_grid_init(lat, (2, 3), first_axis=torch.zeros(3))
 
 
-def test_lsor_init_pca_starts_from_the_latents_principal_plane():
-    m = make_model(init="pca")
-    batches = make_batches(8, 3, with_idx=True)
-    m.on_epoch_start(2, lambda: iter(batches))
-    with torch.no_grad(), batch_norm_mode(m, use_batch_statistics=True):
-        z = [m.encoder()(torch.cat([b["x_u"], b["x_v"]])) for b in batches]
-    n = [b["x_u"].shape[0] for b in batches]
-    scans = torch.cat([zi[:k] for zi, k in zip(z, n)] + [zi[k:] for zi, k in zip(z, n)])
-    torch.testing.assert_close(m.G.detach(), pca_grid_init(scans, (2, 3)), rtol=1e-4, atol=1e-4)
-
-
-def test_lsor_init_longitudinal_lays_the_long_side_along_the_mean_dz():
-    m = make_model(init="longitudinal")
+def initialised_with(init: str):
+    """(model after its SOM start with `init`, every scan's latent, every pair's Δz), the
+    latents encoded as the start encodes them (batch statistics)."""
+    m = make_model(init=init)
     batches = make_batches(8, 3, with_idx=True)
     m.on_epoch_start(2, lambda: iter(batches))
     with torch.no_grad(), batch_norm_mode(m, use_batch_statistics=True):
@@ -471,6 +462,16 @@ def test_lsor_init_longitudinal_lays_the_long_side_along_the_mean_dz():
     n = [b["x_u"].shape[0] for b in batches]
     scans = torch.cat([zi[:k] for zi, k in zip(z, n)] + [zi[k:] for zi, k in zip(z, n)])
     dz = torch.cat([(zi[k:] - zi[:k]) / b["dt"].unsqueeze(1) for zi, k, b in zip(z, n, batches)])
+    return m, scans, dz
+
+
+def test_lsor_init_pca_starts_from_the_latents_principal_plane():
+    m, scans, _ = initialised_with("pca")
+    torch.testing.assert_close(m.G.detach(), pca_grid_init(scans, (2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_lsor_init_longitudinal_lays_the_long_side_along_the_mean_dz():
+    m, scans, dz = initialised_with("longitudinal")
     expect = pca_grid_init(scans, (2, 3), first_axis=dz.mean(0))
     torch.testing.assert_close(m.G.detach(), expect, rtol=1e-4, atol=1e-4)
     # columns advance along the mean Δz: each step right moves the node forward along it

@@ -1,8 +1,6 @@
 """What a registered model says about its inputs, and what embed/predict-age do with it."""
 from __future__ import annotations
 
-import builtins
-
 import pytest
 
 from hpcbrain.data.preprocess import PREPROCESSING, PREPROCESSING_VERSION
@@ -37,19 +35,12 @@ def test_a_registered_model_registers_new_scans(tmp_path):
     assert required_preparation(model_dir(tmp_path / "m", REGISTERED), 16).register
 
 
-def test_what_cannot_be_prepared_here_is_refused_with_the_reason(tmp_path, monkeypatch):
+def test_what_cannot_be_prepared_here_is_refused_with_the_reason(tmp_path, request):
     with pytest.raises(ModelInputError, match="preprocessing version 99"):
         required_preparation(model_dir(tmp_path / "a", {**PREPROCESSING, "version": 99}), 16)
     with pytest.raises(ModelInputError, match="inconsistent"):
         required_preparation(model_dir(tmp_path / "b", PREPROCESSING, shape=(32, 32, 32)), 16)
 
-    real_import = builtins.__import__
-
-    def no_ants(name, *args, **kwargs):
-        if name == "ants":
-            raise ImportError("No module named 'ants'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ants)
+    request.getfixturevalue("without_antspy")            # from here on, no ANTsPy
     with pytest.raises(ModelInputError, match="registered to MNI152.*pip install antspyx"):
         required_preparation(model_dir(tmp_path / "c", REGISTERED), 16)

@@ -2,8 +2,6 @@
 files written here and read back."""
 from __future__ import annotations
 
-import builtins
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -83,15 +81,7 @@ def test_similarity_to_template_is_pearson_over_the_brain():
     assert similarity_to_template(np.ones_like(template), template, brain) == 0.0
 
 
-def test_without_antspy_the_converter_says_what_to_install(twins, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_ants(name, *args, **kwargs):
-        if name == "ants":
-            raise ImportError("No module named 'ants'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ants)
+def test_without_antspy_the_converter_says_what_to_install(twins, tmp_path, without_antspy):
     with pytest.raises(ConversionError, match="pip install antspyx"):
         convert_cohort(twins, tmp_path / "x.zarr", 32, register=True, progress=False)
     assert not (tmp_path / "x.zarr").exists()

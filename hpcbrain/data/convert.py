@@ -238,10 +238,10 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
     if register:
-        from hpcbrain.data.register import RegistrationUnavailable, _ants
+        from hpcbrain.data.register import RegistrationUnavailable, require_antspy
 
         try:
-            _ants()
+            require_antspy()
         except RegistrationUnavailable as exc:
             raise ConversionError(str(exc)) from None
     out = Path(os.path.abspath(Path(out).expanduser()))

@@ -35,14 +35,15 @@ class RegistrationUnavailable(RuntimeError):
 
 def registration_attrs() -> dict:
     """What a store (and a model trained on it) records about the registration."""
-    return {"tool": f"ANTsPy {_ants().__version__}", "bias_field": "N4 (ants defaults)",
+    return {"tool": f"ANTsPy {require_antspy().__version__}", "bias_field": "N4 (ants defaults)",
             "template": f"MNI152 (nilearn.datasets.load_mni152_template, "
                         f"{TEMPLATE_RESOLUTION_MM} mm)",
             "transform": "Affine (ants.registration, Mattes MI), linear interpolation",
             "min_correlation": MIN_CORRELATION, "random_seed": RANDOM_SEED}
 
 
-def _ants():
+def require_antspy():
+    """The ants module; RegistrationUnavailable, saying what to install, without it."""
     try:
         import ants
     except ImportError:
@@ -57,7 +58,7 @@ def _template():
     """(ANTs template image, its brain mask as a numpy bool array), once per process."""
     from nilearn.datasets import load_mni152_template
 
-    ants = _ants()
+    ants = require_antspy()
     ants.config.set_ants_deterministic(True, RANDOM_SEED)
     template = ants.from_nibabel_nifti(load_mni152_template(resolution=TEMPLATE_RESOLUTION_MM))
     values = template.numpy()
@@ -69,7 +70,7 @@ def register_to_template(path: str | Path):
     `preprocess.BadScanError` when ANTs fails or the result does not look like the template."""
     from hpcbrain.data.preprocess import BadScanError
 
-    ants = _ants()
+    ants = require_antspy()
     template, brain = _template()
     try:
         moving = ants.image_read(str(path))

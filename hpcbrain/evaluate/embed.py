@@ -38,7 +38,8 @@ class Embedding:
     similarity: np.ndarray | None = None
 
 
-def _som_of(model_dir: Path) -> dict | None:
+def som_of(model_dir: Path) -> dict | None:
+    """The SOM a logged model carries (LSOR: nodes and grid), or None."""
     path = model_dir / "extra_files" / SOM_FILE
     if not path.is_file():
         return None
@@ -92,7 +93,7 @@ def embed_scans(model_uri: str, scans: Sequence[str | Path], batch_size: int = 8
 
     encoder, model_dir, preparation = load_registered(model_uri)
     result = Embedding(apply_to_scans(encoder, scans, preparation, batch_size))
-    som = _som_of(model_dir)
+    som = som_of(model_dir)
     if som is not None:
         z = torch.from_numpy(result.latents).to(torch.float64)
         nodes = torch.from_numpy(som["nodes"]).to(torch.float64)

@@ -63,10 +63,10 @@ def required_preparation(model_dir: Path, size: int) -> Preparation:
             f"hpcbrain release that trained it")
     register = bool(preprocessing.get("registration"))
     if register:
-        from hpcbrain.data.register import RegistrationUnavailable, _ants
+        from hpcbrain.data.register import RegistrationUnavailable, require_antspy
 
         try:
-            _ants()
+            require_antspy()
         except RegistrationUnavailable:
             raise ModelInputError(
                 "this model was trained on scans affinely registered to MNI152 "
