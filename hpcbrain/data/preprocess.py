@@ -24,6 +24,7 @@ Preprocessing (`preprocess_image`, recorded in ``attrs["hpcbrain"]["preprocessin
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,12 @@ def preprocess_array(data: np.ndarray, voxel_mm, size: int) -> tuple[np.ndarray,
     # output voxel j has its centre at (j + 0.5) out_vox − side/2 mm from the FOV centre; input
     # voxel i at (i + 0.5) vox − n vox/2: i = scale j + offset
     offset = (0.5 * out_vox - side / 2 + n * vox / 2) / vox - 0.5
-    out = ndimage.affine_transform(data, scale, offset=offset, output_shape=(size,) * 3,
-                                   order=1, mode="constant", cval=lo, prefilter=False)
+    with warnings.catch_warnings():
+        # a 1-D matrix is a diagonal one (what we mean); scipy still warns that it was
+        # read differently before 0.18, once per scan and worker
+        warnings.filterwarnings("ignore", message="The behavior of affine_transform")
+        out = ndimage.affine_transform(data, scale, offset=offset, output_shape=(size,) * 3,
+                                       order=1, mode="constant", cval=lo, prefilter=False)
     above = out[out > lo]
     if above.size == 0:
         raise BadScanError("no foreground after resampling")
