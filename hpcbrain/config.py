@@ -104,6 +104,16 @@ class LSORConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """LSOR's baselines on its autoencoder: ae, vae, lssl, lne (methods/longitudinal.py)."""
+    lambda_recon: float = 1.0
+    lambda_dir: float = 1.0          # LSSL's and LNE's direction loss
+    vae_beta: float = 1.0            # VAE: weight of the per-dimension KL term
+    lne_neighbours: int = 5          # LNE: neighbours per pair in the global batch (official 5)
+    lne_sigma2: float = 100.0        # LNE: w = exp(-d²/σ²) (official 100)
+
+
+@dataclass
 class ContrastiveConfig:
     """The contrastive methods (adapn, exponential, threshold, yaware, rnc, simclr, nnclr)."""
     temperature: float = 0.1
@@ -222,6 +232,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lsor: LSORConfig = field(default_factory=LSORConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
