@@ -58,6 +58,36 @@ def _cmd_recompress(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    import json
+
+    import mlflow
+
+    from hpcbrain.atomic import write_text_atomic
+    from hpcbrain.evaluate.downstream import evaluate_model
+
+    if args.tracking_uri:
+        mlflow.set_tracking_uri(args.tracking_uri)
+    result = evaluate_model(args.model, str(args.store), args.task, folds=args.folds,
+                            seed=args.seed, epochs=args.epochs)
+    metrics = {f"{args.task}/{predictor}/{metric}": values["mean"]
+               for predictor in ("mlp", "linear") for metric, values in result[predictor].items()}
+    mlflow.set_experiment("hpcbrain-evaluate")
+    with mlflow.start_run(run_name=f"{args.task} {args.model}"):
+        mlflow.log_params({"model": args.model, "store": str(args.store), "task": args.task,
+                           "folds": args.folds, "epochs": args.epochs, "seed": args.seed})
+        mlflow.log_metrics({k.replace("-", "_"): v for k, v in metrics.items()
+                            if v == v})                              # NaN is not a metric
+        mlflow.log_dict(result, "evaluation.json")
+    text = json.dumps(result, indent=2)
+    if args.out:
+        write_text_atomic(args.out, text + "\n")
+    for name, value in metrics.items():
+        spread = result[name.split("/")[1]][name.split("/")[2]]["std"]
+        print(f"{name:<28} {value:.3f} ± {spread:.3f}")
+    return 0
+
+
 def _cmd_bids_app(args) -> int:
     from hpcbrain import bids_app
 
@@ -210,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     _codec_arguments(recompress)
     recompress.set_defaults(func=_cmd_recompress)
 
+    evaluate = sub.add_parser("evaluate", help="a frozen registered encoder on a downstream "
+                                               "task, 5-fold subject cross-validation")
+    evaluate.add_argument("model", help="e.g. models:/hpcbrain-lsor-encoder@current")
+    evaluate.add_argument("--store", required=True, type=Path, help="the cohort store")
+    evaluate.add_argument("--task", required=True, choices=["smci-pmci", "adas-cog", "age"])
+    evaluate.add_argument("--folds", type=int, default=5)
+    evaluate.add_argument("--epochs", type=int, default=80, help="MLP epochs (best on validation)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", type=Path, default=None, help="result JSON (default: print)")
+    evaluate.add_argument("--tracking-uri", default=None,
+                          help="where the model is, and where the result is logged")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
     app = sub.add_parser("bids-app", help="BIDS-App: a registered model's outputs as BIDS "
                                           "derivatives (participant), gathered (group)")
     app.add_argument("bids_dir", type=Path, help="the BIDS dataset")
@@ -268,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError,
                                                 RunFolderLocked, TrackingUnavailable)
-    if args.command in ("embed", "predict-age", "bids-app"):
+    if args.command in ("embed", "predict-age", "bids-app", "evaluate"):
         from hpcbrain.bids_app import BidsAppError
         from hpcbrain.data.preprocess import BadScanError
+        from hpcbrain.evaluate.downstream import DownstreamTaskError
         from hpcbrain.evaluate.model_inputs import ModelInputError
 
-        user_errors += (BadScanError, ModelInputError, BidsAppError)
+        user_errors += (BadScanError, ModelInputError, BidsAppError, DownstreamTaskError)
     try:
         return args.func(args)
     except user_errors as exc:
