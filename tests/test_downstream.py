@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 
 from hpcbrain.data.store import CohortStore
-from hpcbrain.evaluate.downstream import (DownstreamTaskError, TaskData, auc, balanced_accuracy,
-                                          cross_validate, delong_auc_test, regression_metrics,
-                                          task_data)
+from hpcbrain.evaluate.downstream import (
+    DownstreamTaskError,
+    TaskData,
+    auc,
+    balanced_accuracy,
+    cross_validate,
+    delong_auc_test,
+    regression_metrics,
+    task_data,
+)
 
 
 def test_metrics_on_hand_worked_cases():
