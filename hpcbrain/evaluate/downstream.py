@@ -2,8 +2,9 @@
 
 A registered encoder is frozen; its features of every eligible scan of the store (one sample
 per scan, as the official `main_downstream.py` uses single scans) feed two predictors, each
-trained and scored in 5-fold cross-validation with folds split by subject and 10 % of the
-training subjects held out for validation (the paper's protocol):
+trained and scored in 5-fold cross-validation with folds split by subject (stratified by label
+for a classification) and 10 % of the training subjects held out for validation (the paper's
+protocol):
 
 * ``mlp``: the paper's predictor — two fully connected layers of 1024 and 64 units with
   LeakyReLU, then the output; Adam (lr 5e-4, the official downstream config), the epoch with
@@ -184,7 +185,9 @@ def cross_validate(features: np.ndarray, data: TaskData, task: str, folds: int =
     oof = {"mlp": np.full(len(data.targets), np.nan), "linear": np.full(len(data.targets), np.nan)}
     per_fold: dict[str, list[dict[str, float]]] = {"mlp": [], "linear": []}
     for fold in range(folds):
-        split = subject_kfold(data.subjects, folds, fold, val_fraction=val_fraction, seed=seed)
+        # a classification's folds are stratified by label, so each test fold has both classes
+        split = subject_kfold(data.subjects, folds, fold, val_fraction=val_fraction, seed=seed,
+                              groups=data.targets if classification else None)
         tr, va, te = split.train, split.val, split.test
         mean, std = features[tr].mean(0), features[tr].std(0) + 1e-8
         x = (features - mean) / std
