@@ -64,7 +64,8 @@ def build_optimizer(cfg: Any, method: nn.Module) -> torch.optim.Optimizer:
 def build_engine(cfg: Any, method: nn.Module, device: torch.device):
     """The engine `cfg.engine` asks for, around `method` (already on `device`)."""
     name = resolve_engine_name(cfg.engine.name, dist.world_size())
-    # one verdict for every rank: `auto` may measure this CPU, and ranks must not disagree
+    # rank 0's verdict for every rank: ranks on differing hardware must not train in two
+    # precisions
     bf16 = bool(dist.broadcast_object(use_bf16(cfg.train.precision, device)
                                       if dist.is_global_rank0() else None))
     optimizer = build_optimizer(cfg, method)

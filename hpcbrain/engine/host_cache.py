@@ -1,6 +1,6 @@
-"""Measurements taken once per host and kept: a CPU's peak FLOP/s (flops.py), whether bf16
-pays on it (precision.py). Kept in ``$HPCBRAIN_CACHE_DIR`` or ``~/.cache/hpcbrain``, one JSON
-file per kind, keyed by what the figure depends on (CPU model, threads, torch version)."""
+"""Measurements taken once per host and kept: a CPU's peak FLOP/s (flops.py). Kept in
+``$HPCBRAIN_CACHE_DIR`` or ``~/.cache/hpcbrain``, one JSON file per kind, keyed by what the figure
+depends on (CPU model, threads, dtype)."""
 from __future__ import annotations
 
 import json
