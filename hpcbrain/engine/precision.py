@@ -4,9 +4,10 @@
   reductions in fp32.
 * CPU: fp32. bf16 autocast is faster on CPUs with native bf16 (measured on an AMD EPYC Zen 4
   with AVX512-BF16: an LSOR-shaped conv block 2.0-2.3x, the whole LSOR step 1.34x;
-  `bench/cpu_bf16.py`, bench/README.md), but LSOR does not survive it there: of three
-  8-epoch smoke runs on random volumes all three ended in a NaN reconstruction, and two of three
-  with BatchNorm kept in fp32 (December 2026). Until that is understood, `auto` does not pick
+  `bench/cpu_bf16.py`, bench/README.md), but LSOR does not reliably survive it there:
+  of three 8-epoch smoke runs on random volumes 0 and, measured again, 2 ended without a NaN
+  reconstruction; with every BatchNorm kept in fp32 2 and 0 (December 2026; the kernels are not
+  deterministic). Until that is understood, `auto` does not pick
   bf16 on a CPU; `train.precision=bf16` still forces it.
 """
 from __future__ import annotations
