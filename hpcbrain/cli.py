@@ -72,13 +72,21 @@ def _cmd_evaluate(args) -> int:
                             seed=args.seed, epochs=args.epochs)
     metrics = {f"{args.task}/{predictor}/{metric}": values["mean"]
                for predictor in ("mlp", "linear") for metric, values in result[predictor].items()}
-    mlflow.set_experiment("hpcbrain-evaluate")
-    with mlflow.start_run(run_name=f"{args.task} {args.model}"):
-        mlflow.log_params({"model": args.model, "store": str(args.store), "task": args.task,
-                           "folds": args.folds, "epochs": args.epochs, "seed": args.seed})
-        mlflow.log_metrics({k.replace("-", "_"): v for k, v in metrics.items()
-                            if v == v})                              # NaN is not a metric
-        mlflow.log_dict(result, "evaluation.json")
+    # through a client, not mlflow's module-level active experiment and run: nothing global
+    # changes for whatever runs next in this process
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("hpcbrain-evaluate")
+    experiment_id = experiment.experiment_id if experiment else \
+        client.create_experiment("hpcbrain-evaluate")
+    run = client.create_run(experiment_id, run_name=f"{args.task} {args.model}")
+    for key, value in {"model": args.model, "store": str(args.store), "task": args.task,
+                       "folds": args.folds, "epochs": args.epochs, "seed": args.seed}.items():
+        client.log_param(run.info.run_id, key, value)
+    for key, value in metrics.items():
+        if value == value:                                       # NaN is not a metric
+            client.log_metric(run.info.run_id, key.replace("-", "_"), value)
+    client.log_dict(run.info.run_id, result, "evaluation.json")
+    client.set_terminated(run.info.run_id)
     text = json.dumps(result, indent=2)
     if args.out:
         write_text_atomic(args.out, text + "\n")
