@@ -12,9 +12,10 @@ DeLong's test on the pooled out-of-fold predictions — and DIR/table.md. A meth
 DIR/METHOD.json exists is not retrained (resume after an interruption).
 
 Presets: ``smoke`` (minutes: tiny networks, 2 epochs — checks the machinery, not the science);
-``cpu`` (the demo's scale: 32³, LSOR with demo.yaml's settings, 24 epochs each; ~1 hour on 2
-cores for a 40-subject store); ``gpu`` (the paper's: 64³, each config as it is, 50 epochs;
-documented, not run here: ~6 × the LSOR training time of the cohort on one GPU).
+``cpu`` (the demo's scale: 32³, LSOR with demo.yaml's settings, 24 epochs each; not run yet —
+six trainings of the demo's length, about six demo runs); ``gpu`` (the paper's: 64³, each config
+as it is, 50 epochs; documented, not run here: six trainings of the paper's length on the
+cohort).
 """
 from __future__ import annotations
 
