@@ -65,34 +65,31 @@ def _cmd_evaluate(args) -> int:
 
     from hpcbrain.atomic import write_text_atomic
     from hpcbrain.evaluate.downstream import evaluate_model
+    from hpcbrain.tracking import experiment_id
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
     result = evaluate_model(args.model, str(args.store), args.task, folds=args.folds,
                             seed=args.seed, epochs=args.epochs)
-    metrics = {f"{args.task}/{predictor}/{metric}": values["mean"]
-               for predictor in ("mlp", "linear") for metric, values in result[predictor].items()}
+    scores = {f"{args.task}/{predictor}/{metric}": values
+              for predictor in ("mlp", "linear") for metric, values in result[predictor].items()}
     # through a client, not mlflow's module-level active experiment and run: nothing global
     # changes for whatever runs next in this process
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("hpcbrain-evaluate")
-    experiment_id = experiment.experiment_id if experiment else \
-        client.create_experiment("hpcbrain-evaluate")
-    run = client.create_run(experiment_id, run_name=f"{args.task} {args.model}")
+    run = client.create_run(experiment_id("hpcbrain-evaluate", mlflow.get_tracking_uri()),
+                            run_name=f"{args.task} {args.model}")
     for key, value in {"model": args.model, "store": str(args.store), "task": args.task,
                        "folds": args.folds, "epochs": args.epochs, "seed": args.seed}.items():
         client.log_param(run.info.run_id, key, value)
-    for key, value in metrics.items():
-        if value == value:                                       # NaN is not a metric
-            client.log_metric(run.info.run_id, key.replace("-", "_"), value)
+    for key, values in scores.items():
+        if values["mean"] == values["mean"]:                      # NaN is not a metric
+            client.log_metric(run.info.run_id, key.replace("-", "_"), values["mean"])
     client.log_dict(run.info.run_id, result, "evaluation.json")
     client.set_terminated(run.info.run_id)
-    text = json.dumps(result, indent=2)
     if args.out:
-        write_text_atomic(args.out, text + "\n")
-    for name, value in metrics.items():
-        spread = result[name.split("/")[1]][name.split("/")[2]]["std"]
-        print(f"{name:<28} {value:.3f} ± {spread:.3f}")
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    for key, values in scores.items():
+        print(f"{key:<28} {values['mean']:.3f} ± {values['std']:.3f}")
     return 0
 
 

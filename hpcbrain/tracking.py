@@ -81,6 +81,18 @@ def _artifact_root_for(uri: str) -> str | None:
     return None  # a tracking server decides for itself
 
 
+def experiment_id(name: str, uri: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created (artifacts beside a local
+    sqlite store, not in the working folder) when it does not exist yet."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_root_for(uri))
+
+
 class NullTracker:
     """What every rank but global rank 0 gets, and rank 0 when tracking is disabled."""
 
@@ -136,18 +148,14 @@ class MlflowTracker(NullTracker):
     def _start_run(self, cfg: DictConfig, run_dir: Path, run_id: str | None) -> None:
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.uri)
-        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-        if experiment is None:
-            experiment_id = mlflow.create_experiment(cfg.tracking.experiment,
-                                                     artifact_location=_artifact_root_for(self.uri))
-        else:
-            experiment_id = experiment.experiment_id
         id_file = Path(run_dir) / RUN_ID_FILE
         run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
         if run_id:
             self.run = mlflow.start_run(run_id=run_id)
         else:
-            self.run = mlflow.start_run(experiment_id=experiment_id, run_name=Path(run_dir).name)
+            self.run = mlflow.start_run(experiment_id=experiment_id(cfg.tracking.experiment,
+                                                                    self.uri),
+                                        run_name=Path(run_dir).name)
             mlflow.log_params({k: _param(v) for k, v in flatten_config(cfg).items()})
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(self.run.info.run_id)

@@ -105,6 +105,8 @@ def test_evaluate_command_end_to_end(age_contrast_store, tmp_path, capsys):
     runs = mlflow.search_runs(experiment_names=["hpcbrain-evaluate"])
     assert len(runs) == 1 and runs["metrics.age/mlp/rmse"].iloc[0] == pytest.approx(
         saved["mlp"]["rmse"]["mean"])
+    # its artifacts beside the sqlite store, as a training run's, not in the working folder
+    assert runs["artifact_uri"].iloc[0].startswith((tmp_path / "mlartifacts").as_uri())
     assert main(["evaluate", result.model_uri, "--store", str(age_contrast_store), "--task",
                  "smci-pmci", "--tracking-uri", uri]) == 2
     assert "smci-pmci" in capsys.readouterr().err
