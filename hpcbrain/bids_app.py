@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from hpcbrain.atomic import atomic_write, write_text_atomic
+from hpcbrain.data.bids_filter import entities
 
 BIDS_VERSION = "1.9.0"
 DESC = "hpcbrain"
@@ -214,9 +215,8 @@ def run_group(output_dir: str | Path) -> list[Path]:
         for path in files:
             head, body = _read_tsv(path)
             header = header or head
-            entities = dict(part.split("-", 1) for part in path.name.split("_")
-                            if "-" in part and not part.startswith("desc-"))
-            rows.append([f"sub-{entities['sub']}", f"ses-{entities.get('ses', '01')}",
+            labels = entities(path)
+            rows.append([f"sub-{labels['sub']}", f"ses-{labels.get('ses', '01')}",
                          str(path.relative_to(output_dir)), *body[0]])
         path = group / f"{table}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)

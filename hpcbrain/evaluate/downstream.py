@@ -223,17 +223,13 @@ def evaluate_model(model_uri: str, store_path: str, task: str, folds: int = 5, s
     import mlflow.pytorch
 
     from hpcbrain.data.store import CohortStore
+    from hpcbrain.evaluate.ridge import extract_features
 
     store = CohortStore(store_path)
     data = task_data(store, task)
-    # a logged model is an exported program: called as it is (it has no train/eval modes)
     encoder = mlflow.pytorch.load_model(model_uri)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(data.indices), 16):
-            volumes = np.stack([store.read_image(int(i)) for i in data.indices[start:start + 16]])
-            chunks.append(encoder(torch.from_numpy(volumes)[:, None]).double().numpy())
-    features = np.concatenate(chunks)
+    features = extract_features(encoder, store, data.indices, torch.device("cpu"),
+                                set_eval=False)
     result = cross_validate(features, data, task, folds=folds, seed=seed, epochs=epochs)
     result.update(model=model_uri, store=str(store_path))
     return result

@@ -127,10 +127,14 @@ def ridge_age_mae(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, store, indices: np.ndarray,
-                     device: torch.device, batch_size: int = 16) -> np.ndarray:
-    """Frozen features [n, d] (float64) of the store's scans `indices`, un-augmented, eval mode."""
+                     device: torch.device, batch_size: int = 16,
+                     set_eval: bool = True) -> np.ndarray:
+    """Frozen features [n, d] (float64) of the store's scans `indices`, un-augmented, in eval
+    mode (`set_eval` False: the module as it is — a registered model is an exported program,
+    already in eval mode, and has no train/eval switch)."""
     was_training = encoder.training
-    encoder.eval()
+    if set_eval:
+        encoder.eval()
     out = []
     try:
         for start in range(0, len(indices), batch_size):
@@ -138,7 +142,8 @@ def extract_features(encoder: torch.nn.Module, store, indices: np.ndarray,
             x = torch.from_numpy(np.stack([store.read_image(int(i)) for i in chunk]))[:, None]
             out.append(encoder(x.to(device=device, dtype=torch.float32)).double().cpu())
     finally:
-        encoder.train(was_training)
+        if set_eval:
+            encoder.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 

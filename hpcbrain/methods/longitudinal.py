@@ -61,7 +61,6 @@ class PairAutoencoderMethod(Method):
     """Pairs in, LSOR's autoencoder, recon on both scans; subclasses add `extra_losses`."""
 
     batch_kind = "pairs"
-    ridge_evaluation = False
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
