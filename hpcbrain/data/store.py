@@ -45,8 +45,9 @@ class StoreError(ValueError):
 
 # The images array's compressor. Both are in zarr v3's core codecs, so a store stays readable
 # with plain zarr. blosc-lz4 with byte shuffle (float16's high bytes, which vary slowly, grouped
-# before lz4) decodes ~6x faster than zstd for ~15 % more bytes (bench/io_bench.py): reading, not
-# disk space, is what feeds the GPU. zstd keeps the smallest stores (archives, slow file systems).
+# before lz4) decodes several times faster than zstd for 15-30 % more bytes (bench/io_bench.py):
+# reading, not disk space, is what feeds the GPU. zstd keeps the smallest stores (archives, slow
+# file systems).
 IMAGE_CODECS = ("blosc-lz4", "zstd")
 DEFAULT_CODEC = "blosc-lz4"
 DEFAULT_LEVELS = {"blosc-lz4": 5, "zstd": 3}
