@@ -16,6 +16,7 @@ from hpcbrain.evaluate.downstream import (
     balanced_accuracy,
     cross_validate,
     delong_auc_test,
+    paired_subject_bootstrap,
     regression_metrics,
     task_data,
 )
@@ -42,6 +43,29 @@ def test_delong_on_a_hand_worked_case():
     assert (a_auc, b_auc) == (1.0, 0.75)
     assert p == pytest.approx(math.erfc(0.5))
     assert delong_auc_test(y, np.array([.9, .8, .3, .1]), np.array([.9, .8, .3, .1]))[2] == 1.0
+
+
+def _mean_abs_error(y, pred):
+    return float(np.abs(y - pred).mean())
+
+
+def test_paired_bootstrap_resamples_subjects_not_scans():
+    # every scan: a misses by 1, b by 3 -> the difference is -2 in every resample
+    y, subjects = np.zeros(12), np.repeat(list("abcdef"), 2)
+    result = paired_subject_bootstrap(y, y + 1, y + 3, subjects, _mean_abs_error, n_boot=200)
+    assert (result["diff"], result["low"], result["high"]) == pytest.approx((-2, -2, -2))
+    # one subject with 100 scans carries the whole difference (a misses by 1 there, b exactly);
+    # nine subjects of one scan each have none. Scans as units would give a narrow interval
+    # near 100/109; subjects as units: the big subject is missing from 0.9^10 = 35 % of the
+    # resamples (difference exactly 0) and present in the rest (difference >= 100/109).
+    subjects = np.array(["big"] * 100 + [f"s{k}" for k in range(9)])
+    y = np.zeros(109)
+    a = np.where(subjects == "big", 1.0, 0.0)
+    result = paired_subject_bootstrap(y, a, y, subjects, _mean_abs_error, n_boot=2000, seed=1)
+    assert result["diff"] == pytest.approx(100 / 109)
+    assert result["low"] == 0.0 and result["high"] > 0.95
+    # a resample with one class only has no balanced accuracy: it is dropped, not counted
+    assert math.isnan(balanced_accuracy(np.array([1, 1]), np.array([0.9, 0.2])))
 
 
 def test_tasks_take_their_scans_and_name_what_is_missing(make_store, tmp_path):

@@ -24,11 +24,17 @@ def test_smoke_table_has_every_method_and_metric(make_store, tmp_path):
                           capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
-    assert list(table["methods"]) == ["lsor", "ae", "vae", "simclr", "lssl", "lne"]
+    # no synthetic truth in this store: the oracle row is skipped, the voxel row is not
+    assert list(table["methods"]) == ["lsor", "ae", "vae", "simclr", "lssl", "lne",
+                                      "raw voxels 8³"]
     for name, metrics in table["methods"].items():
         assert set(metrics) == {"bacc", "auc", "r2", "rmse"}, name
         assert all(set(v) == {"mean", "std"} for v in metrics.values()), name
         assert 0 <= metrics["auc"]["mean"] <= 1 and metrics["rmse"]["mean"] > 0, name
-    assert set(table["delong_vs_lsor"]) == {"ae", "vae", "simclr", "lssl", "lne"}
+    others = {"ae", "vae", "simclr", "lssl", "lne", "raw voxels 8³"}
+    assert set(table["delong_vs_lsor"]) == others == set(table["lsor_minus"])
     assert all(0 <= p <= 1 for p in table["delong_vs_lsor"].values())
+    for row in table["lsor_minus"].values():
+        for key in ("bacc", "r2"):
+            assert row[key]["low"] <= row[key]["high"]
     assert "| lne |" in (out / "table.md").read_text()

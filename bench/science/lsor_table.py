@@ -1,21 +1,29 @@
 """LSOR's Table 1: the six methods trained the same way on one cohort store, frozen, evaluated on
 sMCI vs pMCI (BACC, AUC) and ADAS-Cog (R², RMSE) with `hpcbrain evaluate`'s protocol.
 
-    .venv/bin/python bench/science/lsor_table.py --preset smoke|cpu|gpu --store STORE --out DIR
+    .venv/bin/python bench/science/lsor_table.py --preset smoke|cpu|gpu --store STORE --out DIR \
+        [--eval-store LARGER_STORE]
 
 Methods: lsor, ae, vae, simclr (on LSOR's encoder, `model.backbone=lsor`), lssl, lne, each from
 its config (configs/METHOD.yaml) plus the preset's settings, registered in DIR/mlflow.db, then
 `hpcbrain.evaluate.downstream.evaluate_model` (the paper's MLP; 5-fold subject CV, 10 %
-validation) on both tasks. Writes DIR/table.json — ``{"methods": {name: {"bacc", "auc", "r2",
-"rmse"}}}``, each ``{"mean", "std"}`` over folds, plus each method's AUC against LSOR's by
-DeLong's test on the pooled out-of-fold predictions — and DIR/table.md. A method whose
-DIR/METHOD.json exists is not retrained (resume after an interruption).
+validation) on both tasks, on --eval-store when given (a larger cohort of the same kind: the
+encoders are self-supervised, so evaluating them on more subjects than they were trained on
+narrows the intervals without retraining). Two reference rows go through the same protocol: the
+synthetic truth (each scan's true brain age — the ceiling of what a scan holds about ageing;
+skipped on real data) and raw voxels average-pooled to 8³ (what a predictor gets for free).
+
+Writes DIR/table.json — ``{"methods": {name: {"bacc", "auc", "r2", "rmse"}}}``, each ``{"mean",
+"std"}`` over folds; ``"lsor_minus"``: LSOR's BACC and ADAS-Cog R² minus each other row's on the
+pooled out-of-fold predictions, with 95 % intervals from resampling subjects, and DeLong's p of
+the AUCs (also in ``"delong_vs_lsor"``) — and DIR/table.md. A method whose DIR/METHOD.json
+exists is not retrained, and an evaluation kept in DIR/NAME.eval.json for the same evaluation
+store is not redone (resume after an interruption).
 
 Presets: ``smoke`` (minutes: tiny networks, 2 epochs — checks the machinery, not the science);
-``cpu`` (the demo's scale: 32³, LSOR with demo.yaml's settings, 24 epochs each; not run yet —
-six trainings of the demo's length, about six demo runs); ``gpu`` (the paper's: 64³, each config
-as it is, 50 epochs; documented, not run here: six trainings of the paper's length on the
-cohort).
+``cpu`` (the demo's scale: 32³, LSOR with demo.yaml's settings, 24 epochs each; about six demo
+runs, measured in bench/README.md); ``gpu`` (the paper's: 64³, each config as it is, 50 epochs;
+documented, not run here: six trainings of the paper's length on the cohort).
 """
 from __future__ import annotations
 
@@ -31,6 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ["lsor", "ae", "vae", "simclr", "lssl", "lne"]
 REFERENCE = "lsor"
+ORACLE, VOXELS = "oracle: true brain age", "raw voxels 8³"
+REFERENCES = (ORACLE, VOXELS)
+TASKS = ("smci-pmci", "adas-cog")
 
 
 @dataclass
@@ -69,10 +80,8 @@ def method_config(name: str, preset: Preset, store: Path, size: int, out: Path):
         f"tracking.registered_model=lsor-table-{name}", "tracking.registered_age_model=null"])
 
 
-def run_method(name: str, preset: Preset, store: Path, size: int, out: Path) -> dict:
-    import mlflow
-
-    from hpcbrain.evaluate.downstream import evaluate_model
+def train_method(name: str, preset: Preset, store: Path, size: int, out: Path) -> dict:
+    """Train and register one method; DIR/METHOD.json records its model (kept: not retrained)."""
     from hpcbrain.job import run_training
 
     cached = out / f"{name}.json"
@@ -80,36 +89,114 @@ def run_method(name: str, preset: Preset, store: Path, size: int, out: Path) -> 
         return json.loads(cached.read_text())
     started = time.perf_counter()
     result = run_training(method_config(name, preset, store, size, out))
-    mlflow.set_tracking_uri(f"sqlite:///{out.resolve()}/mlflow.db")
-    evaluations = {task: evaluate_model(result.model_uri, str(store), task,
-                                        epochs=preset.mlp_epochs)
-                   for task in ("smci-pmci", "adas-cog")}
     record = {"method": name, "model": result.model_uri,
-              "seconds": round(time.perf_counter() - started, 1), "evaluations": evaluations}
+              "seconds": round(time.perf_counter() - started, 1)}
     cached.write_text(json.dumps(record))
     return record
 
 
-def build_table(records: dict[str, dict]) -> dict:
+def cached_evaluation(path: Path, eval_store: Path, compute) -> dict:
+    """DIR/NAME.eval.json when it was made on `eval_store`, else compute() and keep it."""
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("eval_store") == str(eval_store):
+            return kept
+    record = {"eval_store": str(eval_store), "evaluations": compute()}
+    path.write_text(json.dumps(record))
+    return record
+
+
+def evaluate_method(name: str, model_uri: str, eval_store: Path, out: Path, epochs: int) -> dict:
+    import mlflow
+
+    from hpcbrain.evaluate.downstream import evaluate_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{out.resolve()}/mlflow.db")
+    return cached_evaluation(out / f"{name}.eval.json", eval_store, lambda: {
+        task: evaluate_model(model_uri, str(eval_store), task, epochs=epochs) for task in TASKS})
+
+
+def reference_features(kind: str, store, indices):
+    """Features no encoder learned: the synthetic truth (the ceiling of what a scan holds about
+    ageing: its brain age) or the scan's voxels average-pooled to 8³ (what a predictor gets for
+    free). None when the store has no synthetic truth."""
+    import numpy as np
+    import torch
+
+    from hpcbrain.evaluate.truth import synthetic_brain_age
+
+    if kind == ORACLE:
+        brain_age = synthetic_brain_age(store, indices)
+        return None if brain_age is None else brain_age[:, None]
+    pooled = [torch.nn.functional.adaptive_avg_pool3d(
+        torch.from_numpy(store.read_image(i))[None], 8).flatten() for i in indices]
+    return torch.stack(pooled).double().numpy()
+
+
+def evaluate_references(eval_store: Path, out: Path, epochs: int) -> dict[str, dict]:
+    from hpcbrain.data.store import CohortStore
+    from hpcbrain.evaluate.downstream import cross_validate, task_data
+
+    store = CohortStore(eval_store)
+    rows = {}
+    for kind in REFERENCES:
+        def compute(kind=kind):
+            evaluations = {}
+            for task in TASKS:
+                data = task_data(store, task)
+                features = reference_features(kind, store, data.indices)
+                if features is None:
+                    return None
+                evaluations[task] = cross_validate(features, data, task, epochs=epochs)
+            return evaluations
+        record = cached_evaluation(out / f"{kind}.eval.json", eval_store, compute)
+        if record["evaluations"] is not None:
+            rows[kind] = record
+    return rows
+
+
+def paired_comparisons(evaluations: dict[str, dict]) -> dict[str, dict]:
+    """LSOR minus each other row on the pooled out-of-fold MLP predictions: ΔBACC and ΔR² with
+    95 % subject-bootstrap intervals, and DeLong's p of the AUCs."""
     import numpy as np
 
-    from hpcbrain.evaluate.downstream import delong_auc_test
+    from hpcbrain.evaluate.downstream import (balanced_accuracy, delong_auc_test,
+                                              paired_subject_bootstrap, regression_metrics)
 
-    table: dict = {"methods": {}, "delong_vs_lsor": {}, "predictor": "mlp (the paper's)"}
-    for name, record in records.items():
-        cls, reg = record["evaluations"]["smci-pmci"]["mlp"], record["evaluations"]["adas-cog"]["mlp"]
+    def r2(y, pred):
+        return regression_metrics(y, pred)["r2"]
+
+    reference = evaluations[REFERENCE]
+    comparisons = {}
+    for name, evaluation in evaluations.items():
+        if name == REFERENCE:
+            continue
+        row = {}
+        for task, metric, key in (("smci-pmci", balanced_accuracy, "bacc"), ("adas-cog", r2, "r2")):
+            mine, theirs = reference[task], evaluation[task]
+            y = np.asarray(mine["targets"])
+            row[key] = paired_subject_bootstrap(
+                y, np.asarray(mine["oof"]["mlp"]), np.asarray(theirs["oof"]["mlp"]),
+                np.asarray(mine["subjects"]), metric)
+        cls = reference["smci-pmci"]
+        row["auc_delong_p"] = delong_auc_test(np.asarray(cls["targets"]),
+                                              np.asarray(cls["oof"]["mlp"]),
+                                              np.asarray(evaluation["smci-pmci"]["oof"]["mlp"]))[2]
+        comparisons[name] = row
+    return comparisons
+
+
+def build_table(evaluations: dict[str, dict]) -> dict:
+    table: dict = {"methods": {}, "predictor": "mlp (the paper's)"}
+    for name, evaluation in evaluations.items():
+        cls, reg = evaluation["smci-pmci"]["mlp"], evaluation["adas-cog"]["mlp"]
         table["methods"][name] = {metric: {"mean": source[metric]["mean"],
                                            "std": source[metric]["std"]}
                                   for metric, source in (("bacc", cls), ("auc", cls),
                                                          ("r2", reg), ("rmse", reg))}
-    reference = records[REFERENCE]["evaluations"]["smci-pmci"]
-    y = np.asarray(reference["targets"])
-    for name, record in records.items():
-        if name == REFERENCE:
-            continue
-        mine = np.asarray(record["evaluations"]["smci-pmci"]["oof"]["mlp"])
-        _, _, p = delong_auc_test(y, np.asarray(reference["oof"]["mlp"]), mine)
-        table["delong_vs_lsor"][name] = p
+    comparisons = paired_comparisons(evaluations)
+    table["lsor_minus"] = comparisons
+    table["delong_vs_lsor"] = {name: row["auc_delong_p"] for name, row in comparisons.items()}
     return table
 
 
@@ -120,6 +207,13 @@ def markdown(table: dict) -> str:
         p = table["delong_vs_lsor"].get(name)
         cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in ("bacc", "auc", "r2", "rmse")]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if p is None else f'{p:.3f}'} |")
+    lines += ["", "mean ± sd over 5 subject folds (the paper's MLP).", "",
+              "| LSOR minus | ΔBACC [95 % CI] | ΔR² ADAS-Cog [95 % CI] |", "|---|---|---|"]
+    for name, row in table["lsor_minus"].items():
+        cells = [f"{row[k]['diff']:+.3f} [{row[k]['low']:+.3f}, {row[k]['high']:+.3f}]"
+                 for k in ("bacc", "r2")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "pooled out-of-fold predictions; intervals from 2,000 resamples of subjects."]
     return "\n".join(lines)
 
 
@@ -128,6 +222,9 @@ def main() -> int:
     parser.add_argument("--preset", choices=list(PRESETS), default="smoke")
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--eval-store", type=Path, default=None,
+                        help="evaluate the frozen encoders on this store (default: --store), "
+                             "e.g. a larger cohort of the same kind, for narrower intervals")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = parser.parse_args()
     from hpcbrain.data.store import CohortStore
@@ -137,9 +234,16 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     size = CohortStore(args.store).shape[0]
     preset = PRESETS[args.preset]
-    records = {name: run_method(name, preset, args.store, size, args.out) for name in args.methods}
-    table = build_table(records)
-    table.update(preset=args.preset, store=str(args.store))
+    eval_store = args.eval_store or args.store
+    evaluations = {}
+    for name in args.methods:
+        record = train_method(name, preset, args.store, size, args.out)
+        evaluations[name] = evaluate_method(name, record["model"], eval_store, args.out,
+                                            preset.mlp_epochs)["evaluations"]
+    for name, record in evaluate_references(eval_store, args.out, preset.mlp_epochs).items():
+        evaluations[name] = record["evaluations"]
+    table = build_table(evaluations)
+    table.update(preset=args.preset, store=str(args.store), eval_store=str(eval_store))
     (args.out / "table.json").write_text(json.dumps(table, indent=2))
     text = markdown(table)
     (args.out / "table.md").write_text(text + "\n")

@@ -77,9 +77,11 @@ def task_data(store, task: str) -> TaskData:
 
 # --- metrics ------------------------------------------------------------------------------------
 def balanced_accuracy(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> float:
-    """Mean of sensitivity and specificity at `threshold`."""
+    """Mean of sensitivity and specificity at `threshold` (NaN without both classes)."""
     pred = prob >= threshold
     pos, neg = y == 1, y == 0
+    if not pos.any() or not neg.any():
+        return float("nan")
     return 0.5 * (float(pred[pos].mean()) + float((~pred[neg]).mean()))
 
 
@@ -118,6 +120,28 @@ def delong_auc_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray
         return float(auc_a), float(auc_b), 1.0
     z = (auc_a - auc_b) / math.sqrt(var)
     return float(auc_a), float(auc_b), float(math.erfc(abs(z) / math.sqrt(2)))
+
+
+def paired_subject_bootstrap(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
+                             subjects: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
+                             n_boot: int = 2000, seed: int = 0, level: float = 0.95
+                             ) -> dict[str, float]:
+    """metric(y, a) − metric(y, b) on pooled out-of-fold predictions, with a percentile interval
+    from resampling *subjects* with replacement (their scans are not independent). Resamples
+    on which the metric is undefined (NaN, e.g. one class only) are dropped."""
+    rng = np.random.default_rng(seed)
+    names, inverse = np.unique(subjects, return_inverse=True)
+    scans_of = [np.flatnonzero(inverse == s) for s in range(names.size)]
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([scans_of[s] for s in rng.integers(0, names.size, names.size)])
+        diff = metric(y[idx], pred_a[idx]) - metric(y[idx], pred_b[idx])
+        if np.isfinite(diff):
+            diffs.append(diff)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return {"diff": float(metric(y, pred_a) - metric(y, pred_b)), "low": float(low),
+            "high": float(high), "n_boot": len(diffs)}
 
 
 # --- predictors ---------------------------------------------------------------------------------
@@ -214,6 +238,7 @@ def cross_validate(features: np.ndarray, data: TaskData, task: str, folds: int =
                                  "folds": [r[metric] for r in rows]} for metric in rows[0]}
     result["oof"] = {k: v.tolist() for k, v in oof.items()}
     result["targets"] = data.targets.tolist()
+    result["subjects"] = data.subjects.tolist()
     return result
 
 
