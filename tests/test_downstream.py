@@ -18,6 +18,7 @@ from hpcbrain.evaluate.downstream import (
     delong_auc_test,
     paired_subject_bootstrap,
     regression_metrics,
+    select_linear_alpha,
     task_data,
 )
 
@@ -92,6 +93,19 @@ def synthetic_task(classification: bool, n_subjects=40, visits=2, dim=12, seed=0
     signal = x @ w
     y = (signal > 0).astype(float) if classification else 50 + 3 * signal
     return x, TaskData(np.arange(len(subjects)), y, subjects)
+
+
+def test_the_linear_probe_chooses_its_penalty_on_validation():
+    rng = np.random.default_rng(0)
+    x_train, x_val = rng.normal(size=(40, 30)), rng.normal(size=(20, 30))
+    w = rng.normal(size=30)
+    # an exact linear target: any shrinkage only hurts -> the weakest penalty
+    assert select_linear_alpha(x_train, x_train @ w, x_val, x_val @ w, False) == 0.01
+    # pure noise with 30 features for 40 scans: fitting it hurts -> shrink to the mean
+    noise_train, noise_val = rng.normal(size=40), rng.normal(size=20)
+    assert select_linear_alpha(x_train, noise_train, x_val, noise_val, False) >= 100
+    labels = (x_train[:, 0] > 0).astype(float), (x_val[:, 0] > 0).astype(float)
+    assert select_linear_alpha(x_train, labels[0], x_val, labels[1], True) <= 1.0
 
 
 def test_cross_validation_recovers_a_linear_signal():

@@ -49,3 +49,26 @@ def test_bf16_follows_the_fp32_loss_curve():
     assert fp32[-1] < 0.7 * fp32[0], fp32                     # the run learns something
     relative = [abs(a - b) / a for a, b in zip(fp32, bf16)]
     assert max(relative) < 0.05, (fp32, bf16)
+
+
+def test_the_latent_and_the_layers_beside_it_stay_fp32_under_bf16_autocast():
+    """bf16 spaces numbers near 12 (where LSOR's latents sit) 1/16 apart, so a latent moved by
+    0.01 would decode to the very same volume; the encoder's last convolution and the decoder's
+    first block run at full precision, the rest in bf16."""
+    from hpcbrain.models.autoencoder import LSORDecoder, LSOREncoder
+
+    torch.manual_seed(0)
+    encoder, decoder = LSOREncoder((4, 8), 16), LSORDecoder((4, 8), 16).eval()
+    seen = {}
+    decoder.blocks[0][0].register_forward_hook(lambda m, i, o: seen.update(first=o.dtype))
+    decoder.blocks[1][0].register_forward_hook(lambda m, i, o: seen.update(second=o.dtype))
+    z = torch.full((1, decoder.latent_dim), 12.0)
+    nudged = z.clone()
+    nudged[0, 0] += 0.01
+    assert torch.equal(z.bfloat16(), nudged.bfloat16())        # what bf16 alone would see
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latent = encoder(torch.randn(2, 1, 16, 16, 16))
+        apart = (decoder(z) - decoder(nudged)).abs().max()
+    assert latent.dtype == torch.float32
+    assert seen == {"first": torch.float32, "second": torch.bfloat16}
+    assert apart > 0

@@ -9,7 +9,10 @@ protocol):
 * ``mlp``: the paper's predictor — two fully connected layers of 1024 and 64 units with
   LeakyReLU, then the output; Adam (lr 5e-4, the official downstream config), the epoch with
   the lowest validation loss kept (``epochs`` at most);
-* ``linear``: a linear probe (logistic regression / ridge regression, sklearn, C = alpha = 1).
+* ``linear``: a linear probe (logistic / ridge regression, sklearn) whose penalty is chosen on
+  the same validation subjects from `LINEAR_ALPHAS` (C = 1/alpha), then refitted on training and
+  validation together. A fixed penalty is no honest baseline: on 128-d LSOR features of a
+  160-subject cohort, alpha = 1 gave ADAS-Cog R² −0.93 where the MLP reached 0.19.
 Features are standardised with the training part's statistics.
 
 Tasks (`TASKS`): ``smci-pmci`` — the scans of subjects in the sMCI or pMCI group (store column
@@ -187,14 +190,42 @@ def fit_mlp(x_train, y_train, x_val, y_val, classification: bool, epochs: int, s
     return predict
 
 
-def fit_linear(x_train, y_train, classification: bool):
+LINEAR_ALPHAS = tuple(10.0 ** k for k in range(-2, 5))
+
+
+def _linear_model(alpha: float, classification: bool):
     from sklearn.linear_model import LogisticRegression, Ridge
 
-    if classification:
-        model = LogisticRegression(C=1.0, max_iter=2000).fit(x_train, y_train)
-        return lambda x: model.predict_proba(x)[:, 1]
-    model = Ridge(alpha=1.0).fit(x_train, y_train)
-    return model.predict
+    return LogisticRegression(C=1.0 / alpha, max_iter=2000) if classification else Ridge(alpha)
+
+
+def _linear_predict(model, classification: bool) -> Callable[[np.ndarray], np.ndarray]:
+    return (lambda x: model.predict_proba(x)[:, 1]) if classification else model.predict
+
+
+def select_linear_alpha(x_train, y_train, x_val, y_val, classification: bool) -> float:
+    """The penalty of `LINEAR_ALPHAS` with the lowest validation loss (log-loss or squared
+    error); the first (weakest) without validation data."""
+    if len(x_val) == 0 or (classification and np.unique(y_val).size < 2):
+        return LINEAR_ALPHAS[0]
+    losses = []
+    for alpha in LINEAR_ALPHAS:
+        pred = _linear_predict(_linear_model(alpha, classification).fit(x_train, y_train),
+                               classification)(x_val)
+        if classification:
+            p = np.clip(pred, 1e-12, 1 - 1e-12)
+            losses.append(float(-(y_val * np.log(p) + (1 - y_val) * np.log(1 - p)).mean()))
+        else:
+            losses.append(float(((y_val - pred) ** 2).mean()))
+    return LINEAR_ALPHAS[int(np.argmin(losses))]
+
+
+def fit_linear(x_train, y_train, x_val, y_val, classification: bool):
+    """The linear probe: penalty chosen on validation, refitted on training + validation."""
+    alpha = select_linear_alpha(x_train, y_train, x_val, y_val, classification)
+    model = _linear_model(alpha, classification).fit(np.concatenate([x_train, x_val]),
+                                                     np.concatenate([y_train, y_val]))
+    return _linear_predict(model, classification)
 
 
 # --- cross-validation ---------------------------------------------------------------------------
@@ -218,8 +249,7 @@ def cross_validate(features: np.ndarray, data: TaskData, task: str, folds: int =
         predictions = {
             "mlp": fit_mlp(x[tr], data.targets[tr], x[va], data.targets[va], classification,
                            epochs, seed + fold)(x[te]),
-            "linear": fit_linear(np.concatenate([x[tr], x[va]]),
-                                 np.concatenate([data.targets[tr], data.targets[va]]),
+            "linear": fit_linear(x[tr], data.targets[tr], x[va], data.targets[va],
                                  classification)(x[te])}
         for name, pred in predictions.items():
             oof[name][te] = pred

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["LSOREncoder", "LSORDecoder", "ConvAutoencoder", "latent_shape"]
@@ -46,6 +47,22 @@ def _init_conv(conv: nn.Conv3d) -> None:
     nn.init.xavier_normal_(conv.weight)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
+
+
+def _at_full_precision(module: nn.Module, x: Tensor) -> Tensor:
+    """`module(x)` outside any autocast region, in its parameters' dtype (float32 unless an
+    engine made the weights bf16 itself).
+
+    Why: LSOR's latents sit far from the origin and close together (measured: nodes' mean norm
+    ~12, spread ~0.4) and a pair's Δz is smaller still. bf16 keeps 8 bits of mantissa, so a
+    coordinate near 12 is rounded by up to 0.03 — the size of the differences the SOM, the
+    direction loss and recon(g) depend on. The layers on either side of the latent (the
+    encoder's last convolution, the decoder's first block) are small, so they run at full
+    precision while the convolutions around them take bf16's speed.
+    """
+    dtype = next(module.parameters(), x.new_empty((), dtype=torch.float32)).dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return module(x.to(dtype))
 
 
 class _EncoderBlock(nn.Sequential):
@@ -105,7 +122,7 @@ class LSOREncoder(nn.Module):
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected volumes of shape [B, {', '.join(map(str, expected))}], "
                              f"got {list(x.shape)}")
-        return self.head(self.blocks(x)).flatten(1)
+        return _at_full_precision(self.head, self.blocks(x)).flatten(1)
 
 
 class LSORDecoder(nn.Module):
@@ -136,7 +153,8 @@ class LSORDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"expected latents of shape [B, {self.latent_dim}], got {list(z.shape)}")
-        return self.out(self.blocks(z.reshape(z.shape[0], *self.latent_shape)))
+        h = _at_full_precision(self.blocks[0], z.reshape(z.shape[0], *self.latent_shape))
+        return self.out(self.blocks[1:](h))
 
 
 class ConvAutoencoder(nn.Module):
