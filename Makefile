@@ -37,7 +37,7 @@ demo: setup $(DEMO)/cohort.zarr/zarr.json
 	$(PY) launch/submit.py --cfg lsor.yaml --cfg demo.yaml --local
 
 $(DEMO)/bids/participants.tsv:
-	$(VENV)/bin/hpcbrain synth --out $(DEMO)/bids --subjects 40 --seed 0
+	$(VENV)/bin/hpcbrain synth --out $(DEMO)/bids --subjects 80 --seed 0
 
 $(DEMO)/cohort.zarr/zarr.json: $(DEMO)/bids/participants.tsv
 	$(VENV)/bin/hpcbrain convert $(DEMO)/bids --out $(DEMO)/cohort.zarr --shape 32 --workers 2
