@@ -31,10 +31,14 @@ def test_smoke_table_has_every_method_and_metric(make_store, tmp_path):
         assert set(metrics) == {"bacc", "auc", "r2", "rmse"}, name
         assert all(set(v) == {"mean", "std"} for v in metrics.values()), name
         assert 0 <= metrics["auc"]["mean"] <= 1 and metrics["rmse"]["mean"] > 0, name
+    # the linear probe's row of each method, from the same folds
+    assert list(table["linear_probe"]) == list(table["methods"])
+    assert all(set(m) == {"bacc", "auc", "r2", "rmse"} for m in table["linear_probe"].values())
     others = {"ae", "vae", "simclr", "lssl", "lne", "raw voxels 8³"}
     assert set(table["delong_vs_lsor"]) == others == set(table["lsor_minus"])
     assert all(0 <= p <= 1 for p in table["delong_vs_lsor"].values())
     for row in table["lsor_minus"].values():
         for key in ("bacc", "r2"):
             assert row[key]["low"] <= row[key]["high"]
-    assert "| lne |" in (out / "table.md").read_text()
+    text = (out / "table.md").read_text()
+    assert text.count("| lne |") == 3          # MLP table, linear-probe table, LSOR minus lne

@@ -188,14 +188,20 @@ def paired_comparisons(evaluations: dict[str, dict]) -> dict[str, dict]:
     return comparisons
 
 
-def build_table(evaluations: dict[str, dict]) -> dict:
-    table: dict = {"methods": {}, "predictor": "mlp (the paper's)"}
+def metric_rows(evaluations: dict[str, dict], predictor: str) -> dict[str, dict]:
+    """{name: {bacc, auc, r2, rmse}}, each {"mean", "std"} over folds, for one predictor."""
+    rows = {}
     for name, evaluation in evaluations.items():
-        cls, reg = evaluation["smci-pmci"]["mlp"], evaluation["adas-cog"]["mlp"]
-        table["methods"][name] = {metric: {"mean": source[metric]["mean"],
-                                           "std": source[metric]["std"]}
-                                  for metric, source in (("bacc", cls), ("auc", cls),
-                                                         ("r2", reg), ("rmse", reg))}
+        cls, reg = evaluation["smci-pmci"][predictor], evaluation["adas-cog"][predictor]
+        rows[name] = {metric: {"mean": source[metric]["mean"], "std": source[metric]["std"]}
+                      for metric, source in (("bacc", cls), ("auc", cls), ("r2", reg),
+                                             ("rmse", reg))}
+    return rows
+
+
+def build_table(evaluations: dict[str, dict]) -> dict:
+    table: dict = {"methods": metric_rows(evaluations, "mlp"), "predictor": "mlp (the paper's)",
+                   "linear_probe": metric_rows(evaluations, "linear")}
     comparisons = paired_comparisons(evaluations)
     table["lsor_minus"] = comparisons
     table["delong_vs_lsor"] = {name: row["auc_delong_p"] for name, row in comparisons.items()}
@@ -210,6 +216,11 @@ def markdown(table: dict) -> str:
         cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in ("bacc", "auc", "r2", "rmse")]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if p is None else f'{p:.3f}'} |")
     lines += ["", "mean ± sd over 5 subject folds (the paper's MLP).", "",
+              "| linear probe | sMCI/pMCI BACC | AUC | ADAS-Cog R² | RMSE |", "|---|---|---|---|---|"]
+    for name, m in table["linear_probe"].items():
+        cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in ("bacc", "auc", "r2", "rmse")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "the same folds; penalty chosen on the validation subjects.", "",
               "| LSOR minus | ΔBACC [95 % CI] | ΔR² ADAS-Cog [95 % CI] |", "|---|---|---|"]
     for name, row in table["lsor_minus"].items():
         cells = [f"{row[k]['diff']:+.3f} [{row[k]['low']:+.3f}, {row[k]['high']:+.3f}]"
