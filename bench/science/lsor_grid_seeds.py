@@ -87,7 +87,7 @@ def oracle_nodes(brain_age: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--subjects", type=int, default=80)   # the demo's
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "lsor-grid")
     parser.add_argument("--preset", default="registered", choices=["registered", "raw"])

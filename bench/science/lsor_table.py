@@ -21,8 +21,9 @@ exists is not retrained, and an evaluation kept in DIR/NAME.eval.json for the sa
 store is not redone (resume after an interruption).
 
 Presets: ``smoke`` (minutes: tiny networks, 2 epochs — checks the machinery, not the science);
-``cpu`` (the demo's scale: 32³, LSOR with demo.yaml's settings, 24 epochs each; about six demo
-runs, measured in bench/README.md); ``gpu`` (the paper's: 64³, each config as it is, 50 epochs;
+``cpu`` (the demo's networks at 32³, LSOR with demo.yaml's node speed and grid start; 24 epochs
+each, LSOR's 8 + 16, sized for a 40-subject training cohort; an hour on 2 cores, measured in
+bench/README.md); ``gpu`` (the paper's: 64³, each config as it is, 50 epochs;
 documented, not run here: six trainings of the paper's length on the cohort).
 """
 from __future__ import annotations
