@@ -123,17 +123,16 @@ def reference_features(kind: str, store, indices):
     """Features no encoder learned: the synthetic truth (the ceiling of what a scan holds about
     ageing: its brain age) or the scan's voxels average-pooled to 8³ (what a predictor gets for
     free). None when the store has no synthetic truth."""
-    import numpy as np
     import torch
 
+    from hpcbrain.evaluate.ridge import extract_features
     from hpcbrain.evaluate.truth import synthetic_brain_age
 
     if kind == ORACLE:
         brain_age = synthetic_brain_age(store, indices)
         return None if brain_age is None else brain_age[:, None]
-    pooled = [torch.nn.functional.adaptive_avg_pool3d(
-        torch.from_numpy(store.read_image(i))[None], 8).flatten() for i in indices]
-    return torch.stack(pooled).double().numpy()
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool3d(8), torch.nn.Flatten())
+    return extract_features(pool, store, indices, torch.device("cpu"))
 
 
 def evaluate_references(eval_store: Path, out: Path, epochs: int) -> dict[str, dict]:

@@ -60,9 +60,9 @@ def _at_full_precision(module: nn.Module, x: Tensor) -> Tensor:
     encoder's last convolution, the decoder's first block) are small, so they run at full
     precision while the convolutions around them take bf16's speed.
     """
-    dtype = next(module.parameters(), x.new_empty((), dtype=torch.float32)).dtype
+    weight = next(module.parameters(), None)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return module(x.to(dtype))
+        return module(x.to(torch.float32 if weight is None else weight.dtype))
 
 
 class _EncoderBlock(nn.Sequential):
