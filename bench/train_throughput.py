@@ -1,7 +1,7 @@
 """Training-step throughput of a method: samples/s, counted FLOPs, achieved TFLOP/s and MFU.
 
     .venv/bin/python bench/train_throughput.py --method lsor --size 64 --batch 8 [--steps 10]
-        [--precision fp32|bf16] [--device cpu|cuda] [--threads 2] [--json OUT.json]
+        [--precision fp32|bf16|auto] [--device cpu|cuda] [--threads 2] [--json OUT.json]
         [--official CHECKOUT]     # time the official LSOR step beside ours, alternating
 
 The method is built from its config (configs/METHOD.yaml) at SIZE³ and trained through the same
@@ -76,6 +76,15 @@ def prepare(args):
         model.set_progress(cfg.lsor.warmup_epochs, 0, 100)
     else:
         model.set_progress(0, 0, 100)
+    if args.precision == "auto" and engine.bf16 and engine.bf16_is_autocast:
+        # as the trainer does on its first batch: fp32 where a layer's bf16 is wrong here
+        from hpcbrain.engine.bf16_check import probe_bf16_kernels
+
+        probe = probe_bf16_kernels(model, model.prepare_batch(batch))
+        if not probe.bf16_is_right:
+            print(f"auto: fp32 ({probe.worst_layer} at {list(probe.worst_shape)}: bf16 "
+                  f"{probe.worst_relative_error:.3g} off)", file=sys.stderr)
+            engine.disable_bf16()
 
     def step():
         engine.train_step(batch, "benchmark")

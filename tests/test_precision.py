@@ -1,5 +1,6 @@
-"""`train.precision`: what `auto` means on a CPU (fp32: LSOR is not stable in CPU bf16, see
-engine/precision.py), and bf16 training that follows fp32's loss curve on a short run."""
+"""`train.precision`: what `auto` means on a CPU (bf16 only with native bf16 and a measured
+speed-up, never under DeepSpeed; engine/precision.py), and bf16 training that follows fp32's
+loss curve on a short run. The first-batch kernel probe: test_bf16_check.py."""
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,41 @@ from hpcbrain.methods import build_method
 def test_explicit_precisions_and_a_bad_name():
     cpu = torch.device("cpu")
     assert precision.use_bf16("bf16", cpu) and not precision.use_bf16("fp32", cpu)
-    assert not precision.use_bf16("auto", cpu)          # whatever bf16 this CPU has
+    assert precision.use_bf16("bf16", cpu, "deepspeed")
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):
         precision.use_bf16("fp16", cpu)
+
+
+def test_the_cpu_rule_needs_native_bf16_and_a_speedup():
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 sha_ni\n"
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse avx2 sha_ni\n"
+    assert precision.native_bf16_flags(zen4) == ["avx512_bf16"]
+    assert precision.native_bf16_flags(avx2) == []
+    assert precision.native_bf16_flags("flags : amx_bf16 avx512_bf16") == ["amx_bf16",
+                                                                           "avx512_bf16"]
+    assert precision.cpu_bf16_pays(["avx512_bf16"], 1.5)
+    assert not precision.cpu_bf16_pays(["avx512_bf16"], 1.1)      # a wash: keep fp32
+    assert not precision.cpu_bf16_pays([], 5.0)                     # not measured without flags
+    assert not precision.cpu_bf16_pays(["amx_bf16"], None)
+
+
+def test_auto_on_this_cpu_follows_the_rule_and_measures_once(monkeypatch):
+    from hpcbrain.engine.host_cache import cache_path
+
+    cpu = torch.device("cpu")
+    assert not precision.use_bf16("auto", cpu, "deepspeed")         # bf16 weights: never
+    flags = precision.native_bf16_flags()
+    chosen = precision.use_bf16("auto", cpu)
+    if not flags:
+        assert not chosen
+        return
+    import json
+
+    measured = json.loads(cache_path("cpu_bf16.json").read_text())
+    [speedup] = [v for k, v in measured.items() if k.endswith(f"| {torch.get_num_threads()} threads")]
+    assert chosen == precision.cpu_bf16_pays(flags, speedup)
+    monkeypatch.setattr(precision, "conv_block_speedup", lambda: pytest.fail("measured twice"))
+    assert precision.use_bf16("auto", cpu) == chosen
 
 
 def smooth_pairs(steps: int, batch: int = 4, size: int = 16):

@@ -66,7 +66,7 @@ def build_engine(cfg: Any, method: nn.Module, device: torch.device):
     name = resolve_engine_name(cfg.engine.name, dist.world_size())
     # rank 0's verdict for every rank: ranks on differing hardware must not train in two
     # precisions
-    bf16 = bool(dist.broadcast_object(use_bf16(cfg.train.precision, device)
+    bf16 = bool(dist.broadcast_object(use_bf16(cfg.train.precision, device, name)
                                       if dist.is_global_rank0() else None))
     optimizer = build_optimizer(cfg, method)
     grad_clip = float(cfg.engine.grad_clip) if cfg.engine.grad_clip else None

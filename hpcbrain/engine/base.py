@@ -23,11 +23,16 @@ class Engine(Protocol):
                                    # engine/ imports no method module
     device: torch.device
     bf16: bool                     # steps run in bf16 (autocast, or DeepSpeed's bf16 weights)
+    bf16_is_autocast: bool         # bf16 is autocast over fp32 weights: it can be turned off
     grad_accum_steps: int          # micro-batches per optimizer step
 
     def train_step(self, batch: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
         """One micro-batch: forward, finite check (naming `where`), backward, and at every
         `grad_accum_steps`-th call the optimizer step. Returns the detached losses."""
+
+    def disable_bf16(self) -> None:
+        """Train in fp32 from the next step (only where `bf16_is_autocast`; before the first
+        step: the trainer's bf16 gradient check)."""
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The method's validation losses in eval mode, no state changed."""

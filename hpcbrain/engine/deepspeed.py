@@ -185,6 +185,8 @@ def weights_only_checkpoint_engine(config: Any):
 
 class DeepSpeedEngine:
     name = "deepspeed"
+    # DeepSpeed's bf16 casts the parameters themselves, fixed when the engine is built
+    bf16_is_autocast = False
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, ds_config: dict[str, Any]):
@@ -268,6 +270,10 @@ class DeepSpeedEngine:
         return {k: v.detach() for k, v in losses.items()}
 
     @torch.no_grad()
+    def disable_bf16(self) -> None:
+        raise RuntimeError("a DeepSpeed engine's bf16 is set when it is built (bf16 weights, "
+                           "not autocast): set train.precision=fp32 instead")
+
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         self.method.eval()
         # ZeRO-3 gathers a module's parameters in its forward hooks; validation_step is not a

@@ -112,6 +112,7 @@ class SingleEngine:
     """One process: forward, finite check, backward, (clip), optimizer step."""
 
     name = "single"
+    bf16_is_autocast = True
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, bf16: bool, grad_clip: float | None = None,
@@ -133,6 +134,9 @@ class SingleEngine:
         """New value for `param`; its optimizer state starts afresh (as for a new parameter)."""
         param.data.copy_(value.to(device=param.device, dtype=param.dtype))
         self.optimizer.state.pop(param, None)
+
+    def disable_bf16(self) -> None:
+        self.bf16 = False
 
     def autocast(self):
         if not self.bf16:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from hpcbrain.methods.base import Method, register_method
 from hpcbrain.methods.contrastive import global_batch_loss
-from hpcbrain.models.autoencoder import ConvAutoencoder
+from hpcbrain.models.autoencoder import ConvAutoencoder, at_full_precision
 
 __all__ = ["AE", "VAE", "LSSL", "LNE", "direction_loss", "lne_neighbourhood_trajectories"]
 
@@ -119,8 +119,11 @@ class VAE(PairAutoencoderMethod):
 
     def latents(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         features = self.net.encoder.blocks(x)
-        mu = self.net.encoder.head(features).flatten(1)
-        logvar = self.logvar_head(features).flatten(1).float().clamp(-30.0, 20.0)
+        # both heads at full precision, as LSOREncoder runs its own head: μ is the latent,
+        # which bf16 would round by up to 0.03 near the values latents take (autoencoder.py)
+        mu = at_full_precision(self.net.encoder.head, features).flatten(1)
+        logvar = at_full_precision(self.logvar_head, features).flatten(1).float()
+        logvar = logvar.clamp(-30.0, 20.0)
         kl = (-0.5 * (1 + logvar - mu.float().pow(2) - logvar.exp())).mean()
         if not self.training:
             return mu, {"kl": kl}

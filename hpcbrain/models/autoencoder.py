@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LSOREncoder", "LSORDecoder", "ConvAutoencoder", "latent_shape"]
+__all__ = ["LSOREncoder", "LSORDecoder", "ConvAutoencoder", "at_full_precision", "latent_shape"]
 
 
 def latent_shape(widths: Sequence[int], input_size: int) -> tuple[int, int, int, int]:
@@ -49,7 +49,7 @@ def _init_conv(conv: nn.Conv3d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-def _at_full_precision(module: nn.Module, x: Tensor) -> Tensor:
+def at_full_precision(module: nn.Module, x: Tensor) -> Tensor:
     """`module(x)` outside any autocast region, in its parameters' dtype (float32 unless an
     engine made the weights bf16 itself).
 
@@ -122,7 +122,7 @@ class LSOREncoder(nn.Module):
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected volumes of shape [B, {', '.join(map(str, expected))}], "
                              f"got {list(x.shape)}")
-        return _at_full_precision(self.head, self.blocks(x)).flatten(1)
+        return at_full_precision(self.head, self.blocks(x)).flatten(1)
 
 
 class LSORDecoder(nn.Module):
@@ -153,7 +153,7 @@ class LSORDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"expected latents of shape [B, {self.latent_dim}], got {list(z.shape)}")
-        h = _at_full_precision(self.blocks[0], z.reshape(z.shape[0], *self.latent_shape))
+        h = at_full_precision(self.blocks[0], z.reshape(z.shape[0], *self.latent_shape))
         return self.out(self.blocks[1:](h))
 
 
