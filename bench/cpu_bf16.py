@@ -66,7 +66,7 @@ class PrecisionChosen(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("train.precision=auto:"):
-            self.verdicts.append(message.split(":", 1)[1].split()[0])
+            self.verdicts.append(message.split(":", 1)[1].split()[0].strip(","))
 
 
 def conv3d_probe_table(channels=(8, 16, 64, 256), widths=(1, 2, 3, 4)) -> list[str]:

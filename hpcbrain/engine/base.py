@@ -31,8 +31,8 @@ class Engine(Protocol):
         `grad_accum_steps`-th call the optimizer step. Returns the detached losses."""
 
     def disable_bf16(self) -> None:
-        """Train in fp32 from the next step (only where `bf16_is_autocast`; before the first
-        step: the trainer's bf16 gradient check)."""
+        """Train in fp32 from the next step (only where `bf16_is_autocast`: the trainer's
+        first-batch kernel probe, engine/bf16_check.py)."""
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The method's validation losses in eval mode, no state changed."""

@@ -269,11 +269,11 @@ class DeepSpeedEngine:
         self.model.step()                     # steps the optimizer at accumulation boundaries
         return {k: v.detach() for k, v in losses.items()}
 
-    @torch.no_grad()
     def disable_bf16(self) -> None:
         raise RuntimeError("a DeepSpeed engine's bf16 is set when it is built (bf16 weights, "
                            "not autocast): set train.precision=fp32 instead")
 
+    @torch.no_grad()
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         self.method.eval()
         # ZeRO-3 gathers a module's parameters in its forward hooks; validation_step is not a
