@@ -139,3 +139,38 @@ def test_a_deepspeed_engine_cannot_drop_bf16_after_it_is_built():
     assert DeepSpeedEngine.bf16_is_autocast is False
     with pytest.raises(RuntimeError, match="train.precision=fp32"):
         DeepSpeedEngine.disable_bf16(object())
+
+
+def _two_rank_worker(rank: int, store: str, root: str) -> dict:
+    """DDP, `auto` made to mean bf16, and a probe that finds a wrong layer on rank 1 only."""
+    from hpcbrain.engine import precision, trainer
+    from hpcbrain.engine.single import SingleEngine
+    from hpcbrain.job import run_training
+
+    precision.bf16_supported = lambda device, engine="single": True
+    right = trainer.probe_bf16_kernels
+    trainer.probe_bf16_kernels = lambda method, batch: (
+        KernelProbe("net.encoder.blocks.1.0", (2, 8, 2, 2, 2), float("inf"), 7) if rank == 1
+        else right(method, batch))
+    dropped = []
+    real_disable = SingleEngine.disable_bf16
+
+    def disable(self):
+        dropped.append(rank)
+        real_disable(self)
+
+    SingleEngine.disable_bf16 = disable
+    run_training(lsor_run_config(store, root, "ddp-auto", "train.precision=auto",
+                                 "engine.name=ddp", "model.widths=[4,8]", "train.epochs=1",
+                                 "train.max_steps_per_epoch=2", "train.num_threads=1"))
+    return {"dropped": dropped}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_every_rank_drops_bf16_when_one_rank_finds_a_wrong_layer(tmp_path, age_contrast_store):
+    from conftest import run_on_ranks
+
+    results = run_on_ranks(_two_rank_worker, tmp_path, str(age_contrast_store),
+                           str(tmp_path / "runs"))
+    assert [r["dropped"] for r in results] == [[0], [1]]

@@ -2,21 +2,25 @@
 before `train.precision=auto` trains in bf16 under autocast.
 
 Why a check and not only a rule: torch 2.13's oneDNN 3.12 computes the *weight* gradient of a
-bf16 Conv3d wrongly on an AVX512-BF16 CPU (AMD EPYC Zen 4) when the input is 2 voxels wide
-and has 16 or more channels: ~100 % off on every call, now and then 1e33 — while the forward
-pass and the input gradient are right, and 3 or 4 voxels wide is right (`bench/cpu_bf16.py`
-prints the probe). A ResNet at 32³ (layer3) or 64³ (layer4) has such layers, and Adam turns one
-1e33 gradient into NaN weights a few steps later (AdapN, NNCLR, RnC: 0-2 of 3 smoke runs
-survived); LSOR's autoencoder has none (its 2³ layer runs at full precision). A flag in
-/proc/cpuinfo cannot know this, and a whole-model comparison cannot tell it from bf16's
-honest noise (a contrastive loss at initialisation puts some BatchNorm gradients 40-70 % off).
+bf16 Conv3d wrongly on an AVX512-BF16 CPU (AMD EPYC Zen 4) when the input is 2 voxels wide:
+~100 % off on every call, now and then 1e17-1e35, while the forward pass and the input gradient
+are right and 1, 3 or 4 voxels wide is right. Which channel counts fail depends on the layout
+(16 and more in the standard one; 4 and 8 as well in the channels-last layout training uses),
+i.e. on oneDNN's kernel choice (`bench/cpu_bf16.py` prints the probe). A ResNet at 32³ (layer3)
+or 64³ (layer4) has such layers, and Adam turns one 1e35 gradient into NaN weights a few steps
+later (forced bf16: AdapN, NNCLR 0 of 3 smoke runs survived, the other ResNet methods 1-2);
+LSOR's autoencoder at 32³ and 64³ has none (its 2³ layer at 32³ runs at full precision). A flag
+in /proc/cpuinfo cannot know this, and a whole-model gradient comparison cannot tell it from
+bf16's honest noise (a contrastive loss at initialisation puts some BatchNorm gradients 40-70 %
+off in bf16).
 
 So each layer with a numerical kernel (convolutions, linear, normalisation) that runs under
-autocast in the method's forward is run alone, at the input shape it saw (batch at most
-`PROBE_BATCH`), on random input: forward and backward in bf16 autocast and in fp32 on the same
-bf16-rounded input. Right kernels agree to bf16's rounding (0.2-1 % relative, measured); the
-broken one is ~100 % off. A layer fails when its output, input gradient or any parameter
-gradient is off by `MAX_RELATIVE_ERROR` (5 %) or more, or is not finite.
+autocast in the method's forward is run alone, at the input shape, dtype and layout it saw
+(batch at most `PROBE_BATCH`), on random input: forward and backward in bf16 autocast and in
+fp32 on the same bf16-rounded input. Right kernels agree to bf16's rounding (0.2-0.7 %
+relative, measured on every method); the broken ones are ~100 % off or worse. A layer fails
+when its output, input gradient or any parameter gradient is off by `MAX_RELATIVE_ERROR` (5 %)
+or more, or is not finite.
 """
 from __future__ import annotations
 
