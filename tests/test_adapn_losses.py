@@ -360,3 +360,9 @@ def test_nnclr_hand_case():
                                torch.tensor(expected, dtype=torch.float64))
     # no support yet: the views themselves (SimCLR's two-view cross-entropy)
     assert torch.isfinite(nnclr_loss(z1, z2, None, temperature=1.0))
+    # one scan (a validation set's last batch): two views, no negatives, loss log 1 = 0 —
+    # SimCLR's value for the same batch — rather than an error that ends the run
+    one = nnclr_loss(z1[:1], z2[:1], support, temperature=1.0)
+    assert one.item() == 0.0
+    assert simclr_loss(torch.cat([z1[:1], z2[:1]]), torch.tensor([0, 0]),
+                       temperature=1.0).item() == 0.0

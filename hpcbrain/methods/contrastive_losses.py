@@ -353,7 +353,9 @@ def nnclr_loss(z1: Tensor, z2: Tensor, support: Optional[Tensor], *, temperature
     """
     if z1.shape != z2.shape:
         raise ValueError(f"the two views differ in shape: {tuple(z1.shape)} vs {tuple(z2.shape)}")
-    _check(z1, None, temperature, reduction)
+    # the samples are the 2N views, as for every other loss here: one scan (a validation set's
+    # last batch) is two samples, its loss log 1 = 0 as SimCLR's is
+    _check(torch.cat([z1, z2]), None, temperature, reduction)
     n = z1.shape[0]
     idx = _anchor_index(anchors, n, z1.device)
     acc = torch.promote_types(z1.dtype, torch.float32)
