@@ -90,7 +90,7 @@ def surviving_runs(method: str, store: Path, root: Path, trials: int, epochs: in
     for seed in range(trials):
         cfg = load_config([f"{method}.yaml", "smoke.yaml"], [
             f"data.store={store}", f"run.root={root / method / str(seed)}",
-            "run.name=bf16", "tracking.enabled=false", f"train.precision={precision}",
+            f"run.name={precision}", "tracking.enabled=false", f"train.precision={precision}",
             f"train.epochs={epochs}", "train.max_steps_per_epoch=null", f"train.seed={seed}"])
         notes, handle = first_non_finite_output()
         chosen = PrecisionChosen()

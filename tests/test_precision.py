@@ -33,6 +33,18 @@ def test_the_cpu_rule_needs_native_bf16_and_a_speedup():
     assert not precision.cpu_bf16_pays(["amx_bf16"], None)
 
 
+def test_the_per_host_measurements_leave_the_runs_random_stream_alone():
+    """Both run inside a training run the first time a host is seen: a seeded run must not
+    depend on whether the host's cache was already there."""
+    from hpcbrain.engine.flops import measure_cpu_peak_tflops
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    precision.conv_block_speedup(repeats=1)
+    measure_cpu_peak_tflops(False, size=64, repeats=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_auto_on_this_cpu_follows_the_rule_and_measures_once(monkeypatch):
     from hpcbrain.engine.host_cache import cache_path
 

@@ -51,8 +51,10 @@ def count_flops(run: Callable[[], T]) -> tuple[T, float]:
 def measure_cpu_peak_tflops(bf16: bool, size: int = 1024, repeats: int = 5) -> float:
     """The best TFLOP/s of a size³ matmul on this CPU with torch's current thread count."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    # its own generator: measured inside a run (first step), it must not move the run's stream
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
     torch.mm(a, b)                                    # kernels picked, buffers warm
     best = float("inf")
     for _ in range(repeats):
