@@ -109,7 +109,8 @@ def _layers_under_autocast(method: nn.Module, batch: dict[str, Any]
     forward runs under bf16 autocast (not those it runs at full precision), first call each.
     The forward's effect on the method's state (BatchNorm statistics, queues) and on the RNG is
     undone."""
-    device_type = next(method.parameters()).device.type
+    device = next(method.parameters()).device
+    device_type = device.type
     seen: dict[str, tuple[nn.Module, tuple[int, ...], torch.dtype, bool]] = {}
     handles = []
     for name, module in method.named_modules():
@@ -121,15 +122,15 @@ def _layers_under_autocast(method: nn.Module, batch: dict[str, Any]
                     seen[name] = (module, tuple(x.shape), x.dtype, _channels_last(x))
             handles.append(module.register_forward_hook(note))
     state = copy.deepcopy(method.state_dict())
-    rng = torch.get_rng_state()
-    try:
-        with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-            method(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        method.load_state_dict(state)
-        torch.set_rng_state(rng)
+    # the RNG streams the forward may draw from (a VAE's noise): the CPU's and this GPU's
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            with torch.no_grad(), torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                method(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            method.load_state_dict(state)
     return [(name, *found) for name, found in seen.items()]
 
 
