@@ -117,3 +117,21 @@ def test_the_latent_and_the_layers_beside_it_stay_fp32_under_bf16_autocast():
     assert latent.dtype == torch.float32
     assert seen == {"first": torch.float32, "second": torch.bfloat16}
     assert apart > 0
+
+
+def test_the_vaes_heads_stay_fp32_under_bf16_autocast():
+    """VAE computes μ and log σ² itself (not through LSOREncoder.forward): both heads must be
+    on the full-precision side of the latent too (bf16 VAE smoke: 2 of 3 runs survived before,
+    10 of 10 after; bench/README.md)."""
+    from hpcbrain.methods import build_method
+
+    torch.manual_seed(0)
+    vae = build_method(tiny_config("vae.yaml", **TINY_LSOR)).train()
+    seen = {}
+    vae.net.encoder.head.register_forward_hook(lambda m, i, o: seen.update(mu=o.dtype))
+    vae.logvar_head.register_forward_hook(lambda m, i, o: seen.update(logvar=o.dtype))
+    vae.net.encoder.blocks[0][0].register_forward_hook(lambda m, i, o: seen.update(first=o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, _ = vae.latents(torch.rand(2, 1, 16, 16, 16))
+    assert seen == {"first": torch.bfloat16, "mu": torch.float32, "logvar": torch.float32}
+    assert mu.dtype == torch.float32
