@@ -118,10 +118,10 @@ class VAE(PairAutoencoderMethod):
         nn.init.zeros_(self.logvar_head.bias)
 
     def latents(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        features = self.net.encoder.blocks(x)
-        # both heads at full precision, as LSOREncoder runs its own head: μ is the latent,
-        # which bf16 would round by up to 0.03 near the values latents take (autoencoder.py)
-        mu = at_full_precision(self.net.encoder.head, features).flatten(1)
+        features = self.net.encoder.features(x)
+        mu = self.net.encoder.latent(features)
+        # log σ² beside μ at full precision: both sit on the latent's side of the boundary
+        # (models/autoencoder.py, `at_full_precision`)
         logvar = at_full_precision(self.logvar_head, features).flatten(1).float()
         logvar = logvar.clamp(-30.0, 20.0)
         kl = (-0.5 * (1 + logvar - mu.float().pow(2) - logvar.exp())).mean()

@@ -118,11 +118,20 @@ class LSOREncoder(nn.Module):
             self.head = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.latent(self.features(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Volumes [B, C, S, S, S] → the last block's feature maps, what `head` reads (a VAE
+        reads them with a second head)."""
         expected = (self.in_channels, self.input_size, self.input_size, self.input_size)
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected volumes of shape [B, {', '.join(map(str, expected))}], "
                              f"got {list(x.shape)}")
-        return at_full_precision(self.head, self.blocks(x)).flatten(1)
+        return self.blocks(x)
+
+    def latent(self, features: Tensor) -> Tensor:
+        """Feature maps → latents [B, D]: the head, at full precision (`at_full_precision`)."""
+        return at_full_precision(self.head, features).flatten(1)
 
 
 class LSORDecoder(nn.Module):
