@@ -76,15 +76,15 @@ def prepare(args):
         model.set_progress(cfg.lsor.warmup_epochs, 0, 100)
     else:
         model.set_progress(0, 0, 100)
-    if args.precision == "auto" and engine.bf16 and engine.bf16_is_autocast:
+    if args.precision == "auto":
         # as the trainer does on its first batch: fp32 where a layer's bf16 is wrong here
-        from hpcbrain.engine.bf16_check import probe_bf16_kernels
+        from hpcbrain.engine.bf16_check import keep_bf16_only_if_right
 
-        probe = probe_bf16_kernels(model, model.prepare_batch(batch))
-        if not probe.bf16_is_right:
+        settled = keep_bf16_only_if_right(engine, batch)
+        if settled and not engine.bf16:
+            probe = settled[0]
             print(f"auto: fp32 ({probe.worst_layer} at {list(probe.worst_shape)}: bf16 "
                   f"{probe.worst_relative_error:.3g} off)", file=sys.stderr)
-            engine.disable_bf16()
 
     def step():
         engine.train_step(batch, "benchmark")

@@ -103,7 +103,6 @@ def auto_means_bf16(monkeypatch):
 @pytest.mark.slow
 def test_auto_trains_like_bf16_when_the_probe_passes_and_like_fp32_when_it_fails(
         tmp_path, age_contrast_store, auto_means_bf16, monkeypatch, caplog):
-    from hpcbrain.engine import trainer
     from hpcbrain.job import run_training
 
     def run(name, precision):
@@ -124,7 +123,7 @@ def test_auto_trains_like_bf16_when_the_probe_passes_and_like_fp32_when_it_fails
     assert same(auto_right, bf16)                  # the probe changed nothing it touched
 
     wrong = KernelProbe("net.encoder.blocks.1.0", (8, 16, 2, 2, 2), float("inf"), 12)
-    monkeypatch.setattr(trainer, "probe_bf16_kernels", lambda method, batch: wrong)
+    monkeypatch.setattr(bf16_check, "probe_bf16_kernels", lambda method, batch: wrong)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hpcbrain.engine.trainer"):
         auto_wrong = run("auto-wrong", "auto")
@@ -143,13 +142,13 @@ def test_a_deepspeed_engine_cannot_drop_bf16_after_it_is_built():
 
 def _two_rank_worker(rank: int, store: str, root: str) -> dict:
     """DDP, `auto` made to mean bf16, and a probe that finds a wrong layer on rank 1 only."""
-    from hpcbrain.engine import precision, trainer
+    from hpcbrain.engine import precision
     from hpcbrain.engine.single import SingleEngine
     from hpcbrain.job import run_training
 
     precision.bf16_supported = lambda device, engine="single": True
-    right = trainer.probe_bf16_kernels
-    trainer.probe_bf16_kernels = lambda method, batch: (
+    right = bf16_check.probe_bf16_kernels
+    bf16_check.probe_bf16_kernels = lambda method, batch: (
         KernelProbe("net.encoder.blocks.1.0", (2, 8, 2, 2, 2), float("inf"), 7) if rank == 1
         else right(method, batch))
     dropped = []

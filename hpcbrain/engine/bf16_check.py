@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["MAX_RELATIVE_ERROR", "PROBE_BATCH", "KernelProbe", "probe_bf16_kernels",
-           "probe_layer"]
+from hpcbrain.engine.backends import to_device
+from hpcbrain.engine.base import Engine
+
+__all__ = ["MAX_RELATIVE_ERROR", "PROBE_BATCH", "KernelProbe", "keep_bf16_only_if_right",
+           "probe_bf16_kernels", "probe_layer"]
 
 MAX_RELATIVE_ERROR = 0.05
 PROBE_BATCH = 4
@@ -138,21 +141,39 @@ def probe_bf16_kernels(method: nn.Module, batch: dict[str, Any]) -> KernelProbe:
     """Every layer the method runs in bf16 on `batch` (prepared, on the method's device),
     probed alone; the same layer configuration at the same shape once. Runs the method's
     forward once (a loss gathered over ranks included): call it on every rank."""
-    errors: dict[str, float] = {}
-    done: dict[tuple, float] = {}
-    worst = KernelProbe()
     was_training = method.training
     method.train()
     try:
         layers = _layers_under_autocast(method, batch)
     finally:
         method.train(was_training)
+    errors: dict[str, float] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    done: dict[tuple, float] = {}
     for name, layer, shape, dtype, channels_last in layers:
         key = (repr(layer), shape, dtype, channels_last, _weights_channels_last(layer))
         if key not in done:
             done[key] = probe_layer(layer, shape, dtype, channels_last)
-        errors[name] = done[key]
-        if errors[name] > worst.worst_relative_error or not worst.worst_layer:
-            worst = KernelProbe(name, shape, errors[name])
-    return KernelProbe(worst.worst_layer, worst.worst_shape, worst.worst_relative_error,
-                       len(errors), errors)
+        errors[name], shapes[name] = done[key], shape
+    if not errors:
+        return KernelProbe()
+    worst = max(errors, key=errors.__getitem__)
+    return KernelProbe(worst, shapes[worst], errors[worst], len(errors), errors)
+
+
+def keep_bf16_only_if_right(engine: Engine, batch: dict[str, Any],
+                            worst_over_ranks: Callable[[float], float] = float
+                            ) -> tuple[KernelProbe, float] | None:
+    """For an engine about to train in bf16 autocast: probe its method on `batch` (as the loader
+    gives it; prepared here as `train_step` prepares it) and turn bf16 off when the worst error,
+    taken over ranks by `worst_over_ranks` (a collective: call on every rank), is
+    `MAX_RELATIVE_ERROR` or more. Returns this rank's probe and the worst over ranks, or None
+    where there is nothing to decide (fp32 already, or DeepSpeed's bf16 weights)."""
+    if not (engine.bf16 and engine.bf16_is_autocast):
+        return None
+    method = engine.method
+    found = probe_bf16_kernels(method, method.prepare_batch(to_device(batch, engine.device)))
+    worst = worst_over_ranks(found.worst_relative_error)
+    if not worst < MAX_RELATIVE_ERROR:
+        engine.disable_bf16()
+    return found, worst

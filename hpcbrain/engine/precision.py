@@ -9,7 +9,7 @@ kernel probe on the first batch (engine/bf16_check.py) may still send a run to f
   model and thread count, kept in $HPCBRAIN_CACHE_DIR/cpu_bf16.json). Both, because neither
   alone is enough: without native bf16 the block runs 26x *slower* (AMD EPYC, AVX2 only), and
   a flag says nothing of whether torch's kernels use it. Measured: AMD EPYC Zen 4 with
-  AVX512-BF16, block 1.5-2.6x, the whole LSOR step 1.34-1.37x.
+  AVX512-BF16, block 1.5-2.6x, the whole LSOR step 1.34-1.49x.
 * CPU, DeepSpeed: fp32. DeepSpeed's bf16 is not autocast but bf16 parameters and buffers
   throughout (fp32 master weights in the optimizer), which the CPU trials never covered; on a
   CPU DeepSpeed is a debug mode of a GPU engine, where fp32 is the safer reference.
@@ -45,7 +45,7 @@ __all__ = ["MIN_CPU_SPEEDUP", "NATIVE_BF16_FLAGS", "bf16_supported", "conv_block
 #: Intel Cooper Lake and later, AMD Zen 4 and later).
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 #: bf16 must beat fp32 by this much on the conv block: the step as a whole gains less than the
-#: convolutions (Zen 4: block 1.5-2.4x, step 1.34-1.49x), and a wash is not worth bf16's
+#: convolutions (Zen 4: block 1.5-2.6x, step 1.34-1.49x), and a wash is not worth bf16's
 #: rounding.
 MIN_CPU_SPEEDUP = 1.2
 

@@ -22,9 +22,9 @@ from hpcbrain import dist
 from hpcbrain.config_checks import check_global_batch
 from hpcbrain.data.datasets import StoreDataset
 from hpcbrain.engine import checkpoint
-from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb, to_device
+from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
 from hpcbrain.engine.base import Engine
-from hpcbrain.engine.bf16_check import MAX_RELATIVE_ERROR, probe_bf16_kernels
+from hpcbrain.engine.bf16_check import keep_bf16_only_if_right
 from hpcbrain.engine.flops import count_flops, device_peak_tflops
 from hpcbrain.engine.metrics import StepMetrics
 from hpcbrain.engine.stop import StopRequest, TrainingStopped
@@ -82,9 +82,6 @@ class Trainer:
         # FLOPs of one step, counted on this process's first step; the peak they compare with
         self.flops_per_step: float | None = None
         self.peak_tflops: float | None = None
-        # `auto` chose bf16 autocast: checked against fp32 on the first batch (bf16_check.py)
-        self.check_bf16 = (cfg.train.precision == "auto" and engine.bf16
-                           and engine.bf16_is_autocast)
         self.world = dist.world_size()
         self.rank = dist.rank()
         # The run id lives on rank 0 (the only one tracking); every rank's checkpoint holds it.
@@ -279,21 +276,22 @@ class Trainer:
     def _first_step(self, batch: dict[str, Any], epoch: int,
                     step_in_epoch: int) -> dict[str, torch.Tensor]:
         """This process's first step, its FLOPs counted (for throughput/tflops and mfu)."""
-        if self.check_bf16:
-            self._keep_bf16_if_right(batch)
+        if self.cfg.train.precision == "auto":
+            self._settle_auto_precision(batch)
         losses, flops = count_flops(lambda: self._step(batch, epoch, step_in_epoch))
         self.flops_per_step = flops
         self.peak_tflops = device_peak_tflops(self.engine.device, self.engine.bf16)
         return losses
 
-    def _keep_bf16_if_right(self, batch: dict[str, Any]) -> None:
-        """bf16 autocast only if every layer the method runs in bf16 computes it right on this
-        host (engine/bf16_check.py), on every rank; otherwise fp32 for the whole run."""
-        self.check_bf16 = False
-        prepared = self.method.prepare_batch(to_device(batch, self.engine.device))
-        found = probe_bf16_kernels(self.method, prepared)
-        worst = self._max_over_ranks([found.worst_relative_error])[0]
-        if worst < MAX_RELATIVE_ERROR:
+    def _settle_auto_precision(self, batch: dict[str, Any]) -> None:
+        """`auto` chose bf16 autocast: kept only if every layer the method runs in bf16 computes
+        it right on this host (engine/bf16_check.py), on every rank; else fp32 for the run."""
+        settled = keep_bf16_only_if_right(self.engine, batch,
+                                          lambda error: self._max_over_ranks([error])[0])
+        if settled is None:
+            return
+        found, worst = settled
+        if self.engine.bf16:
             log.info("train.precision=auto: bf16 (%d layers probed; bf16 within %.2g of fp32, "
                      "worst %s)", found.layers_probed, worst, found.worst_layer)
             return
@@ -302,7 +300,6 @@ class Trainer:
                     "worst over ranks %.3g; see hpcbrain/engine/bf16_check.py). "
                     "train.precision=bf16 forces bf16", self.rank, found.worst_layer,
                     list(found.worst_shape), found.worst_relative_error, worst)
-        self.engine.disable_bf16()
 
     def _step(self, batch: dict[str, Any], epoch: int, step_in_epoch: int) -> dict[str, torch.Tensor]:
         where = f"epoch {epoch}, step {step_in_epoch} (global step {self.progress.global_step})"
