@@ -16,7 +16,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         summary = synthesize_cohort(
             args.out, args.subjects, seed=args.seed, voxel_size_mm=args.voxel_size,
             progress=not args.quiet, preset=args.preset, age_distribution=args.age_distribution,
-            age_range=args.age_range, brain_age_gap_sd=args.brain_age_gap_sd)
+            age_range=args.age_range, brain_age_gap_sd=args.brain_age_gap_sd,
+            rescans=args.rescans)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -153,20 +154,48 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict_age(args: argparse.Namespace) -> int:
+    import math
+
     import mlflow
+    import numpy as np
 
     from hpcbrain.config import load_config
-    from hpcbrain.evaluate.age_predictor import predict_ages, write_ages
+    from hpcbrain.evaluate.age_predictor import calibrated, predict_ages, write_ages
+    from hpcbrain.evaluate.scan_ages import chronological_ages
     from hpcbrain.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(load_config()))  # $MLFLOW_TRACKING_URI or the project db
     try:
-        ages = predict_ages(args.model, args.scans, batch_size=args.batch_size)
+        ages = chronological_ages(args.scans, args.ages)   # before the slow part: fail early
+        predicted, calibration = predict_ages(args.model, args.scans, batch_size=args.batch_size)
+        result = calibrated(predicted, calibration, ages, args.level, args.correction)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_ages(args.out, args.scans, ages)
-    print(f"wrote {len(ages)} predicted ages (mean {float(ages.mean()):.1f} years) to {args.out}")
+    write_ages(args.out, args.scans, result)
+    print(f"wrote {len(predicted)} predicted ages (mean {float(predicted.mean()):.1f} years) to "
+          f"{args.out}")
+    if calibration is None:
+        print("warning: this model carries no calibration (registered by an older hpcbrain): "
+              "no intervals, extrapolation flags or corrected gaps; retrain to get them",
+              file=sys.stderr)
+    else:
+        radius = calibration.radius(result.level)
+        print(f"{100 * result.level:.0f} % intervals ± {radius:.2f} years; age-bias correction "
+              f"{args.correction or calibration.correction}")
+        if not np.isfinite(radius):
+            print(f"warning: the model was calibrated on {calibration.calibration_scans} scans, "
+                  f"too few for a {100 * result.level:g} % interval (it needs at least "
+                  f"{math.ceil(round(result.level / (1 - result.level), 9))}): the intervals are "
+                  f"unbounded; ask for a lower --level", file=sys.stderr)
+        flagged = [str(s) for s, x in zip(args.scans, result.extrapolated) if x]
+        if flagged:
+            print(f"warning: {len(flagged)} scans predicted outside the training ages "
+                  f"{calibration.training_age_min:.1f}–{calibration.training_age_max:.1f} "
+                  f"(column extrapolated), e.g. {flagged[0]}", file=sys.stderr)
+    if ages is None:
+        print("chronological ages unknown (no --ages, scans not in a BIDS dataset with ages): "
+              "no gap columns")
     return 0
 
 
@@ -215,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--brain-age-gap-sd", type=float, default=None,
                        help="between-subject sd of brain age − age at baseline, years "
                             "(default 3)")
+    synth.add_argument("--rescans", type=int, default=0, metavar="K",
+                       help="K repeat scans of every visit as BIDS run-2, run-3, … (same "
+                            "anatomy; own noise, bias field and residual pose): test–retest "
+                            "data. Conversion uses run-1 unless --bids-filter picks another")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_cmd_synth)
 
@@ -290,7 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="e.g. models:/hpcbrain-adapn-age@current (set "
                                        "MLFLOW_TRACKING_URI for a non-default store)")
     predict.add_argument("scans", nargs="+", type=Path, help=".nii or .nii.gz files")
-    predict.add_argument("--out", required=True, type=Path, help="ages.csv (path, predicted_age)")
+    predict.add_argument("--out", required=True, type=Path,
+                         help="ages.csv: path, predicted_age, interval_low, interval_high, "
+                              "extrapolated (+ age, brain_age_gap, brain_age_gap_corrected when "
+                              "ages are known)")
+    predict.add_argument("--ages", type=Path, default=None, metavar="TABLE",
+                         help="chronological ages: a TSV (or .csv) with 'age' and 'path' or "
+                              "'participant_id' + 'session_id' (default: a BIDS dataset's "
+                              "sessions.tsv / participants.tsv)")
+    predict.add_argument("--level", type=float, default=None,
+                         help="prediction interval level in (0, 1) (default: the model's, 0.90)")
+    predict.add_argument("--correction", choices=["beheshti", "delange"], default=None,
+                         help="age-bias correction of the gap (default: the model's, beheshti)")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.set_defaults(func=_cmd_predict_age)
 

@@ -151,6 +151,13 @@ class EvaluateConfig:
     ridge_cv: int = 5                # inner CV folds (by subject) choosing the ridge alpha
     ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0,
                                                                100.0, 1000.0])
+    # The registered age model's calibration (docs/brain-age.md), fitted on non-test subjects:
+    age_calibration_subjects: str = "auto"   # auto | training (cross-fitted) | validation
+                                     # (held out from the encoder too) | both; auto: validation
+                                     # when the method trains on ages, else training
+    age_calibration_folds: int = 5   # subject-grouped folds of the cross-fitted predictions
+    age_correction: str = "beheshti"  # the gap's age-bias correction: beheshti | delange
+    age_interval_level: float = 0.90  # the conformal interval's default level
 
 
 @dataclass

@@ -35,6 +35,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "contrastive.rnc_similarity": ("dot", "neg_l2"),
     "contrastive.rnc_features": ("projection", "backbone"),
     "engine.name": ("auto", "single", "ddp", "deepspeed"),
+    "evaluate.age_calibration_subjects": ("auto", "training", "validation", "both"),
+    "evaluate.age_correction": ("beheshti", "delange"),
 }
 #: (key, lowest, highest, whether the lowest is allowed); None values are not checked.
 RANGES: tuple[tuple[str, float, float, bool], ...] = (
@@ -75,6 +77,8 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("contrastive.augment.p", 0, 1, True),
     ("evaluate.ridge_seeds", 1, math.inf, True),
     ("evaluate.ridge_cv", 2, math.inf, True),
+    ("evaluate.age_calibration_folds", 2, math.inf, True),
+    ("evaluate.age_interval_level", 0, 1, False),
     ("supervised.age_scale", 0, math.inf, False),
     ("engine.grad_accum_steps", 1, math.inf, True),
     ("engine.timeout_minutes", 0, math.inf, False),

@@ -258,9 +258,14 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
     if age is not None:
         result.metrics = {**(result.metrics or {}), **age.metrics}
         if cfg.tracking.registered_age_model:
+            from hpcbrain.evaluate.age_calibration import write_model_files
+
+            name = cfg.tracking.registered_age_model
+            card = write_model_files(age.calibration, run_dir / "registry" / "age_model", name)
+            metadata = {**inputs, "hpcbrain": {**inputs["hpcbrain"],
+                                               "age_model": age.calibration.card()}}
             result.age_model_uri = tracker.log_model(age.predictor, example, "age_predictor",
-                                                     cfg.tracking.registered_age_model,
-                                                     metadata=inputs)
+                                                     name, extra_files=card, metadata=metadata)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):

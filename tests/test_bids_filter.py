@@ -49,7 +49,17 @@ def two_runs(tmp_path):
     return root
 
 
-def test_several_runs_are_a_duplicate_that_names_the_filter(two_runs, tmp_path):
+def test_repeat_runs_use_the_lowest_run(two_runs, tmp_path):
+    scans, _ = discover_scans(two_runs)
+    assert [s.path.name for s in scans] == ["sub-01_ses-01_run-1_T1w.nii.gz",
+                                            "sub-02_ses-01_T1w.nii.gz"]
+    assert not any(s.problems for s in scans)
+
+
+def test_two_acquisitions_are_a_duplicate_that_names_the_filter(two_runs, tmp_path):
+    anat = two_runs / "sub-01" / "ses-01" / "anat"
+    shutil.move(anat / "sub-01_ses-01_run-2_T1w.nii.gz",
+                anat / "sub-01_ses-01_acq-fl3d_run-1_T1w.nii.gz")
     with pytest.raises(ConversionError, match="duplicate subject/session sub-01 ses-01.*"
                                               "--bids-filter"):
         convert_cohort(two_runs, tmp_path / "out.zarr", 8, progress=False)

@@ -310,8 +310,9 @@ def make_bad_bids(root: Path) -> dict[str, str]:
     sessions("sub-05", [["ses-01", 70]])
     t1("sub-06", "ses-01"), t1("sub-06", "ses-02")
     sessions("sub-06", [["ses-02", "n/a"]])  # ses-01: no row; ses-02: age n/a
-    t1("sub-07", "ses-01", suffix="run-1_T1w.nii.gz"), t1("sub-07", "ses-01",
-                                                           suffix="run-2_T1w.nii.gz")
+    # two acquisitions of one session (repeat runs would be resolved: the lowest is used)
+    t1("sub-07", "ses-01", suffix="acq-a_T1w.nii.gz"), t1("sub-07", "ses-01",
+                                                          suffix="acq-b_T1w.nii.gz")
     sessions("sub-07", [["ses-01", 70]])
     t1("sub-08", "ses-01", phantom(shape)[..., None])  # (12, 12, 12, 1): squeezed, fine
     sessions("sub-08", [["ses-01", 75]])
@@ -333,7 +334,7 @@ def test_every_bad_scan_is_named_in_one_error_and_nothing_is_left(tmp_path):
         assert expected[sub] in reason, (sub, reason)
     assert "no row" in message and "missing (empty or n/a)" in message
     assert {b[0].rsplit("/", 1)[1] for b in err.bad if b[1] == "sub-07"} == {
-        "sub-07_ses-01_run-1_T1w.nii.gz", "sub-07_ses-01_run-2_T1w.nii.gz"}
+        "sub-07_ses-01_acq-a_T1w.nii.gz", "sub-07_ses-01_acq-b_T1w.nii.gz"}
     assert leftovers(out) == []
 
 

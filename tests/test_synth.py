@@ -345,3 +345,35 @@ def test_cli_synth_rejects_a_bad_option_with_a_clear_error(tmp_path, capsys):
                  "90", "60", "--quiet"]) == 2
     assert "LO < HI" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_rescans_are_extra_runs_of_the_same_visit_and_conversion_uses_run_1(tmp_path):
+    """--rescans K: run-1 is byte for byte the scan a cohort without rescans has, run-2 … are
+    new images of the same anatomy; convert takes run-1 unless the filter picks another."""
+    from hpcbrain.data.convert import convert_cohort
+    from hpcbrain.data.store import CohortStore
+
+    plain = synthesize_cohort(tmp_path / "plain", 2, seed=3, voxel_size_mm=8.0, progress=False,
+                              learnability=False)
+    rescanned = synthesize_cohort(tmp_path / "re", 2, seed=3, voxel_size_mm=8.0, progress=False,
+                                  learnability=False, rescans=2)
+    assert rescanned.n_scans == 3 * plain.n_scans
+    runs = sorted(p.name for p in (tmp_path / "re" / "sub-001" / "ses-01" / "anat").iterdir())
+    assert runs == [f"sub-001_ses-01_run-{k}_T1w.nii.gz" for k in (1, 2, 3)]
+    anat = tmp_path / "re" / "sub-001" / "ses-01" / "anat"
+    first = (anat / "sub-001_ses-01_run-1_T1w.nii.gz").read_bytes()
+    assert first == (tmp_path / "plain" / "sub-001" / "ses-01" / "anat" /
+                     "sub-001_ses-01_T1w.nii.gz").read_bytes()
+    images = [nib.load(anat / name).get_fdata() for name in runs]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+    # same anatomy: a rescan is far closer to its visit's scan than to another subject's
+    other = nib.load(next((tmp_path / "re" / "sub-002" / "ses-01" / "anat").glob("*run-1*"))
+                     ).get_fdata()
+    assert np.abs(images[1] - images[0]).mean() < 0.75 * np.abs(other - images[0]).mean()
+    for spec, run in ((None, "run-1"), ('{"t1w": {"run": 2}}', "run-2")):
+        store = CohortStore(convert_cohort(tmp_path / "re", tmp_path / f"{run}.zarr", 8,
+                                           bids_filter=spec, progress=False).out)
+        assert len(store) == plain.n_scans
+        assert all(f"_{run}_" in p for p in store.metadata["source_path"])
+    with pytest.raises(ValueError, match="rescans must be a non-negative integer"):
+        synthesize_cohort(tmp_path / "bad", 2, rescans=-1)

@@ -12,8 +12,9 @@ Sources
   participants.tsv becomes ``participant_age``).
   A subject **without session folders** (``sub-X/anat/sub-X_T1w.nii.gz``) has one scan, labelled
   session ``ses-01``; its age comes from participants.tsv's ``age`` column.
-  Several T1w images for one subject/session (e.g. two runs) are a *duplicate*: choose one with
-  ``--bids-filter`` (`hpcbrain.data.bids_filter`, e.g. ``{"t1w": {"run": 1}}``) or name it in a
+  Repeat runs of one protocol in a session (``run-1``, ``run-2``, … and nothing else different,
+  e.g. a test–retest rescan) → the lowest run is used. Other sets of several T1w images for one
+  subject/session (e.g. two acquisitions) are a *duplicate*: choose one with ``--bids-filter`` (`hpcbrain.data.bids_filter`, e.g. ``{"t1w": {"run": 1}}``) or name it in a
   CSV manifest.
 * **CSV manifest** (``.csv``; ``.tsv`` is read tab-separated): columns ``path``, ``subject``,
   ``age`` (required), ``session`` (optional, default ``ses-01``), then any columns. Relative paths
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcbrain.data.bids_filter import BidsFilterError, load_filter, matches
+from hpcbrain.data.bids_filter import BidsFilterError, entities, load_filter, matches
 from hpcbrain.data.store import IMAGES
 
 DEFAULT_SESSION = "ses-01"
@@ -75,11 +76,11 @@ def _is_missing(value: Any) -> bool:
     return value is None or str(value).strip().lower() in MISSING_TEXT
 
 
-def _clean(value: Any) -> str | None:
+def clean_cell(value: Any) -> str | None:
     return None if _is_missing(value) else str(value).strip()
 
 
-def _parse_age(text: str | None, where: str) -> tuple[float | None, str | None]:
+def parse_age(text: str | None, where: str) -> tuple[float | None, str | None]:
     if text is None:
         return None, f"age is missing (empty or n/a) in {where}"
     try:
@@ -138,7 +139,7 @@ def _read_bids(root: Path, allowed=None) -> list[Scan]:
             sub = _label(row.pop("participant_id"), "sub-")
             if sub in participants:
                 participant_dups.add(sub)
-            participants[sub] = {k: _clean(v) for k, v in row.items()}
+            participants[sub] = {k: clean_cell(v) for k, v in row.items()}
 
     # Read every sessions.tsv first: a name found in any of them wins over participants.tsv.
     sessions: dict[str, dict[str, dict[str, str | None]] | None] = {}
@@ -157,7 +158,7 @@ def _read_bids(root: Path, allowed=None) -> list[Scan]:
             ses = _label(row.pop("session_id"), "ses-")
             if ses in rows:
                 session_dups.setdefault(subdir.name, set()).add(ses)
-            rows[ses] = {k: _clean(v) for k, v in row.items()}
+            rows[ses] = {k: clean_cell(v) for k, v in row.items()}
             session_names.update(k for k in rows[ses] if k != "age")
         sessions[subdir.name] = rows
 
@@ -186,7 +187,7 @@ def _read_bids(root: Path, allowed=None) -> list[Scan]:
             elif sub not in participants:
                 age, problem = None, f"{sub} has no row in {ptsv}"
             else:
-                age, problem = _parse_age(age_text, where)
+                age, problem = parse_age(age_text, where)
             for image in _t1w_images(subdir / "anat", sub, allowed):
                 scans.append(Scan(image, sub, DEFAULT_SESSION, age, participant_meta(sub, True),
                                   common + ([problem] if problem else [])))
@@ -207,7 +208,7 @@ def _read_bids(root: Path, allowed=None) -> list[Scan]:
                 row = {}
             else:
                 row = rows[ses]
-                age, problem = _parse_age(row.get("age"), stsv.name)
+                age, problem = parse_age(row.get("age"), stsv.name)
                 if ses in session_dups.get(sub, ()):
                     problems.append(f"{ses} is listed twice in {stsv.name}")
             if problem:
@@ -230,7 +231,7 @@ def _read_manifest(path: Path) -> list[Scan]:
     scans = []
     for line, row in enumerate(table.to_dict("records"), start=2):
         problems = []
-        text = _clean(row.pop("path"))
+        text = clean_cell(row.pop("path"))
         image: Path | None = None
         if text is None:
             problems.append(f"manifest line {line}: empty path")
@@ -241,16 +242,46 @@ def _read_manifest(path: Path) -> list[Scan]:
             image = Path(os.path.abspath(image))
             if not image.is_file():
                 problems.append("file does not exist")
-        subject = _clean(row.pop("subject"))
+        subject = clean_cell(row.pop("subject"))
         if subject is None:
             problems.append(f"manifest line {line}: empty subject")
-        session = _clean(row.pop("session", None)) or DEFAULT_SESSION
-        age, problem = _parse_age(_clean(row.pop("age")), f"manifest line {line}")
+        session = clean_cell(row.pop("session", None)) or DEFAULT_SESSION
+        age, problem = parse_age(clean_cell(row.pop("age")), f"manifest line {line}")
         if problem:
             problems.append(problem)
-        meta = {_column_name(k, "extra_"): _clean(v) for k, v in row.items()}
+        meta = {_column_name(k, "extra_"): clean_cell(v) for k, v in row.items()}
         scans.append(Scan(image, subject or "", session, age, meta, problems))
     return scans
+
+
+def _lowest_runs(scans: list[Scan]) -> list[Scan]:
+    """Repeat runs of one protocol in one session (images whose names differ only in the run
+    entity: a test–retest rescan, a repeat after motion) → the lowest-numbered run, logged.
+    Images that differ in anything else (acquisition, reconstruction, …) stay: that choice is
+    the user's (a duplicate naming --bids-filter)."""
+    import logging
+
+    def protocol(scan: Scan) -> tuple:
+        labels = entities(scan.path)
+        return (scan.subject, scan.session,
+                tuple(sorted((k, v) for k, v in labels.items() if k != "run")))
+
+    runs: dict[tuple, list[Scan]] = {}
+    for scan in scans:
+        runs.setdefault(protocol(scan), []).append(scan)
+    keep, dropped = set(), 0
+    for members in runs.values():
+        numbered = [m for m in members if entities(m.path).get("run", "").isdigit()]
+        if len(members) > 1 and len(numbered) == len(members):
+            keep.add(id(min(members, key=lambda m: int(entities(m.path)["run"]))))
+            dropped += len(members) - 1
+        else:
+            keep.update(id(m) for m in members)
+    if dropped:
+        logging.getLogger(__name__).warning(
+            "%d repeat runs skipped: each session's lowest run is used (choose others with "
+            "--bids-filter, e.g. '{\"t1w\": {\"run\": 2}}')", dropped)
+    return [s for s in scans if id(s) in keep]
 
 
 def discover_scans(source: str | Path, bids_filter: str | None = None
@@ -276,6 +307,8 @@ def discover_scans(source: str | Path, bids_filter: str | None = None
             raise ConversionError("--bids-filter chooses among a BIDS folder's images; a CSV "
                                   "manifest names its images itself")
         scans, fmt = _read_manifest(source), "manifest"
+    if fmt == "bids":
+        scans = _lowest_runs(scans)
     groups: dict[tuple[str, str], list[int]] = {}
     for i, scan in enumerate(scans):
         if scan.subject:

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +107,7 @@ def _version() -> str:
 
 
 def _write_tables(root: Path, subjects: list[SubjectPlan], seed: int, voxel_size_mm: float,
-                  model: AgingModel, ventricle_ml: dict) -> None:
+                  model: AgingModel, ventricle_ml: dict, rescans: int = 0) -> None:
     """Everything but the images; the marker (synth_parameters.json) is written last."""
     generated_by = [{"Name": "hpcbrain", "Version": _version(),
                      "Description": f"hpcbrain synth: synthetic longitudinal cohort, seed={seed}, "
@@ -170,6 +170,7 @@ def _write_tables(root: Path, subjects: list[SubjectPlan], seed: int, voxel_size
         "orientation": {"Description": "voxel axis codes the T1w image is stored in"}})
     parameters = {"generator": "hpcbrain.data.synth", "version": _version(), "seed": seed,
                   "n_subjects": len(subjects), "voxel_size_mm": voxel_size_mm,
+                  "rescans": rescans,
                   "scale_slope": SCALE_SLOPE, "intensity_scale": INTENSITY_SCALE,
                   "template": "MNI152 2009 (nilearn, 2 mm)", "model": asdict(model)}
     _json(root / MARKER, parameters)
@@ -211,6 +212,21 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def _rescan(subject: SubjectPlan, session, tpl, model: AgingModel, seed: int, visit: int,
+            run: int) -> np.ndarray:
+    """Run `run` (≥ 2) of one visit: the visit's anatomy (brain age, ventricles, cortex) with
+    its own noise, bias-field change and residual pose (the subject's pose plus a fresh draw at
+    the preset's pose sd: a head placed again in the scanner, then registered). Its random
+    stream is its own, so rescans never move the run-1 images or one another."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(subject.index,
+                                                                         visit + 1, run)))
+    placed = replace(subject,
+                     rotation_deg=subject.rotation_deg + rng.normal(0.0, model.rotation_sd_deg, 3),
+                     translation_mm=subject.translation_mm
+                     + rng.normal(0.0, model.translation_sd_mm, 3))
+    return render_scan(placed, session, subject_warp(placed, tpl, model), tpl, model, rng)[0]
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
@@ -218,11 +234,13 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
                       preset: str = "registered", age_distribution: str = "normal",
                       age_range: tuple[float, float] | None = None,
                       brain_age_gap_sd: float | None = None,
-                      learnability: bool = True) -> SynthSummary:
+                      learnability: bool = True, rescans: int = 0) -> SynthSummary:
     """Write a synthetic longitudinal BIDS cohort of `n_subjects` to `out_dir`.
 
     `preset`, `age_distribution`, `age_range` and `brain_age_gap_sd` choose the generative model
-    (`aging_model`). With `learnability` (and at least MIN_SUBJECTS_FOR_REPORT = 10 subjects)
+    (`aging_model`). `rescans` K > 0: every visit is scanned K + 1 times, as BIDS runs
+    (``run-1`` the visit's scan, ``run-2`` … its repeats: same anatomy, independent noise, bias
+    field and residual pose), the test–retest data of reliability studies. With `learnability` (and at least MIN_SUBJECTS_FOR_REPORT = 10 subjects)
     the cohort's learnability report -- constant predictor, subject-grouped ridge on the 32³
     voxels, oracle -- goes to derivatives/synth/learnability.json (`hpcbrain.data.learnability`).
 
@@ -239,6 +257,9 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
     if not 1.0 <= voxel_size_mm <= 16.0:
         raise ValueError(f"synth: voxel_size_mm must be within [1, 16] mm, got {voxel_size_mm}")
     n_subjects, seed = int(n_subjects), int(seed)
+    if isinstance(rescans, bool) or not isinstance(rescans, (int, np.integer)) or rescans < 0:
+        raise ValueError(f"synth: rescans must be a non-negative integer, got {rescans!r}")
+    rescans = int(rescans)
     out_dir = Path(out_dir).expanduser().absolute()
     _check_out_dir(out_dir)
 
@@ -260,7 +281,8 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
         ventricle_ml = {}
         want_report = learnability and n_subjects >= MIN_SUBJECTS_FOR_REPORT
         report_volumes, report_rows = [], []
-        with tqdm(total=n_scans, desc="synth", unit="scan", disable=not progress) as bar:
+        with tqdm(total=n_scans * (1 + rescans), desc="synth", unit="scan",
+                  disable=not progress) as bar:
             for s in subjects:
                 warp = subject_warp(s, tpl, model)
                 for v, session in enumerate(s.sessions):
@@ -270,13 +292,19 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
                         s, session, warp, tpl, model, rng)
                     anat = tmp / s.participant_id / session.session_id / "anat"
                     anat.mkdir(parents=True)
-                    name = f"{s.participant_id}_{session.session_id}_T1w.nii.gz"
-                    write_nifti(anat / name, image, tpl, s.orientation)
+                    stem = f"{s.participant_id}_{session.session_id}"
+                    write_nifti(anat / (f"{stem}_run-1_T1w.nii.gz" if rescans
+                                        else f"{stem}_T1w.nii.gz"), image, tpl, s.orientation)
                     if want_report:
                         report_volumes.append(preprocess_array(image, (voxel_size_mm,) * 3,
                                                                REPORT_SIZE)[0].ravel())
                         report_rows.append((s.index, session.age, session.brain_age))
                     bar.update()
+                    for run in range(2, rescans + 2):
+                        rescan = _rescan(s, session, tpl, model, seed, v, run)
+                        write_nifti(anat / f"{stem}_run-{run}_T1w.nii.gz", rescan, tpl,
+                                    s.orientation)
+                        bar.update()
         report = None
         if want_report:
             subject_ids, ages, brain_ages = (np.array(c) for c in zip(*report_rows))
@@ -286,14 +314,15 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
                           input_size=REPORT_SIZE)
             (tmp / LEARNABILITY).parent.mkdir(parents=True, exist_ok=True)
             _json(tmp / LEARNABILITY, report)
-        _write_tables(tmp, subjects, seed, voxel_size_mm, model, ventricle_ml)
+        _write_tables(tmp, subjects, seed, voxel_size_mm, model, ventricle_ml, rescans)
         _check_out_dir(out_dir)       # it may have filled up while we worked
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     counts = {g: sum(s.group == g for s in subjects) for g in GROUPS}
-    return SynthSummary(out_dir=out_dir, n_subjects=n_subjects, n_scans=n_scans, seed=seed,
+    return SynthSummary(out_dir=out_dir, n_subjects=n_subjects, n_scans=n_scans * (1 + rescans),
+                        seed=seed,
                         voxel_size_mm=voxel_size_mm, shape=tpl.out_shape, group_counts=counts,
                         elapsed_s=time.perf_counter() - started, preset=preset,
                         learnability=report)

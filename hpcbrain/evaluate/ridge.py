@@ -199,10 +199,63 @@ def _comparison_row(run: str, run_id: str | None, method: str, backbone: str, ma
 
 @dataclass
 class AgeEvaluation:
-    """What `evaluate_after_training` gives the job: the logged metrics and the age predictor
-    (the encoder with the first seed's ridge, fitted on the training scans)."""
+    """What `evaluate_after_training` gives the job: the logged metrics, the age predictor
+    (the encoder with the first seed's ridge, fitted on the training scans) and its calibration
+    (`age_calibration`, fitted on non-test subjects only)."""
     metrics: dict[str, float]
     predictor: torch.nn.Module
+    calibration: Any = None
+
+
+def calibration_subjects(split, source: str, learns_from_age: bool) -> dict[str, np.ndarray]:
+    """The scans each calibration part uses ('cross-fitted': training scans, each predicted by
+    a ridge that never saw its subject; 'held-out': validation scans, which neither the encoder
+    nor the registered ridge trained on). `source` auto: held-out when the method's training
+    saw the ages (`learns_from_age`), cross-fitted otherwise. Never a scan of the test fold;
+    validation subjects are disjoint from it by construction (`subject_kfold`)."""
+    if source == "auto":
+        source = "validation" if learns_from_age else "training"
+    parts = {}
+    if source in ("training", "both"):
+        parts["cross-fitted"] = np.asarray(split.train)
+    if source in ("validation", "both"):
+        if len(split.val) == 0:
+            raise ValueError(
+                "the age model is calibrated on validation subjects and this split has none: "
+                "set data.val_fraction > 0, or evaluate.age_calibration_subjects=training "
+                "(optimistic for a method that trains on ages: docs/brain-age.md)")
+        parts["held-out"] = np.asarray(split.val)
+    if np.intersect1d(np.concatenate(list(parts.values())), split.test).size:
+        raise RuntimeError("age calibration would use test-fold scans: the split is broken")
+    return parts
+
+
+def calibrate_age_model(c, fitted, features: dict[str, np.ndarray], ages: np.ndarray,
+                        subjects: np.ndarray, parts: dict[str, np.ndarray], training: np.ndarray,
+                        seed: int):
+    """The registered age model's calibration from the calibration `parts`
+    (`calibration_subjects`) with their `features`; `training`: the scans the registered ridge
+    was fitted on; `c` is the evaluate config section."""
+    from hpcbrain.evaluate.age_calibration import cross_fitted_predictions, fit_calibration
+
+    predicted, used = [], []
+    for part, rows in parts.items():
+        if part == "cross-fitted":
+            predicted.append(cross_fitted_predictions(
+                features[part], ages[rows], subjects[rows], folds=int(c.age_calibration_folds),
+                seed=seed, alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv)))
+        else:
+            predicted.append(fitted.predict(features[part]))
+        used.append(rows)
+    rows = np.concatenate(used)
+    names = {"cross-fitted": f"training subjects, cross-fitted over "
+                             f"{int(c.age_calibration_folds)} subject folds",
+             "held-out": "validation subjects, predicted by the registered ridge"}
+    return fit_calibration(np.concatenate(predicted), ages[rows], subjects[rows],
+                           training_ages=ages[training], training_subjects=subjects[training],
+                           correction=str(c.age_correction), level=float(c.age_interval_level),
+                           folds=int(c.age_calibration_folds),
+                           source="; ".join(names[p] for p in parts))
 
 
 def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
@@ -255,4 +308,21 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
     fitted = fit_ridge(train_x, ages[split.train], groups=subjects[split.train],
                        seed=result.seeds[0], alphas=[float(a) for a in c.ridge_alphas],
                        cv=int(c.ridge_cv))
-    return AgeEvaluation(metrics, AgePredictor.from_ridge(encoder, fitted))
+    parts = calibration_subjects(split, str(c.age_calibration_subjects), method.learns_from_age)
+    features = {part: train_x if part == "cross-fitted"
+                else extract_features(encoder, store, rows, device)
+                for part, rows in parts.items()}
+    calibration = calibrate_age_model(c, fitted, features, ages, subjects, parts, split.train,
+                                      seed=result.seeds[0])
+    calibration_metrics = {"age_model/cv_mae": calibration.cv_mae,
+                           "age_model/bias_alpha": calibration.bias_alpha,
+                           "age_model/bias_beta": calibration.bias_beta,
+                           "age_model/interval_radius": calibration.radius()}
+    tracker.log_metrics(calibration_metrics, step=step)
+    log.info("age model calibration on %d scans of %d subjects (%s): MAE %.2f, gap = %.3f·age "
+             "%+.2f, %.0f %% interval ± %.2f years", calibration.calibration_scans,
+             calibration.calibration_subjects, calibration.source, calibration.cv_mae,
+             calibration.bias_alpha, calibration.bias_beta, 100 * calibration.level,
+             calibration.radius())
+    return AgeEvaluation({**metrics, **calibration_metrics},
+                         AgePredictor.from_ridge(encoder, fitted), calibration)

@@ -40,6 +40,11 @@ class Method(torch.nn.Module):
     #: (`hpcbrain.evaluate.interpretability`; the method then provides ``grid`` and ``bmu``).
     ridge_evaluation: ClassVar[bool] = False
     som_evaluation: ClassVar[bool] = False
+    #: True when training sees the scans' ages (a supervised or regression-aware loss): the
+    #: features of training scans are then fitted to their ages, so cross-fitted residuals over
+    #: training subjects under-state the error on new subjects, and the registered age model is
+    #: calibrated on held-out validation subjects (`evaluate.age_calibration_subjects: auto`).
+    learns_from_age: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -139,6 +139,7 @@ class ContrastiveMethod(Method):
     loss_name: ClassVar[str] = ""
     #: the job evaluates these with ridge regression on frozen features (evaluate/ridge.py)
     ridge_evaluation: ClassVar[bool] = True
+    learns_from_age: ClassVar[bool] = True          # the kernels weight pairs by age distance
     fp32_buffers: ClassVar[tuple[str, ...]] = ("queue",)
 
     def __init__(self, cfg: Any) -> None:
@@ -360,12 +361,14 @@ class RankNContrast(ContrastiveMethod):
 class SimCLR(ContrastiveMethod):
     """SimCLR: NT-Xent over the two views of every scan (Chen et al. 2020)."""
     loss_name = "simclr"
+    learns_from_age = False
 
 
 @register_method("nnclr")
 class NNCLR(ContrastiveMethod):
     """NNCLR: nearest-neighbour positives from a support queue (Dwibedi et al. 2021)."""
     loss_name = "nnclr"
+    learns_from_age = False
 
     @classmethod
     def resolve_config(cls, cfg: Any, n_train_items: int) -> None:

@@ -30,6 +30,7 @@ __all__ = ["Supervised"]
 class Supervised(Method):
     batch_kind = "scans"
     ridge_evaluation: ClassVar[bool] = True
+    learns_from_age: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
