@@ -8,14 +8,18 @@ with a JSON sidecar each:
 * ``latent``: one row z0…z{D−1}, for an encoder;
 * ``somnode`` (som_row, som_col: the best-matching node) and ``similarity`` (the Nr × Nc
   similarity grid ρ, one row per grid row), for an encoder that carries a SOM grid (LSOR);
-* ``brainage``: predicted_age (years), for a brain-age model (`tracking.registered_age_model`).
+* ``brainage``: for a brain-age model (`tracking.registered_age_model`): predicted_age, its
+  prediction interval (interval_low, interval_high), extrapolated and, when the session's age
+  is in the dataset's sessions.tsv / participants.tsv, age, brain_age_gap and
+  brain_age_gap_corrected; the sidecar describes each column and carries the model card.
 
 ``OUTPUT_DIR/dataset_description.json`` says what made the dataset (DatasetType derivative,
 GeneratedBy hpcbrain with its version and the model URI, SourceDatasets the raw dataset).
 Participants can be processed by separate processes into the same OUTPUT_DIR (one per Slurm
 array task); one OUTPUT_DIR holds one model's outputs only. ``group`` gathers every
 participant's files into ``OUTPUT_DIR/group/`` tables (latents.tsv, somnodes.tsv,
-brainage.tsv) with a figure each for the SOM occupancy and the predicted ages.
+brainage.tsv) with figures: the SOM occupancy; predicted against chronological age with the
+intervals, and the gap against age before and after the age-bias correction.
 """
 from __future__ import annotations
 
@@ -153,18 +157,18 @@ def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str
     _claim_output(output_dir, dataset_description(bids_dir, model_uri))
     outputs = apply_to_scans(module, [s.path for s in scans], preparation, batch_size)
     som = som_of(model_dir)
+    brain_ages = _brain_age_rows(scans, outputs, model_dir) if outputs.ndim == 1 else None
     written = []
-    for scan, out in zip(scans, outputs):
+    for k, (scan, out) in enumerate(zip(scans, outputs)):
         base = _derivative_base(scan, bids_dir, output_dir)
         source = f"bids:raw:{scan.path.resolve().relative_to(bids_dir.resolve())}"
         common = {"Sources": [source], "GeneratedBy": f"hpcbrain {_version()}, model {model_uri}",
                   "Preparation": {"size": preparation.size, "registered": preparation.register}}
-        if np.ndim(out) == 0:
+        if brain_ages is not None:
+            rows, sidecar = brain_ages
             written.append(_write_tsv(Path(f"{base}_{SUFFIXES['brainage']}.tsv"),
-                                      ["predicted_age"], [[float(out)]],
-                                      {**common, "predicted_age": {
-                                          "Description": "brain age predicted by the model",
-                                          "Units": "years"}}))
+                                      list(rows[k]), [list(rows[k].values())],
+                                      {**common, **sidecar}))
             continue
         written.append(_write_tsv(Path(f"{base}_{SUFFIXES['latent']}.tsv"),
                                   [f"z{k}" for k in range(out.shape[0])],
@@ -188,9 +192,106 @@ def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str
     return written
 
 
+#: What each brain-age column means (the sidecar of every _brainage.tsv).
+BRAIN_AGE_COLUMNS = {
+    "predicted_age": {"Description": "age predicted by the model from the scan (brain age)",
+                      "Units": "year"},
+    "interval_low": {"Description": "lower end of the split-conformal prediction interval "
+                                    "for the chronological age (level: IntervalLevel)",
+                     "Units": "year"},
+    "interval_high": {"Description": "upper end of that interval", "Units": "year"},
+    "extrapolated": {"Description": "true when predicted_age lies outside the training "
+                                    "cohort's ages: the model has not seen such brains",
+                     "Levels": {"true": "outside", "false": "inside"}},
+    "age": {"Description": "chronological age at the scan (sessions.tsv / participants.tsv)",
+            "Units": "year"},
+    "brain_age_gap": {"Description": "predicted_age - age, uncorrected", "Units": "year"},
+    "brain_age_gap_corrected": {"Description": "the gap with the age bias of the model "
+                                               "removed (fitted on the model's calibration "
+                                               "subjects; ModelCard gives the formula)",
+                                "Units": "year"},
+}
+
+
+def _brain_age_rows(scans: list[SelectedScan], predicted: np.ndarray, model_dir: Path):
+    """Per scan the brain-age columns (as text) and the sidecar keys they share."""
+    from hpcbrain.evaluate.age_calibration import load_calibration
+    from hpcbrain.evaluate.age_predictor import calibrated, rows_of
+    from hpcbrain.evaluate.scan_ages import AgeLookupError, ages_from_bids
+
+    calibration = load_calibration(model_dir)
+    try:
+        ages = ages_from_bids([s.path for s in scans])
+    except AgeLookupError as exc:
+        raise BidsAppError(str(exc)) from None
+    result = calibrated(predicted, calibration, ages)
+    rows = rows_of(result)
+    sidecar = {name: BRAIN_AGE_COLUMNS[name] for name in rows[0]}
+    sidecar["IntervalLevel"] = result.level if calibration is not None else None
+    sidecar["ModelCard"] = calibration.card() if calibration is not None else None
+    return rows, sidecar
+
+
 def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
     lines = path.read_text().splitlines()
     return lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+
+
+def _brain_age_figures(header: list[str], rows: list[list[str]], group: Path, plt) -> list[Path]:
+    """brainage.png: predicted against chronological age with the identity line and each scan's
+    interval (a histogram of the predictions when no ages are known); brainage_gap.png: the gap
+    against age before and after the age-bias correction."""
+    def column(name: str) -> np.ndarray:
+        at = 3 + header.index(name)
+        return np.array([float(r[at]) if r[at] != "n/a" else np.nan for r in rows])
+
+    predicted = column("predicted_age")
+    written = []
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    if "age" not in header:
+        axis.hist(predicted, bins=20)
+        axis.set_xlabel("predicted age (years)")
+        axis.set_ylabel("scans")
+    else:
+        age, low, high = column("age"), column("interval_low"), column("interval_high")
+        finite = np.isfinite(low) & np.isfinite(high)
+        axis.errorbar(age[finite], predicted[finite],
+                      yerr=[predicted[finite] - low[finite], high[finite] - predicted[finite]],
+                      fmt="o", ms=3, lw=0.6, alpha=0.7, label="predicted ± interval")
+        axis.plot(age[~finite], predicted[~finite], "o", ms=3)
+        ends = [np.nanmin([age.min(), predicted.min()]), np.nanmax([age.max(), predicted.max()])]
+        axis.plot(ends, ends, "k--", lw=1, label="identity")
+        covered = np.mean((age >= low) & (age <= high))
+        axis.set_title(f"{len(rows)} scans; interval covers {100 * covered:.0f} %")
+        axis.set_xlabel("chronological age (years)")
+        axis.set_ylabel("predicted age (years)")
+        axis.legend(loc="upper left")
+    written.append(_save(figure, group / "brainage.png", plt))
+    if "brain_age_gap" in header:
+        age = column("age")
+        figure, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+        for axis, name, title in ((axes[0], "brain_age_gap", "uncorrected"),
+                                  (axes[1], "brain_age_gap_corrected", "age-bias corrected")):
+            gap = column(name)
+            axis.plot(age, gap, "o", ms=3, alpha=0.7)
+            axis.axhline(0.0, color="k", lw=1)
+            ok = np.isfinite(gap)
+            if ok.sum() > 2 and np.ptp(age[ok]) > 0:
+                slope, intercept = np.polyfit(age[ok], gap[ok], 1)
+                axis.plot(age[ok], slope * age[ok] + intercept, "r-", lw=1,
+                          label=f"slope {slope:+.2f}")
+                axis.legend(loc="upper right")
+            axis.set_title(f"gap, {title}")
+            axis.set_xlabel("chronological age (years)")
+        axes[0].set_ylabel("predicted − chronological age (years)")
+        written.append(_save(figure, group / "brainage_gap.png", plt))
+    return written
+
+
+def _save(figure, path: Path, plt) -> Path:
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path
 
 
 def run_group(output_dir: str | Path) -> list[Path]:
@@ -234,10 +335,7 @@ def run_group(output_dir: str | Path) -> list[Path]:
             axis.set_title("scans per SOM node")
             figure.colorbar(image, ax=axis)
         elif what == "brainage":
-            figure, axis = plt.subplots(figsize=(5, 3.5))
-            axis.hist([float(r[3]) for r in rows], bins=20)
-            axis.set_xlabel("predicted age (years)")
-            axis.set_ylabel("scans")
+            written += _brain_age_figures(header, rows, group, plt)
         if figure is not None:
             png = group / f"{table}.png"
             figure.savefig(png, dpi=100, bbox_inches="tight")

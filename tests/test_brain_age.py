@@ -189,3 +189,34 @@ def test_bids_ages_and_their_errors(tmp_path):
                                              r".*sub-01_sessions.tsv line 3"):
         chronological_ages(bad)
     assert chronological_ages([tmp_path / "elsewhere.nii.gz"]) is None
+
+
+def test_bids_app_writes_the_brain_age_columns_and_group_figures(age_contrast_store, tmp_path):
+    cfg = _config(age_contrast_store, tmp_path, "app", "data.n_folds=1",
+                  "data.val_fraction=0.5", tracking=True)
+    result = run_training(cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bids = tmp_path / "bids"
+    _bids(bids, {("sub-01", "ses-01"): "71.5", ("sub-01", "ses-02"): "73",
+                 ("sub-02", None): "64"})
+    out = tmp_path / "derivatives"
+    assert main(["bids-app", str(bids), str(out), "participant", "--model",
+                 result.age_model_uri, "--tracking-uri", uri]) == 0
+    stem = out / "sub-01" / "ses-02" / "anat" / "sub-01_ses-02_desc-hpcbrain_brainage"
+    header, row = (line.split("\t") for line in stem.with_suffix(".tsv").read_text()
+                   .splitlines())
+    assert header == ["predicted_age", "interval_low", "interval_high", "extrapolated", "age",
+                      "brain_age_gap", "brain_age_gap_corrected"]
+    values = dict(zip(header, row))
+    assert float(values["age"]) == 73.0
+    assert float(values["brain_age_gap"]) == pytest.approx(float(values["predicted_age"]) - 73,
+                                                           abs=1e-3)
+    sidecar = __import__("json").loads(stem.with_suffix(".json").read_text())
+    assert set(header) <= set(sidecar) and sidecar["IntervalLevel"] == 0.9
+    assert sidecar["ModelCard"]["correction"] == "beheshti"
+    assert main(["bids-app", str(bids), str(out), "group"]) == 0
+    table = (out / "group" / "brainage.tsv").read_text().splitlines()
+    assert table[0].split("\t")[:4] == ["participant_id", "session_id", "source",
+                                        "predicted_age"] and len(table) == 4
+    for figure in ("brainage.png", "brainage_gap.png"):
+        assert (out / "group" / figure).stat().st_size > 5000

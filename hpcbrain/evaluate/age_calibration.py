@@ -151,7 +151,8 @@ class AgeCalibration:
         card = {k: v for k, v in self.to_dict().items() if k not in ("residuals", "extra")}
         card.update({k: round(v, 4) if isinstance(v, float) else v
                      for k, v in card.items()})
-        card["interval_radius_years"] = round(self.radius(), 4)
+        radius = self.radius()     # None: too few calibration scans for the level
+        card["interval_radius_years"] = round(radius, 4) if math.isfinite(radius) else None
         card["correction_formula"] = {
             "beheshti": "gap - (bias_alpha * age + bias_beta)",
             "delange": "(predicted - bias_beta) / (1 + bias_alpha) - age"}[self.correction]
