@@ -120,6 +120,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'lsor.warmup_epochs': {cfg.lsor.warmup_epochs} warm-up "
                           f"epochs of train.epochs={cfg.train.epochs}; the SOM phase needs "
                           f"warmup_epochs ≤ epochs")
+    if not cfg.evaluate.age_interval_level < 1:
+        raise ConfigError(f"bad value for 'evaluate.age_interval_level': "
+                          f"{cfg.evaluate.age_interval_level}; a prediction interval's level "
+                          f"lies strictly between 0 and 1 (e.g. 0.9)")
     if cfg.lsor.tau_min > cfg.lsor.tau_max:
         raise ConfigError(f"bad value for 'lsor.tau_min': {cfg.lsor.tau_min} > lsor.tau_max="
                           f"{cfg.lsor.tau_max}; the neighbourhood shrinks from τmax to τmin")

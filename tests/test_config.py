@@ -116,6 +116,11 @@ def test_override_whose_value_is_not_yaml():
     ("train.precision=fp16", "'train.precision': 'fp16'; choose one of auto, bf16, fp32"),
     ("data.fold=5", "'data.fold': 5; it must lie in [0, data.n_folds=5)"),
     ("lsor.warmup_epochs=60", "'lsor.warmup_epochs': 60 warm-up epochs of train.epochs=50"),
+    ("evaluate.age_interval_level=1.0", "'evaluate.age_interval_level': 1.0; a prediction "
+                                        "interval's level lies strictly between 0 and 1"),
+    ("evaluate.age_correction=smith", "'evaluate.age_correction': 'smith'; choose one of "
+                                      "beheshti, delange"),
+    ("evaluate.age_calibration_subjects=test", "choose one of auto, training, validation, both"),
 ])
 def test_bad_values_are_refused_at_load_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

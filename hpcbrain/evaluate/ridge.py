@@ -204,10 +204,10 @@ class AgeEvaluation:
     (`age_calibration`, fitted on non-test subjects only)."""
     metrics: dict[str, float]
     predictor: torch.nn.Module
-    calibration: Any = None
+    calibration: Any = None          # an age_calibration.AgeCalibration
 
 
-def calibration_subjects(split, source: str, learns_from_age: bool) -> dict[str, np.ndarray]:
+def calibration_parts(split, source: str, learns_from_age: bool) -> dict[str, np.ndarray]:
     """The scans each calibration part uses ('cross-fitted': training scans, each predicted by
     a ridge that never saw its subject; 'held-out': validation scans, which neither the encoder
     nor the registered ridge trained on). `source` auto: held-out when the method's training
@@ -234,7 +234,7 @@ def calibrate_age_model(c, fitted, features: dict[str, np.ndarray], ages: np.nda
                         subjects: np.ndarray, parts: dict[str, np.ndarray], training: np.ndarray,
                         seed: int):
     """The registered age model's calibration from the calibration `parts`
-    (`calibration_subjects`) with their `features`; `training`: the scans the registered ridge
+    (`calibration_parts`) with their `features`; `training`: the scans the registered ridge
     was fitted on; `c` is the evaluate config section."""
     from hpcbrain.evaluate.age_calibration import cross_fitted_predictions, fit_calibration
 
@@ -308,7 +308,7 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
     fitted = fit_ridge(train_x, ages[split.train], groups=subjects[split.train],
                        seed=result.seeds[0], alphas=[float(a) for a in c.ridge_alphas],
                        cv=int(c.ridge_cv))
-    parts = calibration_subjects(split, str(c.age_calibration_subjects), method.learns_from_age)
+    parts = calibration_parts(split, str(c.age_calibration_subjects), method.learns_from_age)
     features = {part: train_x if part == "cross-fitted"
                 else extract_features(encoder, store, rows, device)
                 for part, rows in parts.items()}
@@ -316,8 +316,9 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
                                       seed=result.seeds[0])
     calibration_metrics = {"age_model/cv_mae": calibration.cv_mae,
                            "age_model/bias_alpha": calibration.bias_alpha,
-                           "age_model/bias_beta": calibration.bias_beta,
-                           "age_model/interval_radius": calibration.radius()}
+                           "age_model/bias_beta": calibration.bias_beta}
+    if np.isfinite(calibration.radius()):      # +inf: too few calibration scans for the level
+        calibration_metrics["age_model/interval_radius"] = calibration.radius()
     tracker.log_metrics(calibration_metrics, step=step)
     log.info("age model calibration on %d scans of %d subjects (%s): MAE %.2f, gap = %.3f·age "
              "%+.2f, %.0f %% interval ± %.2f years", calibration.calibration_scans,
