@@ -4,6 +4,7 @@ extrapolation flags and (with known ages) the raw and corrected gaps."""
 from __future__ import annotations
 
 import csv
+import json
 
 import nibabel as nib
 import numpy as np
@@ -211,7 +212,7 @@ def test_bids_app_writes_the_brain_age_columns_and_group_figures(age_contrast_st
     assert float(values["age"]) == 73.0
     assert float(values["brain_age_gap"]) == pytest.approx(float(values["predicted_age"]) - 73,
                                                            abs=1e-3)
-    sidecar = __import__("json").loads(stem.with_suffix(".json").read_text())
+    sidecar = json.loads(stem.with_suffix(".json").read_text())
     assert set(header) <= set(sidecar) and sidecar["IntervalLevel"] == 0.9
     assert sidecar["ModelCard"]["correction"] == "beheshti"
     assert main(["bids-app", str(bids), str(out), "group"]) == 0

@@ -14,7 +14,8 @@ Sources
   session ``ses-01``; its age comes from participants.tsv's ``age`` column.
   Repeat runs of one protocol in a session (``run-1``, ``run-2``, … and nothing else different,
   e.g. a test–retest rescan) → the lowest run is used. Other sets of several T1w images for one
-  subject/session (e.g. two acquisitions) are a *duplicate*: choose one with ``--bids-filter`` (`hpcbrain.data.bids_filter`, e.g. ``{"t1w": {"run": 1}}``) or name it in a
+  subject/session (e.g. two acquisitions) are a *duplicate*: choose one with ``--bids-filter``
+  (`hpcbrain.data.bids_filter`, e.g. ``{"t1w": {"acquisition": "mprage"}}``) or name it in a
   CSV manifest.
 * **CSV manifest** (``.csv``; ``.tsv`` is read tab-separated): columns ``path``, ``subject``,
   ``age`` (required), ``session`` (optional, default ``ses-01``), then any columns. Relative paths

@@ -240,9 +240,10 @@ def synthesize_cohort(out_dir: str | Path, n_subjects: int, seed: int = 0, *,
     `preset`, `age_distribution`, `age_range` and `brain_age_gap_sd` choose the generative model
     (`aging_model`). `rescans` K > 0: every visit is scanned K + 1 times, as BIDS runs
     (``run-1`` the visit's scan, ``run-2`` … its repeats: same anatomy, independent noise, bias
-    field and residual pose), the test–retest data of reliability studies. With `learnability` (and at least MIN_SUBJECTS_FOR_REPORT = 10 subjects)
-    the cohort's learnability report -- constant predictor, subject-grouped ridge on the 32³
-    voxels, oracle -- goes to derivatives/synth/learnability.json (`hpcbrain.data.learnability`).
+    field and residual pose), the test–retest data of reliability studies. With `learnability`
+    (and at least MIN_SUBJECTS_FOR_REPORT = 10 subjects) the cohort's learnability report --
+    constant predictor, subject-grouped ridge on the 32³ voxels, oracle -- goes to
+    derivatives/synth/learnability.json (`hpcbrain.data.learnability`); it scores run-1 only.
 
     Refuses (ValueError) a non-empty `out_dir` that is not a previous synth output, and replaces
     one that is. The dataset is built in a hidden sibling folder and renamed at the end, so an
