@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hpcbrain-installed
 DEMO := runs/demo
 
-.PHONY: setup demo test test-fast clean-demo serve
+.PHONY: setup demo test test-fast clean-demo serve browser
 
 setup: $(STAMP)
 
@@ -22,10 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Under CI the real-cluster tests must run: install the dev cluster's Debian packages up front
-# so a missing package fails here, loudly, rather than as a skipped test.
-test: setup
+# so a missing package fails here, loudly, rather than as a skipped test. The QC pages' test
+# opens them in headless Chromium (Debian's package), installed here when we are root.
+test: setup browser
 	@if [ "$${CI:-}" = true ]; then slurm/devcluster/start.sh --install-only; fi
 	$(PY) -m pytest
+
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
 
 # The inner loop: everything but the Slurm cluster and the multi-process (gloo) tests.
 test-fast: setup

@@ -123,13 +123,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                                 scans_per_shard=args.scans_per_shard, codec=args.codec,
                                 codec_level=args.codec_level, register=args.register,
                                 bids_filter=args.bids_filter,
-                                progress=not args.quiet)
+                                progress=not args.quiet, qc_report=not args.no_qc_report)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"converted {report.n_converted} scans into {report.out} in {report.seconds:.1f} s"
           + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
-    return 0
+    if report.qc_folder is not None:
+        print(f"QC: {report.qc_folder / 'index.html'} (ledger: "
+              f"{report.qc_folder / 'conversion.tsv'}); {report.flagged} scans flagged")
+    # documented exit codes: 0 every scan converted, 3 converted with scans left out
+    # (--skip-bad; the ledger names them), 2 nothing written (an error)
+    return 3 if report.skipped else 0
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -259,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--shape", required=True, type=int, help="S: volumes become S³")
     convert.add_argument("--workers", type=int, default=1, help="reader processes")
     convert.add_argument("--skip-bad", action="store_true",
-                         help="convert the good scans, record the bad ones in the store")
+                         help="convert the good scans, record the bad ones in the store's "
+                              "ledger (exit status 3 when any were left out)")
+    convert.add_argument("--no-qc-report", action="store_true",
+                         help="do not write the QC pages (OUT_qc/ beside OUT.zarr)")
     convert.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     convert.add_argument("--scans-per-shard", type=int, default=16)
     convert.add_argument("--bids-filter", default=None, metavar="JSON|FILE",

@@ -45,6 +45,13 @@ from typing import Iterator
 import numpy as np
 
 from hpcbrain.data.discover import ConversionError, Scan, discover_scans
+from hpcbrain.data.ledger import (
+    ledger_rows,
+    read_shard_entries,
+    remove_staging,
+    write_ledger_group,
+    write_shard_entries,
+)
 from hpcbrain.data.preprocess import BadScanError, load_scan, preprocessing_attrs
 from hpcbrain.data.store import DEFAULT_CODEC, PROGRESS_FILE, CohortStoreWriter, ImageLayout
 from hpcbrain.run_lock import RunFolderLocked, file_lock
@@ -59,6 +66,8 @@ class ConversionReport:
     out: Path
     seconds: float
     resumed_shards: int
+    qc_folder: Path | None = None   # OUT_qc/: index.html, conversion.tsv, a page per participant
+    flagged: int = 0                # converted scans the automatic QC checks flag
 
 
 @dataclass(frozen=True)
@@ -71,18 +80,29 @@ class Recipe:
 
 
 def _convert_one(path: str, recipe: Recipe):
-    """Worker task: (volume as dtype, affine, voxel mm, None) or (None, None, None, reason)."""
+    """Worker task: (volume as dtype, affine, voxel mm, None, ledger entry) or (None, None,
+    None, reason, ledger entry); the entry holds the seconds it took and, for a converted
+    scan, its QC metrics (`scan_qc`)."""
+    from hpcbrain.data.scan_qc import qc_metrics, template_volume
+
     size, dtype = recipe.size, recipe.dtype
+    template_volume(size)             # made once per process, not timed as this scan's
+    started = time.perf_counter()
     try:
         volume, affine, out_vox = load_scan(path, size, register=recipe.register)
         volume = volume.astype(dtype)
         if not np.isfinite(volume).all():
             raise BadScanError(f"values overflow {dtype}")
-        return volume, affine, out_vox, None
+        qc = qc_metrics(volume)
+        return volume, affine, out_vox, None, _entry(started, qc)
     except BadScanError as exc:
-        return None, None, None, str(exc)
+        return None, None, None, str(exc), _entry(started)
     except Exception as exc:  # anything else a broken file can trigger
-        return None, None, None, f"cannot convert: {type(exc).__name__}: {exc}"
+        return None, None, None, f"cannot convert: {type(exc).__name__}: {exc}", _entry(started)
+
+
+def _entry(started: float, qc: dict | None = None) -> dict:
+    return {"seconds": round(time.perf_counter() - started, 4), "qc": qc}
 
 
 def _refuse_existing(out: Path) -> None:
@@ -215,7 +235,7 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                    codec: str = DEFAULT_CODEC, codec_level: int | None = None,
                    register: bool = False, bids_filter: str | None = None,
-                   progress: bool = True) -> ConversionReport:
+                   progress: bool = True, qc_report: bool = True) -> ConversionReport:
     """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images); with
     `register`, every scan is bias-corrected and affinely registered to MNI152 first;
     `bids_filter` (JSON or a JSON file) chooses among a session's T1w images."""
@@ -255,14 +275,15 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                        "another `hpcbrain convert` is writing this store; wait for it to end, "
                        "or pass another --out"):
             return _convert_locked(source, out, partial, Recipe(size, dtype, bool(register)),
-                                   layout, workers, skip_bad, progress, started, bids_filter)
+                                   layout, workers, skip_bad, progress, started, bids_filter,
+                                   qc_report)
     except RunFolderLocked as exc:
         raise ConversionError(str(exc)) from None
 
 
 def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layout: ImageLayout,
                     workers: int, skip_bad: bool, progress: bool, started: float,
-                    bids_filter: str | None = None) -> ConversionReport:
+                    bids_filter: str | None = None, qc_report: bool = True) -> ConversionReport:
     """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
     from tqdm import tqdm
 
@@ -294,7 +315,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
         tasks = [(i, str(s.path)) for i, s in enumerate(scans)
                  if s.path is not None and s.path.is_file()]
         bar = tqdm(total=len(tasks), disable=not progress, unit="scan", desc="check")
-        for index, (_, _, _, reason) in _results(tasks, recipe, workers):
+        for index, (_, _, _, reason, _) in _results(tasks, recipe, workers):
             if reason:
                 reasons.setdefault(index, []).append(reason)
             bar.update()
@@ -314,15 +335,24 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     if resumed_shards:
         print(f"hpcbrain convert: resuming {partial}: {resumed_shards} shard(s), "
               f"{state['written']} scans already written", file=sys.stderr)
-    writer = CohortStoreWriter(partial, len(candidates), layout, state)
+    pending: list[dict] = []          # ledger entries since the last shard
+
+    def stage_ledger(progress: dict) -> None:
+        write_shard_entries(partial, int(progress.get("done", consumed)), pending)
+        pending.clear()
+
+    writer = CohortStoreWriter(partial, len(candidates), layout, state,
+                               before_progress=stage_ledger)
     writing = skip_bad or not state["bad"]
     consumed = state["done"]
     tasks = [(i, str(scans[i].path)) for i in candidates[state["done"]:]]
     bar = tqdm(total=len(candidates), initial=state["done"], disable=not progress,
                unit="scan", desc=f"convert {out.name}")
     try:
-        for index, (volume, affine, out_vox, reason) in _results(tasks, recipe, workers):
+        for index, (volume, affine, out_vox, reason, entry) in _results(tasks, recipe,
+                                                                         workers):
             consumed += 1
+            pending.append({"index": index, **entry})
             if reason:
                 reasons.setdefault(index, []).append(reason)
                 state["bad"][str(index)] = reason
@@ -333,6 +363,8 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
             bar.update()
         if writing:
             writer.flush(done=consumed)
+            if pending:              # scans that failed after the last shard
+                stage_ledger({"done": consumed})
     finally:
         bar.close()
     if reasons and not skip_bad:
@@ -345,6 +377,8 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     columns, types = _build_columns([scans[i] for i in good])
     skipped = [{"path": p, "subject": sub, "session": ses, "reason": r}
                for p, sub, ses, r in bad_list()]
+    ledger = ledger_rows(scans, read_shard_entries(partial), reasons,
+                         {index: row for row, index in enumerate(good)})
     try:
         writer.finalise(out, columns, types, {
             "preprocessing": preprocessing,
@@ -352,9 +386,15 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
             "source": {"path": str(source), "format": fmt, "bids_filter": bids_filter},
             "created_by": f"hpcbrain {_version()} (hpcbrain.data.convert.convert_cohort)",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        }, extra=lambda group: write_ledger_group(group, ledger))
     except FileExistsError as exc:
         raise ConversionError(str(exc)) from None
+    remove_staging(out)
+    qc_folder = None
+    if qc_report:
+        from hpcbrain.data.qc_report import write_qc_report
+
+        qc_folder = write_qc_report(out, ledger, register=recipe.register)
     if skipped:
         print(f"hpcbrain convert: skipped {len(skipped)} bad scan(s):", file=sys.stderr)
         for p, sub, ses, r in bad_list():
@@ -362,7 +402,8 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     return ConversionReport(n_converted=len(good),
                             skipped=[(p, r) for p, _, _, r in bad_list()],
                             out=out, seconds=time.perf_counter() - started,
-                            resumed_shards=resumed_shards)
+                            resumed_shards=resumed_shards, qc_folder=qc_folder,
+                            flagged=sum(bool(row["flags"]) for row in ledger))
 
 
 def _version() -> str:

@@ -259,11 +259,16 @@ class CohortStoreWriter:
     existing shard file before writing into it).
     """
 
-    def __init__(self, partial: Path, n_scans: int, layout: ImageLayout, state: dict):
+    def __init__(self, partial: Path, n_scans: int, layout: ImageLayout, state: dict,
+                 before_progress=None):
         self.partial = Path(partial)
         self.n_scans = int(n_scans)
         self.layout = layout
         self.state = state
+        #: called with the progress about to be recorded after a shard is written, before it
+        #: is: what the caller keeps beside each shard (the conversion ledger) is then on disk
+        #: whenever the progress says the shard is done
+        self.before_progress = before_progress
         state.setdefault("written", 0)
         state.setdefault("shards", [])
         self._group = None
@@ -320,14 +325,19 @@ class CohortStoreWriter:
         self.state["shards"].append(start // self.per_shard)
         self.state["written"] = stop
         self._buffer.clear()
+        if self.before_progress is not None:
+            self.before_progress(progress)
         self.save_progress(**progress)
 
     def finalise(self, out: Path, columns: dict[str, np.ndarray], types: dict[str, str],
-                 attrs: dict[str, Any]) -> dict[str, Any]:
+                 attrs: dict[str, Any], extra=None) -> dict[str, Any]:
         """Trim to the scans written, add the per-scan `columns` (with the affines and voxel
-        sizes written so far) and the attributes, then rename `partial` to `out`. Returns the
+        sizes written so far) and the attributes, call `extra(group)` (what else the caller
+        keeps in the store, e.g. the ledger), then rename `partial` to `out`. Returns the
         attributes as stored."""
         group = self._open()
+        if extra is not None:
+            extra(group)
         n = self.state["written"]
         images = group[IMAGES]
         if images.shape[0] != n:
