@@ -8,6 +8,8 @@
     python launch/submit.py --cfg lsor.yaml --local                                  # no Slurm
     python launch/submit.py --bids-app BIDS_DIR OUT_DIR --model URI [--participant-label L ..]
                                            # the BIDS-App, one participant per array task
+    python launch/submit.py --convert BIDS_DIR OUT.zarr --shape 64 --tasks 16 [--register] [--wait]
+                                           # conversion: an array of blocks, then assembling
 
 Configs merge in order (bare names resolve under configs/), then key=value overrides, then the
 flags (--nodes, --gpus-per-node, --partition, --time, --account, --engine), which set the
@@ -64,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--participant-label", nargs="+", metavar="LABEL")
     app.add_argument("--session-label", nargs="+", metavar="LABEL")
     app.add_argument("--bids-filter", metavar="JSON|FILE")
+    conv = parser.add_argument_group("conversion on Slurm (hpcbrain/convert_launch.py)")
+    conv.add_argument("--convert", nargs=2, metavar=("SOURCE", "OUT.zarr"),
+                      help="`hpcbrain convert SOURCE --out OUT.zarr` as a job array of "
+                           "blocks, then one assembling step (--wait: here, after the array; "
+                           "else a job after it); rerun the same command after any failure")
+    conv.add_argument("--shape", type=int, help="S of the S³ volumes (--convert)")
+    conv.add_argument("--tasks", type=int, default=8, help="array tasks (default 8)")
+    conv.add_argument("--register", action="store_true")
+    conv.add_argument("--skip-bad", action="store_true")
+    conv.add_argument("--scans-per-shard", type=int, default=16)
+    conv.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    conv.add_argument("--codec", default="blosc-lz4", choices=["blosc-lz4", "zstd"])
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -89,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*args.overrides, *flag_overrides(args)]
         if args.bids_app:
             return submit_bids_app(args, overrides)
+        if args.convert:
+            return submit_convert(args, overrides)
         if args.local:
             return run_local(args, overrides)
         return submit(args, overrides)
@@ -193,6 +209,60 @@ def submit_bids_app(args: argparse.Namespace, overrides: list[str]) -> int:
     written = run_group(output_dir)
     print(f"group level: {len(written)} files under {output_dir / 'group'}")
     return 0
+
+
+def submit_convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    """--convert: exit 0 when every scan converted, 3 when the store was written with scans
+    left out (--skip-bad), 1 when a task or the assembling step failed, 2 for a bad request."""
+    from hpcbrain import launcher
+    from hpcbrain.config import load_config
+    from hpcbrain.convert_launch import submit_conversion
+    from hpcbrain.data.convert import ConversionError
+    from hpcbrain.data.convert_blocks import finish_conversion
+
+    if not args.shape:
+        print("error: --convert needs --shape S", file=sys.stderr)
+        return 2
+    cfg = load_config(launcher.resolve_config_files(args.cfg), overrides)
+    source, out = (Path(p) for p in args.convert)
+    try:
+        submitted = submit_conversion(
+            cfg, source, out, args.shape, tasks=args.tasks, wait=args.wait,
+            skip_bad=args.skip_bad, register=args.register, bids_filter=args.bids_filter,
+            scans_per_shard=args.scans_per_shard, dtype=args.dtype, codec=args.codec)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    plan = submitted.plan
+    if submitted.jobs:
+        first = submitted.jobs[0].job_id.split("_")[0]
+        print(f"submitted job array {first} ({len(submitted.blocks)} of {len(plan.blocks)} "
+              f"blocks unfinished, {plan.n_candidates} scans) -> {plan.partial}")
+    else:
+        print(f"all {len(plan.blocks)} blocks of {plan.partial} are finished")
+    if not args.wait:
+        print(f"assembling job {submitted.finish_job.job_id} runs after the array; then "
+              f"{out} and its QC pages")
+        return 0
+    failed = [(job, error) for job, _, error in launcher.wait(submitted.jobs)
+              if error is not None]
+    for job, error in failed:
+        print(f"task {job.job_id} FAILED: {headline(error)}\n  logs: "
+              f"{launcher.task_log_paths(job)[1]}", file=sys.stderr)
+    if failed:
+        print(f"rerun the same command to convert the {len(failed)} unfinished block(s)",
+              file=sys.stderr)
+        return 1
+    try:
+        report = finish_conversion(plan)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"converted {report.n_converted} scans into {report.out}"
+          + (f"; left out {len(report.skipped)} (see the ledger)" if report.skipped else ""))
+    if report.qc_folder is not None:
+        print(f"QC: {report.qc_folder / 'index.html'}; {report.flagged} scans flagged")
+    return 3 if report.skipped else 0
 
 
 def headline(error: BaseException) -> str:

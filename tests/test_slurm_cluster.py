@@ -294,3 +294,53 @@ def test_bids_app_runs_one_participant_per_array_task(devcluster, tmp_path):
     assert [row.split("\t")[:2] for row in table[1:]] == [
         ["sub-01", "ses-01"], ["sub-01", "ses-02"], ["sub-03", "ses-01"], ["sub-03", "ses-02"]]
     assert not (out / "sub-02").exists()
+
+
+@pytest.mark.timeout(900)
+def test_conversion_array_with_a_cancelled_task_rerun_equals_a_local_conversion(devcluster,
+                                                                               tmp_path):
+    """--convert on the real cluster: 3 array tasks over a source with a corrupt scan
+    (--skip-bad), one task cancelled while the array runs → exit 1 naming it; the same command
+    again → only the unfinished block is submitted, and the store equals a local conversion's
+    (shard files byte for byte, columns, ledger), the corrupt scan named in the ledger."""
+    import numpy as np
+    from test_convert import make_bids
+    from test_convert_blocks import assert_same_store
+
+    from hpcbrain.data.convert import convert_cohort
+    from hpcbrain.data.ledger import read_ledger
+
+    bids = make_bids(tmp_path / "bids", n_subjects=12, n_sessions=2, shape=(40, 36, 32))
+    corrupt = bids / "sub-05" / "ses-02" / "anat" / "sub-05_ses-02_T1w.nii.gz"
+    corrupt.write_bytes(corrupt.read_bytes()[:300])
+    local = convert_cohort(bids, tmp_path / "local.zarr", 16, scans_per_shard=4, skip_bad=True,
+                           progress=False).out
+    out = tmp_path / "array.zarr"
+    command = [sys.executable, str(SUBMIT), "--convert", str(bids), str(out), "--shape", "16",
+               "--tasks", "3", "--scans-per-shard", "4", "--skip-bad", "--wait",
+               f"run.root={tmp_path}"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=PROJECT_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    array_id = None
+    for line in first.stdout:
+        found = re.search(r"submitted job array (\d+) \(3 of 3 blocks unfinished", line)
+        if found:
+            array_id = found.group(1)
+            subprocess.run(["scancel", f"{array_id}_1"], check=True)   # killed mid-way
+            break
+    remaining, errors = first.communicate(timeout=600)
+    assert array_id, f"{remaining}\n{errors}"
+    assert first.returncode == 1, f"{remaining}\n{errors}"
+    assert "rerun the same command to convert the 1 unfinished block(s)" in errors
+    assert not out.exists() and out.with_name("array.zarr.partial").is_dir()
+
+    again = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT,
+                           timeout=600)
+    assert again.returncode == 3, f"{again.stdout}\n{again.stderr}"    # converted, 1 left out
+    assert re.search(r"submitted job array \d+ \(1 of 3 blocks unfinished", again.stdout)
+    assert_same_store(out, local)
+    failed = [r for r in read_ledger(out) if r["status"] != "ok"]
+    assert [(Path(r["path"]).name, r["status"]) for r in failed] == \
+        [("sub-05_ses-02_T1w.nii.gz", "failed")]
+    assert "cannot read" in failed[0]["reason"] and np.isfinite(failed[0]["seconds"])
+    assert (tmp_path / "array_qc" / "index.html").is_file()
