@@ -31,7 +31,6 @@ recorded in ``attrs["hpcbrain"]["skipped"]``; if nothing is left, it is an error
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -44,7 +43,14 @@ from typing import Iterator
 
 import numpy as np
 
-from hpcbrain.data.discover import ConversionError, Scan, discover_scans
+from hpcbrain.data.convert_records import (
+    build_columns,
+    describe_bad,
+    hpcbrain_version,
+    inputs_fingerprint,
+    refuse_existing,
+)
+from hpcbrain.data.discover import ConversionError, discover_scans
 from hpcbrain.data.ledger import (
     ledger_rows,
     read_shard_entries,
@@ -105,12 +111,6 @@ def _entry(started: float, qc: dict | None = None) -> dict:
     return {"seconds": round(time.perf_counter() - started, 4), "qc": qc}
 
 
-def _refuse_existing(out: Path) -> None:
-    if out.exists():
-        raise ConversionError(f"{out} already exists: hpcbrain never overwrites a store; "
-                              f"delete it (rm -r {out}) or pass another --out")
-
-
 def _exit_with_parent(parent_pid: int) -> None:
     """Worker initializer: end this worker when the converting process is gone (a SIGKILL
     leaves spawned workers blocked on their task queue for ever otherwise)."""
@@ -124,7 +124,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _results(tasks: list[tuple[int, str]], recipe: Recipe,
+def convert_in_order(tasks: list[tuple[int, str]], recipe: Recipe,
              workers: int) -> Iterator[tuple[int, tuple]]:
     """Yield (index, _convert_one result) in task order, with a process pool if workers > 1."""
     workers = min(workers, len(tasks))
@@ -165,45 +165,8 @@ def _results(tasks: list[tuple[int, str]], recipe: Recipe,
 
 
 # ============================================================================================
-# Columns, fingerprint, progress
+# Progress
 # ============================================================================================
-def _build_columns(scans: list[Scan]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    columns: dict[str, np.ndarray] = {
-        "subject": np.array([s.subject for s in scans], dtype=object),
-        "session": np.array([s.session for s in scans], dtype=object),
-        "age": np.array([s.age for s in scans], dtype=np.float32),
-        "source_path": np.array([str(s.path) for s in scans], dtype=object),
-    }
-    names: list[str] = []
-    for scan in scans:
-        names.extend(k for k in scan.meta if k not in names)
-    for name in names:
-        raw = [scan.meta.get(name) for scan in scans]
-        try:
-            columns[name] = np.array([np.nan if v is None else float(v) for v in raw],
-                                     dtype=np.float32)
-        except ValueError:
-            columns[name] = np.array(["" if v is None else v for v in raw], dtype=object)
-    types = {k: ("str" if v.dtype == object else str(v.dtype)) for k, v in columns.items()}
-    return columns, types
-
-
-def _fingerprint(scans: list[Scan], size: int, layout: ImageLayout, preprocessing: dict) -> str:
-    items = []
-    for scan in scans:
-        try:
-            stat = scan.path.stat() if scan.path else None
-            file = [stat.st_size, stat.st_mtime_ns] if stat else None
-        except OSError:
-            file = None
-        items.append([str(scan.path), file, scan.subject, scan.session, scan.age,
-                      sorted(scan.meta.items()), scan.problems])
-    blob = json.dumps({"scans": items, "shape": size, "dtype": layout.dtype,
-                       "scans_per_shard": layout.scans_per_shard, "codec": layout.codec_attrs(),
-                       "preprocessing": preprocessing}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def _read_progress(partial: Path, fingerprint: str) -> dict | None:
     """The saved progress of an earlier run with the same inputs, else None (and clean up)."""
     if not partial.exists():
@@ -219,13 +182,6 @@ def _read_progress(partial: Path, fingerprint: str) -> dict | None:
           f"starting over", file=sys.stderr)
     shutil.rmtree(partial)
     return None
-
-
-def _describe(bad: list[tuple[str, str, str, str]], n_scans: int, header: str = "") -> str:
-    lines = [header or f"{len(bad)} of {n_scans} scans are bad; nothing was written "
-                       f"(fix them, or pass --skip-bad / skip_bad=True to convert the rest):"]
-    lines += [f"  {sub or '?'} {ses or '?'}  {path}: {reason}" for path, sub, ses, reason in bad]
-    return "\n".join(lines)
 
 
 # ============================================================================================
@@ -267,7 +223,7 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    _refuse_existing(out)
+    refuse_existing(out)
 
     lock = out.with_name(out.name + PARTIAL_SUFFIX + ".lock")
     try:
@@ -290,11 +246,11 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     size = recipe.size
     preprocessing = preprocessing_attrs(recipe.register)
 
-    _refuse_existing(out)             # finished by another conversion while we waited to check
+    refuse_existing(out)             # finished by another conversion while we waited to check
     scans, fmt = discover_scans(source, bids_filter)
     if not scans:
         raise ConversionError(f"no T1w images found in {source}")
-    fingerprint = _fingerprint(scans, size, layout, preprocessing)
+    fingerprint = inputs_fingerprint(scans, size, layout, preprocessing)
     reasons: dict[int, list[str]] = {i: list(s.problems) for i, s in enumerate(scans)
                                      if s.problems}
     candidates = [i for i in range(len(scans)) if i not in reasons]
@@ -306,7 +262,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     def fail(header: str = "") -> None:
         if partial.exists():
             shutil.rmtree(partial)
-        raise ConversionError(_describe(bad_list(), len(scans), header), bad_list())
+        raise ConversionError(describe_bad(bad_list(), len(scans), header), bad_list())
 
     nothing_left = f"nothing left to convert: all {len(scans)} scans are bad:"
 
@@ -315,7 +271,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
         tasks = [(i, str(s.path)) for i, s in enumerate(scans)
                  if s.path is not None and s.path.is_file()]
         bar = tqdm(total=len(tasks), disable=not progress, unit="scan", desc="check")
-        for index, (_, _, _, reason, _) in _results(tasks, recipe, workers):
+        for index, (_, _, _, reason, _) in convert_in_order(tasks, recipe, workers):
             if reason:
                 reasons.setdefault(index, []).append(reason)
             bar.update()
@@ -349,8 +305,8 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     bar = tqdm(total=len(candidates), initial=state["done"], disable=not progress,
                unit="scan", desc=f"convert {out.name}")
     try:
-        for index, (volume, affine, out_vox, reason, entry) in _results(tasks, recipe,
-                                                                         workers):
+        for index, (volume, affine, out_vox, reason, entry) in convert_in_order(
+                tasks, recipe, workers):
             consumed += 1
             pending.append({"index": index, **entry})
             if reason:
@@ -374,7 +330,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
         fail(nothing_left)
 
     assert state["written"] == len(good), (state["written"], len(good))
-    columns, types = _build_columns([scans[i] for i in good])
+    columns, types = build_columns([scans[i] for i in good])
     skipped = [{"path": p, "subject": sub, "session": ses, "reason": r}
                for p, sub, ses, r in bad_list()]
     ledger = ledger_rows(scans, read_shard_entries(partial), reasons,
@@ -384,7 +340,8 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
             "preprocessing": preprocessing,
             "skipped": skipped,
             "source": {"path": str(source), "format": fmt, "bids_filter": bids_filter},
-            "created_by": f"hpcbrain {_version()} (hpcbrain.data.convert.convert_cohort)",
+            "created_by": f"hpcbrain {hpcbrain_version()} "
+                          f"(hpcbrain.data.convert.convert_cohort)",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, extra=lambda group: write_ledger_group(group, ledger))
     except FileExistsError as exc:
@@ -404,12 +361,3 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
                             out=out, seconds=time.perf_counter() - started,
                             resumed_shards=resumed_shards, qc_folder=qc_folder,
                             flagged=sum(bool(row["flags"]) for row in ledger))
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("hpcbrain")
-    except Exception:
-        return "unknown"

@@ -33,6 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from hpcbrain.atomic import atomic_write, write_text_atomic
+from hpcbrain.data.convert_records import (
+    build_columns,
+    describe_bad,
+    hpcbrain_version,
+    inputs_fingerprint,
+    refuse_existing,
+)
 from hpcbrain.data.discover import ConversionError, discover_scans
 from hpcbrain.data.ledger import ledger_rows, write_ledger_group
 from hpcbrain.data.preprocess import preprocessing_attrs
@@ -102,18 +109,14 @@ def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: i
                     register: bool = False, bids_filter: str | None = None) -> BlockPlan:
     """Discover the scans and stage ``OUT.partial`` (or find the staging of an earlier run of
     the same command); the plan splits the shards into at most `tasks` blocks."""
-    from hpcbrain.data.convert import _fingerprint, _refuse_existing
-
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
-    _refuse_existing(out)
+    refuse_existing(out)
     scans, _, candidates = _discover(source, bids_filter)
     bad = [(str(s.path), s.subject, s.session, "; ".join(s.problems))
            for s in scans if s.problems]
     if bad and not skip_bad:
-        from hpcbrain.data.convert import _describe
-
-        raise ConversionError(_describe(bad, len(scans)), bad)
+        raise ConversionError(describe_bad(bad, len(scans)), bad)
     if not candidates:
         raise ConversionError(f"nothing left to convert: all {len(scans)} scans are bad")
     per_shard = max(1, min(int(scans_per_shard), len(candidates)))
@@ -122,7 +125,7 @@ def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: i
                              scans_per_shard=per_shard, codec=codec, level=codec_level)
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
-    fingerprint = _fingerprint(scans, int(shape), layout, preprocessing_attrs(register))
+    fingerprint = inputs_fingerprint(scans, int(shape), layout, preprocessing_attrs(register))
     n_shards = -(-len(candidates) // per_shard)
     n_blocks = max(1, min(int(tasks), n_shards))     # sizes differ by at most one shard
     bounds = [k * n_shards // n_blocks for k in range(n_blocks + 1)]
@@ -166,7 +169,7 @@ def convert_block(plan: BlockPlan, block: int, workers: int = 1) -> int:
     """Convert block `block`'s unfinished shards; returns how many shards it wrote."""
     import zarr
 
-    from hpcbrain.data.convert import Recipe, _results
+    from hpcbrain.data.convert import Recipe, convert_in_order
 
     scans, _, candidates = _discover(Path(plan.source), plan.bids_filter)
     if len(candidates) != plan.n_candidates:
@@ -187,7 +190,7 @@ def convert_block(plan: BlockPlan, block: int, workers: int = 1) -> int:
         voxels = np.zeros(len(rows), dtype=np.float32)
         entries = []
         for k, (index, (volume, affine, vox, reason, entry)) in enumerate(
-                _results(tasks, recipe, workers)):
+                convert_in_order(tasks, recipe, workers)):
             entries.append({"index": index, **entry, "reason": reason})
             if reason is None:
                 volumes[k], affines[k], voxels[k] = volume, affine, vox
@@ -264,17 +267,11 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
     `ConversionReport`. Raises ConversionError naming the unfinished shards if any."""
     import zarr
 
-    from hpcbrain.data.convert import (
-        ConversionReport,
-        _build_columns,
-        _describe,
-        _refuse_existing,
-        _version,
-    )
+    from hpcbrain.data.convert import ConversionReport
 
     started = time.perf_counter()
     out = Path(plan.out)
-    _refuse_existing(out)
+    refuse_existing(out)
     if not plan.partial.is_dir():
         raise ConversionError(f"{plan.partial} is missing: plan the conversion again")
     scans, fmt, candidates = _discover(Path(plan.source), plan.bids_filter)
@@ -290,7 +287,7 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
     bad_images = [(str(scans[i].path), scans[i].subject, scans[i].session, "; ".join(r))
                   for i, r in sorted(reasons.items())]
     if not plan.skip_bad and reasons:
-        raise ConversionError(_describe(bad_images, len(scans)), bad_images)
+        raise ConversionError(describe_bad(bad_images, len(scans)), bad_images)
     good_rows = [r for r, i in enumerate(candidates) if i not in reasons]
     if not good_rows:
         raise ConversionError(f"nothing left to convert: all {len(scans)} scans are bad")
@@ -300,7 +297,7 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
     group = zarr.open_group(str(plan.partial), mode="r+")
     good = [candidates[r] for r in good_rows]
     n = len(good)
-    columns, types = _build_columns([scans[i] for i in good])
+    columns, types = build_columns([scans[i] for i in good])
     columns = {**columns, AFFINE: affines[good_rows], VOXEL_SIZE: voxels[good_rows]}
     types = {**types, AFFINE: "float64 (4, 4)", VOXEL_SIZE: "float32"}
     write_columns(group, columns)
@@ -318,7 +315,7 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
         "columns": list(columns), "column_types": types,
         "preprocessing": preprocessing_attrs(plan.register), "skipped": skipped,
         "source": {"path": plan.source, "format": fmt, "bids_filter": plan.bids_filter},
-        "created_by": f"hpcbrain {_version()} (hpcbrain.data.convert_blocks, "
+        "created_by": f"hpcbrain {hpcbrain_version()} (hpcbrain.data.convert_blocks, "
                       f"{len(plan.blocks)} blocks)",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for leftover in (PLAN_FILE, _MARKERS):

@@ -5,7 +5,9 @@ One row per scan `discover` found, in its order:
 | field | meaning |
 |---|---|
 | path, subject, session | the scan |
-| status | ``ok`` (in the store), ``failed`` (its image could not be converted: unreadable, NaN, a failed registration, …) or ``skipped`` (left out before its image was read: missing or bad age, a duplicate, a missing file) |
+| status | ``ok`` (in the store), ``failed`` (its image could not be converted: unreadable, NaN,
+  a failed registration, …) or ``skipped`` (left out before its image was read: missing or bad
+  age, a duplicate, a missing file) |
 | reason | why it failed or was skipped (empty when ok) |
 | seconds | the time its conversion took (load, preprocess, QC; empty when skipped) |
 | template_corr, foreground, p01, p50, p99 | the QC metrics of `scan_qc` (ok scans) |
