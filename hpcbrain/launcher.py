@@ -336,11 +336,33 @@ def task_log_paths(job) -> tuple[Path, Path]:
     return (Path(str(paths.stdout).replace("%t", "0")), Path(str(paths.stderr).replace("%t", "0")))
 
 
+class JobVanished(LaunchError):
+    """A job left Slurm's queue without ever running (e.g. an array task `scancel`ed while
+    pending: Slurm keeps no accounting record of it, so its state stays unknown)."""
+
+
+def _in_queue(job_id: str) -> bool:
+    """Whether Slurm's queue still holds `job_id` (pending or running); an error (an invalid,
+    i.e. finished or cancelled, id) counts as no."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return True                      # cannot tell: keep waiting
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
 def wait(jobs: Sequence, poll_s: float = 5.0, force_every_s: float = 30.0,
          echo=print) -> list[tuple[Any, Any, BaseException | None]]:
-    """Wait for every job, echoing state changes; [(job, rank-0 result, error or None)]."""
+    """Wait for every job, echoing state changes; [(job, rank-0 result, error or None)].
+
+    A job with no accounting record that the queue no longer holds at two forced checks in a
+    row has vanished (cancelled before it started): it ends the wait for it with `JobVanished`
+    instead of waiting for ever."""
     last_state: dict[str, str] = {}
     last_force = 0.0
+    absent: dict[str, int] = {}
+    vanished: set[str] = set()
     pending = list(jobs)
     while pending:
         force = time.monotonic() - last_force > force_every_s
@@ -353,6 +375,12 @@ def wait(jobs: Sequence, poll_s: float = 5.0, force_every_s: float = 30.0,
             if state != "UNKNOWN" and state != last_state.get(job.job_id):  # UNKNOWN: no sacct yet
                 last_state[job.job_id] = state
                 echo(f"job {job.job_id}: {state}")
+            if not done and force and state == "UNKNOWN":
+                absent[job.job_id] = 0 if _in_queue(job.job_id) else absent.get(job.job_id, 0) + 1
+                if absent[job.job_id] >= 2:
+                    echo(f"job {job.job_id}: left the queue without running (cancelled?)")
+                    vanished.add(job.job_id)
+                    done = True
             if not done:
                 still.append(job)
         pending = still
@@ -360,6 +388,11 @@ def wait(jobs: Sequence, poll_s: float = 5.0, force_every_s: float = 30.0,
             time.sleep(poll_s)
     outcomes = []
     for job in jobs:
+        if job.job_id in vanished:
+            outcomes.append((job, None, JobVanished(
+                f"job {job.job_id} left Slurm's queue without running (cancelled while "
+                f"pending?)")))
+            continue
         try:
             results = job.results()
             outcomes.append((job, results[0], None))
@@ -377,7 +410,7 @@ def tracking_summary(cfg: DictConfig) -> tuple[str, str | None]:
     return tracking_uri(cfg), run_id
 
 
-__all__ = ["LaunchError", "LaunchPlan", "check_partition", "executor_parameters",
+__all__ = ["LaunchError", "JobVanished", "LaunchPlan", "check_partition", "executor_parameters",
            "expand_jobs", "launch", "parse_time_min", "partitions", "plan_launch",
            "require_slurm", "sbatch_script", "tasks_per_node", "wait"]
 
