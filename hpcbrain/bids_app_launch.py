@@ -55,21 +55,12 @@ def submit_participants(cfg: DictConfig, bids_dir: Path, output_dir: Path, model
                         labels: Sequence[str] | None, sessions: Sequence[str] | None,
                         bids_filter: str | None) -> list:
     """One Slurm job array, one element per participant; returns the submitit jobs."""
-    import submitit
-
-    from hpcbrain.launcher import check_partition, executor_parameters, log_dir_of, require_slurm
+    from hpcbrain.launcher import single_task_executor
     from hpcbrain.tracking import tracking_uri
 
     bids_dir, output_dir = bids_dir.resolve(), output_dir.resolve()
     participants = participants_of(bids_dir, labels, bids_filter)
-    require_slurm()
-    params = executor_parameters(cfg, "hpcbrain-bids-app")
-    params.update(nodes=1, ntasks_per_node=1)
-    check_partition(params.get("partition"))
-    folder = log_dir_of(cfg)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    executor = submitit.SlurmExecutor(folder=folder, python=cfg.slurm.python)
-    executor.update_parameters(**params)
+    executor, _ = single_task_executor(cfg, "hpcbrain-bids-app")
     uri = tracking_uri(cfg)
     jobs = []
     with executor.batch():

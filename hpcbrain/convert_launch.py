@@ -63,20 +63,12 @@ def submit_conversion(cfg: DictConfig, source, out, shape: int, *, tasks: int, w
                       **options) -> SubmittedConversion:
     """Plan, then submit the unfinished blocks (and, unless `wait`, the assembling job).
     `options`: convert's (skip_bad, register, bids_filter, scans_per_shard, dtype, codec …)."""
-    import submitit
+    from hpcbrain.launcher import require_slurm, single_task_executor
 
-    from hpcbrain.launcher import check_partition, executor_parameters, log_dir_of, require_slurm
-
-    require_slurm()
+    require_slurm()                   # before planning: no staging folder without a cluster
     plan = plan_conversion(source, out, shape, tasks=tasks, **options)
     todo = unfinished_blocks(plan)
-    params = executor_parameters(cfg, "hpcbrain-convert")
-    params.update(nodes=1, ntasks_per_node=1)
-    check_partition(params.get("partition"))
-    folder = log_dir_of(cfg)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    executor = submitit.SlurmExecutor(folder=folder, python=cfg.slurm.python)
-    executor.update_parameters(**params)
+    executor, params = single_task_executor(cfg, "hpcbrain-convert")
     jobs = []
     if todo:
         with executor.batch():
@@ -84,11 +76,9 @@ def submit_conversion(cfg: DictConfig, source, out, shape: int, *, tasks: int, w
                 jobs.append(executor.submit(ConvertBlockTask(asdict(plan), block)))
     result = SubmittedConversion(plan, todo, jobs)
     if not wait:
-        finisher = submitit.SlurmExecutor(folder=folder, python=cfg.slurm.python)
-        finish_params = {**params, "job_name": "hpcbrain-convert-finish"}
-        finish_params.pop("array_parallelism", None)
+        finisher, _ = single_task_executor(cfg, "hpcbrain-convert-finish")
         if jobs:
-            finish_params["dependency"] = f"afterany:{jobs[0].job_id.split('_')[0]}"
-        finisher.update_parameters(**finish_params)
+            finisher.update_parameters(
+                dependency=f"afterany:{jobs[0].job_id.split('_')[0]}")
         result.finish_job = finisher.submit(FinishConversionTask(asdict(plan)))
     return result

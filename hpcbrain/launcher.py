@@ -336,6 +336,23 @@ def task_log_paths(job) -> tuple[Path, Path]:
     return (Path(str(paths.stdout).replace("%t", "0")), Path(str(paths.stderr).replace("%t", "0")))
 
 
+def single_task_executor(cfg: DictConfig, job_name: str):
+    """A submitit SlurmExecutor for arrays of one-node, one-task elements (the BIDS-App's
+    participants, the conversion's blocks): the config's `slurm` section and flags, the
+    partition checked, logs under `log_dir_of(cfg)`. Returns (executor, its parameters)."""
+    import submitit
+
+    require_slurm()
+    params = executor_parameters(cfg, job_name)
+    params.update(nodes=1, ntasks_per_node=1)
+    check_partition(params.get("partition"))
+    folder = log_dir_of(cfg)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    executor = submitit.SlurmExecutor(folder=folder, python=cfg.slurm.python)
+    executor.update_parameters(**params)
+    return executor, params
+
+
 class JobVanished(LaunchError):
     """A job left Slurm's queue without ever running (e.g. an array task `scancel`ed while
     pending: Slurm keeps no accounting record of it, so its state stays unknown)."""
@@ -412,5 +429,5 @@ def tracking_summary(cfg: DictConfig) -> tuple[str, str | None]:
 
 __all__ = ["LaunchError", "JobVanished", "LaunchPlan", "check_partition", "executor_parameters",
            "expand_jobs", "launch", "parse_time_min", "partitions", "plan_launch",
-           "require_slurm", "sbatch_script", "tasks_per_node", "wait"]
+           "require_slurm", "sbatch_script", "single_task_executor", "tasks_per_node", "wait"]
 

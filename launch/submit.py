@@ -200,11 +200,7 @@ def submit_bids_app(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"then: hpcbrain bids-app {bids_dir} {output_dir} group")
     if not args.wait:
         return 0
-    failed = [(job, error) for job, _, error in launcher.wait(jobs) if error is not None]
-    for job, error in failed:
-        print(f"job {job.job_id} FAILED: {headline(error)}\n  logs: "
-              f"{launcher.task_log_paths(job)[1]}", file=sys.stderr)
-    if failed:
+    if report_failed(jobs):
         return 1
     written = run_group(output_dir)
     print(f"group level: {len(written)} files under {output_dir / 'group'}")
@@ -244,13 +240,9 @@ def submit_convert(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"assembling job {submitted.finish_job.job_id} runs after the array; then "
               f"{out} and its QC pages")
         return 0
-    failed = [(job, error) for job, _, error in launcher.wait(submitted.jobs)
-              if error is not None]
-    for job, error in failed:
-        print(f"task {job.job_id} FAILED: {headline(error)}\n  logs: "
-              f"{launcher.task_log_paths(job)[1]}", file=sys.stderr)
+    failed = report_failed(submitted.jobs)
     if failed:
-        print(f"rerun the same command to convert the {len(failed)} unfinished block(s)",
+        print(f"rerun the same command to convert the {failed} unfinished block(s)",
               file=sys.stderr)
         return 1
     try:
@@ -263,6 +255,17 @@ def submit_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     if report.qc_folder is not None:
         print(f"QC: {report.qc_folder / 'index.html'}; {report.flagged} scans flagged")
     return 3 if report.skipped else 0
+
+
+def report_failed(jobs: list) -> int:
+    """Wait for the array's `jobs`; print each failed one with its error and log; how many."""
+    from hpcbrain import launcher
+
+    failed = [(job, error) for job, _, error in launcher.wait(jobs) if error is not None]
+    for job, error in failed:
+        print(f"job {job.job_id} FAILED: {headline(error)}\n  logs: "
+              f"{launcher.task_log_paths(job)[1]}", file=sys.stderr)
+    return len(failed)
 
 
 def headline(error: BaseException) -> str:
