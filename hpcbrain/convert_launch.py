@@ -23,6 +23,7 @@ from hpcbrain.data.convert_blocks import (
     finish_conversion,
     plan_conversion,
     unfinished_blocks,
+    unfinished_shards,
 )
 
 __all__ = ["ConvertBlockTask", "FinishConversionTask", "submit_conversion"]
@@ -35,8 +36,20 @@ class ConvertBlockTask:
     plan: dict
     block: int
 
-    def __call__(self) -> int:
-        return convert_block(BlockPlan(**self.plan), self.block)
+    def __call__(self) -> dict[str, Any]:
+        """Converts the block; what it did: shards and scans written, seconds, the task's peak
+        resident memory (MB) — what `bench/convert_scale.py` tables."""
+        import resource
+        import time
+
+        plan = BlockPlan(**self.plan)
+        started = time.perf_counter()
+        todo = unfinished_shards(plan, self.block)
+        shards = convert_block(plan, self.block)
+        return {"block": self.block, "shards": shards,
+                "scans": sum(len(plan.shard_rows(s)) for s in todo),
+                "seconds": round(time.perf_counter() - started, 3),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 @dataclass

@@ -56,7 +56,7 @@ from hpcbrain.data.store import (
 )
 
 __all__ = ["BlockPlan", "plan_conversion", "convert_block", "finish_conversion",
-           "unfinished_blocks", "PLAN_FILE"]
+           "unfinished_blocks", "unfinished_shards", "PLAN_FILE"]
 
 PLAN_FILE = "hpcbrain_blocks.json"
 _MARKERS = "blocks"
@@ -159,10 +159,15 @@ def _marker(plan: BlockPlan, shard: int) -> Path:
     return plan.partial / _MARKERS / f"{shard:06d}.npz"
 
 
+def unfinished_shards(plan: BlockPlan, block: int) -> list[int]:
+    """The shards of `block` still to write."""
+    first, stop = plan.blocks[block]
+    return [s for s in range(first, stop) if not _marker(plan, s).is_file()]
+
+
 def unfinished_blocks(plan: BlockPlan) -> list[int]:
     """The blocks with a shard still to write."""
-    return [k for k, (first, stop) in enumerate(plan.blocks)
-            if any(not _marker(plan, s).is_file() for s in range(first, stop))]
+    return [k for k in range(len(plan.blocks)) if unfinished_shards(plan, k)]
 
 
 def convert_block(plan: BlockPlan, block: int, workers: int = 1) -> int:
