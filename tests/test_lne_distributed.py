@@ -44,6 +44,10 @@ def _worker(rank: int) -> dict:
         return {"loss": losses["loss"].detach(), "dir": losses["dir"].detach(),
                 "grads": {n: p.grad.clone() for n, p in method.named_parameters()}}
     finally:
+        # both ranks done talking before either tears its gloo pairs down: without it, a rank
+        # that left first made the other abort now and then ("terminate called without an
+        # active exception", 1 run in 6)
+        dist.barrier()
         dist.destroy_process_group()
 
 
