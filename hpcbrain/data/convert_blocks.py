@@ -44,15 +44,11 @@ from hpcbrain.data.discover import ConversionError, discover_scans
 from hpcbrain.data.ledger import ledger_rows, write_ledger_group
 from hpcbrain.data.preprocess import preprocessing_attrs
 from hpcbrain.data.store import (
-    AFFINE,
-    ATTRS_KEY,
     DEFAULT_CODEC,
     IMAGES,
-    SCHEMA_VERSION,
-    VOXEL_SIZE,
     ImageLayout,
     create_images_array,
-    write_columns,
+    write_scan_metadata,
 )
 
 __all__ = ["BlockPlan", "plan_conversion", "convert_block", "finish_conversion",
@@ -301,28 +297,18 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
         _pack_good_rows(plan, good_rows)
     group = zarr.open_group(str(plan.partial), mode="r+")
     good = [candidates[r] for r in good_rows]
-    n = len(good)
     columns, types = build_columns([scans[i] for i in good])
-    columns = {**columns, AFFINE: affines[good_rows], VOXEL_SIZE: voxels[good_rows]}
-    types = {**types, AFFINE: "float64 (4, 4)", VOXEL_SIZE: "float32"}
-    write_columns(group, columns)
     ledger = ledger_rows(scans, entries, reasons, {index: row for row, index in enumerate(good)})
     write_ledger_group(group, ledger)
-    images = group[IMAGES]
-    spacing = [float(voxels[good_rows][0])] * 3 \
-        if np.allclose(voxels[good_rows], voxels[good_rows][0], rtol=1e-5) else None
     skipped = [{"path": p, "subject": sub, "session": ses, "reason": r}
                for p, sub, ses, r in bad_images]
-    group.attrs[ATTRS_KEY] = {
-        "schema_version": SCHEMA_VERSION, "shape": list(images.shape[1:]),
-        "spacing_mm": spacing, "dtype": str(images.dtype), "codec": plan.layout.codec_attrs(),
-        "n_scans": n, "scans_per_shard": int(images.shards[0]) if images.shards else 1,
-        "columns": list(columns), "column_types": types,
+    write_scan_metadata(group, plan.layout, columns, types, affines[good_rows],
+                        voxels[good_rows], {
         "preprocessing": preprocessing_attrs(plan.register), "skipped": skipped,
         "source": {"path": plan.source, "format": fmt, "bids_filter": plan.bids_filter},
         "created_by": f"hpcbrain {hpcbrain_version()} (hpcbrain.data.convert_blocks, "
                       f"{len(plan.blocks)} blocks)",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     for leftover in (PLAN_FILE, _MARKERS):
         path = plan.partial / leftover
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -332,7 +318,7 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
         from hpcbrain.data.qc_report import write_qc_report
 
         qc_folder = write_qc_report(out, ledger, register=plan.register)
-    return ConversionReport(n_converted=n, skipped=[(p, r) for p, _, _, r in bad_images],
+    return ConversionReport(n_converted=len(good), skipped=[(p, r) for p, _, _, r in bad_images],
                             out=out, seconds=time.perf_counter() - started,
                             resumed_shards=0, qc_folder=qc_folder,
                             flagged=sum(bool(row["flags"]) for row in ledger))

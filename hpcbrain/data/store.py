@@ -239,6 +239,29 @@ def open_cohort_store(path: str | Path) -> CohortStore:
     return CohortStore(path)
 
 
+def write_scan_metadata(group, layout: ImageLayout, columns: dict[str, np.ndarray],
+                        types: dict[str, str], affines: np.ndarray, voxels: np.ndarray,
+                        attrs: dict[str, Any]) -> dict[str, Any]:
+    """The per-scan `columns` with the `affines` and output `voxels` sizes, and the store's
+    attributes (what `attrs` adds after the layout's own), into a group whose images are
+    final — what every writer of a store (`CohortStoreWriter`, the conversion in blocks)
+    finishes with. Returns the attributes as stored."""
+    images = group[IMAGES]
+    voxels = np.asarray(voxels, dtype=np.float32)
+    columns = {**columns, AFFINE: np.asarray(affines), VOXEL_SIZE: voxels}
+    types = {**types, AFFINE: "float64 (4, 4)", VOXEL_SIZE: "float32"}
+    write_columns(group, columns)
+    # isotropic output voxels; null when scans differ in field of view (see voxel_size_mm)
+    spacing = [float(voxels[0])] * 3 if np.allclose(voxels, voxels[0], rtol=1e-5) else None
+    attrs = {"schema_version": SCHEMA_VERSION, "shape": list(images.shape[1:]),
+             "spacing_mm": spacing, "dtype": str(images.dtype), "codec": layout.codec_attrs(),
+             "n_scans": int(images.shape[0]),
+             "scans_per_shard": int(images.shards[0]) if images.shards else 1,
+             "columns": list(columns), "column_types": types, **attrs}
+    group.attrs[ATTRS_KEY] = attrs
+    return attrs
+
+
 AFFINE = "affine"
 VOXEL_SIZE = "voxel_size_mm"
 PROGRESS_FILE = "hpcbrain_progress.json"
@@ -342,18 +365,8 @@ class CohortStoreWriter:
         images = group[IMAGES]
         if images.shape[0] != n:
             images.resize((n, *images.shape[1:]))
-        voxels = np.asarray(group[VOXEL_SIZE][:n], dtype=np.float32)
-        columns = {**columns, AFFINE: np.asarray(group[AFFINE][:n]), VOXEL_SIZE: voxels}
-        types = {**types, AFFINE: "float64 (4, 4)", VOXEL_SIZE: "float32"}
-        write_columns(group, columns)
-        # isotropic output voxels; null when scans differ in field of view (see voxel_size_mm)
-        spacing = [float(voxels[0])] * 3 if np.allclose(voxels, voxels[0], rtol=1e-5) else None
-        attrs = {"schema_version": SCHEMA_VERSION, "shape": list(images.shape[1:]),
-                 "spacing_mm": spacing, "dtype": str(images.dtype),
-                 "codec": self.layout.codec_attrs(), "n_scans": n,
-                 "scans_per_shard": int(images.shards[0]) if images.shards else 1,
-                 "columns": list(columns), "column_types": types, **attrs}
-        group.attrs[ATTRS_KEY] = attrs
+        attrs = write_scan_metadata(group, self.layout, columns, types,
+                                    np.asarray(group[AFFINE][:n]), group[VOXEL_SIZE][:n], attrs)
         (self.partial / PROGRESS_FILE).unlink(missing_ok=True)
         if Path(out).exists():
             raise FileExistsError(f"{out} appeared while converting; the finished store is left "
