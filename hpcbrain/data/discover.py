@@ -93,7 +93,7 @@ def parse_age(text: str | None, where: str) -> tuple[float | None, str | None]:
     return age, None
 
 
-def _read_table(path: Path, sep: str = "\t"):
+def read_table(path: Path, sep: str = "\t"):
     import pandas as pd
 
     try:
@@ -133,7 +133,7 @@ def _read_bids(root: Path, allowed=None) -> list[Scan]:
     participant_dups: set[str] = set()
     ptsv = root / "participants.tsv"
     if ptsv.exists():
-        table = _read_table(ptsv)
+        table = read_table(ptsv)
         if "participant_id" not in table.columns:
             raise ConversionError(f"{ptsv} has no participant_id column")
         for row in table.to_dict("records"):
@@ -151,7 +151,7 @@ def _read_bids(root: Path, allowed=None) -> list[Scan]:
         if not stsv.exists():
             sessions[subdir.name] = None
             continue
-        table = _read_table(stsv)
+        table = read_table(stsv)
         if "session_id" not in table.columns:
             raise ConversionError(f"{stsv} has no session_id column")
         rows: dict[str, dict[str, str | None]] = {}
@@ -224,7 +224,7 @@ def _read_bids(root: Path, allowed=None) -> list[Scan]:
 
 
 def _read_manifest(path: Path) -> list[Scan]:
-    table = _read_table(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    table = read_table(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
     missing = [c for c in ("path", "subject", "age") if c not in table.columns]
     if missing:
         raise ConversionError(f"manifest {path} lacks columns {missing}; it needs path, "

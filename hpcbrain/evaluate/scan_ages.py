@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from hpcbrain.data.bids_filter import entities
-from hpcbrain.data.discover import clean_cell, parse_age
+from hpcbrain.data.discover import ConversionError, clean_cell, parse_age, read_table
 
 __all__ = ["AgeLookupError", "chronological_ages", "ages_from_table", "ages_from_bids"]
 
@@ -31,14 +31,11 @@ class AgeLookupError(ValueError):
 
 
 def _read(path: Path) -> list[dict[str, str]]:
-    import pandas as pd
-
+    """The table's rows as text (`discover.read_table`: the converter's reading of TSV/CSV)."""
     try:
-        table = pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t", dtype=str,
-                            keep_default_na=False)
-    except (OSError, ValueError) as exc:
-        raise AgeLookupError(f"cannot read the ages table {path}: {exc}") from None
-    table.columns = [str(c).strip() for c in table.columns]
+        table = read_table(path, sep="," if path.suffix.lower() == ".csv" else "\t")
+    except ConversionError as exc:
+        raise AgeLookupError(f"the ages table: {exc}") from None
     return table.to_dict("records")
 
 
