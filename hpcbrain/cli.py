@@ -123,7 +123,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                                 scans_per_shard=args.scans_per_shard, codec=args.codec,
                                 codec_level=args.codec_level, register=args.register,
                                 bids_filter=args.bids_filter,
-                                progress=not args.quiet, qc_report=not args.no_qc_report)
+                                progress=not args.quiet, qc_report=not args.no_qc_report,
+                                append=args.append)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--skip-bad", action="store_true",
                          help="convert the good scans, record the bad ones in the store's "
                               "ledger (exit status 3 when any were left out)")
+    convert.add_argument("--append", action="store_true",
+                         help="add the sessions of SOURCE that the existing --out store lacks, "
+                              "leaving its shard files as they are (same settings required)")
     convert.add_argument("--no-qc-report", action="store_true",
                          help="do not write the QC pages (OUT_qc/ beside OUT.zarr)")
     convert.add_argument("--dtype", default="float16", choices=["float16", "float32"])

@@ -153,9 +153,12 @@ class EvaluateConfig:
                                                                100.0, 1000.0])
     # The registered age model's calibration (docs/brain-age.md), fitted on non-test subjects:
     age_calibration_subjects: str = "auto"   # auto | training (cross-fitted) | validation
-                                     # (held out from the encoder too) | both; auto: validation
+                                     # (held out from the encoder too) | both | encoder-folds
+                                     # (K extra trainings, each predicting its left-out
+                                     # subjects: evaluate/encoder_folds.py); auto: validation
                                      # when the method trains on ages, else training
     age_calibration_folds: int = 5   # subject-grouped folds of the cross-fitted predictions
+                                     # (encoder-folds: of the extra trainings)
     age_correction: str = "beheshti"  # the gap's age-bias correction: beheshti | delange
     age_interval_level: float = 0.90  # the conformal interval's default level
 

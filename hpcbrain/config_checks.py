@@ -35,7 +35,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "contrastive.rnc_similarity": ("dot", "neg_l2"),
     "contrastive.rnc_features": ("projection", "backbone"),
     "engine.name": ("auto", "single", "ddp", "deepspeed"),
-    "evaluate.age_calibration_subjects": ("auto", "training", "validation", "both"),
+    "evaluate.age_calibration_subjects": ("auto", "training", "validation", "both",
+                                          "encoder-folds"),
     "evaluate.age_correction": ("beheshti", "delange"),
 }
 #: (key, lowest, highest, whether the lowest is allowed); None values are not checked.
@@ -116,6 +117,11 @@ def check_config(cfg: DictConfig) -> None:
     if not 0 <= cfg.data.fold < cfg.data.n_folds:
         raise ConfigError(f"bad value for 'data.fold': {cfg.data.fold}; it must lie in "
                           f"[0, data.n_folds={cfg.data.n_folds})")
+    if cfg.evaluate.age_calibration_subjects == "encoder-folds" and cfg.data.n_folds != 1:
+        raise ConfigError(f"bad value for 'data.n_folds': {cfg.data.n_folds} with "
+                          f"evaluate.age_calibration_subjects=encoder-folds; that calibration "
+                          f"trains its own folds (evaluate.age_calibration_folds) around a model "
+                          f"of every subject: set data.n_folds=1")
     if cfg.method == "lsor" and cfg.lsor.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"bad value for 'lsor.warmup_epochs': {cfg.lsor.warmup_epochs} warm-up "
                           f"epochs of train.epochs={cfg.train.epochs}; the SOM phase needs "

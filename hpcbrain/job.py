@@ -126,10 +126,17 @@ def run_training(cfg: DictConfig, stop: StopRequest | None = None) -> TrainingRe
         stop = StopRequest()
         with stop_on_signals(stop):
             return run_training(cfg, stop)
+    from hpcbrain.evaluate.encoder_folds import fold_run_configs
+
     group = setup_process_group(cfg)
     process_group.configure_logging()
     try:
         with run_folder_lock(run_dir_of(cfg)):     # one job per run folder
+            # An encoder-folds age calibration first trains its fold runs (in folders of this
+            # run; finished ones are reused), whose held-out predictions calibrate this run.
+            for fold_cfg in fold_run_configs(cfg):
+                with run_folder_lock(run_dir_of(fold_cfg)):
+                    _train_in_group(fold_cfg, group.device, stop)
             return _train_in_group(cfg, group.device, stop)
     finally:
         if group.created:

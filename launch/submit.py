@@ -8,7 +8,7 @@
     python launch/submit.py --cfg lsor.yaml --local                                  # no Slurm
     python launch/submit.py --bids-app BIDS_DIR OUT_DIR --model URI [--participant-label L ..]
                                            # the BIDS-App, one participant per array task
-    python launch/submit.py --convert BIDS_DIR OUT.zarr --shape 64 --tasks 16 [--register] [--wait]
+    python launch/submit.py --convert BIDS_DIR OUT.zarr --shape 64 --tasks 16 [--register] [--wait] [--append]
                                            # conversion: an array of blocks, then assembling
 
 Configs merge in order (bare names resolve under configs/), then key=value overrides, then the
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--tasks", type=int, default=8, help="array tasks (default 8)")
     conv.add_argument("--register", action="store_true")
     conv.add_argument("--skip-bad", action="store_true")
+    conv.add_argument("--append", action="store_true",
+                      help="add the sessions SOURCE has and OUT.zarr lacks, leaving its shard "
+                           "files as they are (hpcbrain/data/append.py)")
     conv.add_argument("--scans-per-shard", type=int, default=16)
     conv.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     conv.add_argument("--codec", default="blosc-lz4", choices=["blosc-lz4", "zstd"])
@@ -213,6 +216,7 @@ def submit_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from hpcbrain import launcher
     from hpcbrain.config import load_config
     from hpcbrain.convert_launch import submit_conversion
+    from hpcbrain.data.append import NothingToAppend
     from hpcbrain.data.convert import ConversionError
     from hpcbrain.data.convert_blocks import finish_conversion
 
@@ -225,7 +229,11 @@ def submit_convert(args: argparse.Namespace, overrides: list[str]) -> int:
         submitted = submit_conversion(
             cfg, source, out, args.shape, tasks=args.tasks, wait=args.wait,
             skip_bad=args.skip_bad, register=args.register, bids_filter=args.bids_filter,
-            scans_per_shard=args.scans_per_shard, dtype=args.dtype, codec=args.codec)
+            scans_per_shard=args.scans_per_shard, dtype=args.dtype, codec=args.codec,
+            append=args.append)
+    except NothingToAppend as exc:
+        print(exc)
+        return 0
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

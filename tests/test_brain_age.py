@@ -68,6 +68,57 @@ def test_no_test_subject_enters_the_age_calibration(poisoned, tmp_path, source, 
     assert ("cross-fitted" in calibration.source) == (part in ("train", "both"))
 
 
+def test_encoder_folds_calibrate_every_subject_with_a_model_that_never_saw_it(tmp_path):
+    """evaluate.age_calibration_subjects=encoder-folds: K fold runs, each predicting exactly its
+    test fold; the registered model trains on every subject and its calibration is the union of
+    those held-out predictions; a rerun retrains nothing."""
+    from hpcbrain.evaluate.encoder_folds import PREDICTIONS_FILE, fold_run_configs
+
+    store = build_age_contrast_store(tmp_path / "store", subjects=12, visits=2)
+    cfg = _config(store, tmp_path, "folds", "data.n_folds=1", "data.val_fraction=0",
+                  "evaluate.age_calibration_subjects=encoder-folds")
+    result = run_training(cfg)
+    cohort = CohortStore(store)
+    ages = np.asarray(cohort.column("age"), np.float64)
+    subjects = np.asarray(cohort.column("subject")).astype(str)
+    predicted = np.full(len(cohort), np.nan)
+    fold_cfgs = fold_run_configs(cfg)
+    assert len(fold_cfgs) == 3
+    for fold_cfg in fold_cfgs:
+        split, _, _ = build_datasets(fold_cfg, cohort, "scans")
+        assert not set(subjects[split.test]) & set(subjects[split.train])
+        folder = tmp_path / "runs" / "folds" / "age-calibration" / fold_cfg.run.name
+        with open(folder / PREDICTIONS_FILE, newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        # the fold run predicted its own test fold, and nothing else
+        assert sorted(int(r["store_row"]) for r in rows) == sorted(split.test.tolist())
+        for row in rows:
+            assert np.isnan(predicted[int(row["store_row"])])
+            predicted[int(row["store_row"])] = float(row["predicted_age"])
+    assert np.isfinite(predicted).all()              # every scan predicted exactly once
+    calibration = read_calibration(result.run_dir / "registry" / "age_model" / CALIBRATION_FILE)
+    assert calibration.calibration_scans == calibration.training_scans == len(cohort)
+    assert calibration.residuals == pytest.approx(np.sort(np.abs(predicted - ages)).tolist())
+    alpha, beta = np.polyfit(ages, predicted - ages, 1)
+    assert (calibration.bias_alpha, calibration.bias_beta) == pytest.approx((alpha, beta))
+    assert "encoder-and-ridge fold runs" in calibration.source
+
+    stamps = {c.run.name: (tmp_path / "runs" / "folds" / "age-calibration" / c.run.name
+                           / "result.json").stat().st_mtime_ns for c in fold_cfgs}
+    run_training(_config(store, tmp_path, "folds", "data.n_folds=1", "data.val_fraction=0",
+                         "evaluate.age_calibration_subjects=encoder-folds"))
+    assert stamps == {c.run.name: (tmp_path / "runs" / "folds" / "age-calibration" / c.run.name
+                                   / "result.json").stat().st_mtime_ns for c in fold_cfgs}
+
+
+def test_encoder_folds_refuse_a_config_with_its_own_test_fold(tmp_path):
+    from hpcbrain.config_checks import ConfigError
+
+    with pytest.raises(ConfigError, match="data.n_folds=1"):
+        _config(tmp_path / "store", tmp_path, "x", "data.n_folds=4",
+                "evaluate.age_calibration_subjects=encoder-folds")
+
+
 def _bids(root, ages):
     """A BIDS dataset of sub-01 (ses-01, ses-02) and a session-less sub-02, with `ages`
     {(subject, session): text} in the sessions.tsv / participants.tsv."""

@@ -344,3 +344,36 @@ def test_conversion_array_with_a_cancelled_task_rerun_equals_a_local_conversion(
         [("sub-05_ses-02_T1w.nii.gz", "failed")]
     assert "cannot read" in failed[0]["reason"] and np.isfinite(failed[0]["seconds"])
     assert (tmp_path / "array_qc" / "index.html").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_conversion_array_appends_a_second_wave_leaving_the_shards_alone(devcluster, tmp_path):
+    """--convert … --append on the real cluster: a first wave through the array, then the
+    whole source with --append → the scans, images and columns of a local conversion of all
+    of it, every shard file of the first wave byte for byte as it was; once more → nothing."""
+    from test_convert_append import arriving_in_waves, assert_same_scans, shard_hashes
+
+    from hpcbrain.data.convert import convert_cohort
+
+    show = arriving_in_waves(tmp_path, n_subjects=6, shape=(40, 36, 32))
+    out = tmp_path / "array.zarr"
+
+    def submit(source, *extra):
+        return subprocess.run([sys.executable, str(SUBMIT), "--convert", str(source), str(out),
+                               "--shape", "16", "--tasks", "2", "--scans-per-shard", "4",
+                               "--wait", *extra, f"run.root={tmp_path}"],
+                              capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
+
+    first = submit(show(1))
+    assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
+    before = shard_hashes(out)
+    second = submit(show(3), "--append")
+    assert second.returncode == 0, f"{second.stdout}\n{second.stderr}"
+    assert "appended 13 scans" in second.stdout
+    after = shard_hashes(out)
+    assert {k: after[k] for k in before} == before
+    local = convert_cohort(show(3), tmp_path / "local.zarr", 16, scans_per_shard=4,
+                           progress=False, qc_report=False).out
+    assert_same_scans(out, local)
+    third = submit(show(3), "--append")
+    assert third.returncode == 0 and "nothing to append" in third.stdout, third.stderr

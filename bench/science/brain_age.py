@@ -2,8 +2,9 @@
 validity against the true brain age, on cohorts the model never saw.
 
 Cohort A (`hpcbrain synth --seed S`, 160 subjects) trains the age model: AdapN with
-configs/adapn.yaml + bench-cpu.yaml + brain-age-cpu.yaml (`data.n_folds=1`: every subject trains
-the encoder but the 25 % validation subjects, which calibrate it), once per training seed. Then, as a user
+configs/adapn.yaml + bench-cpu.yaml + brain-age-cpu.yaml (every subject trains the registered
+encoder; 5 fold runs, each trained without a fifth of the subjects, predict those subjects to
+calibrate it), once per training seed. Then, as a user
 would, `hpcbrain predict-age MODEL <every scan> --out …` on two new cohorts with a rescan of
 every visit (`--rescans 1`): B, drawn like A (seed S + 1000), and C with a wider true brain-age
 gap (`--brain-age-gap-sd 5`, seed S + 2000). Ages come from the cohorts' BIDS tables.
@@ -37,8 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, VENV, make_cohort, run  # noqa: E402
 
-TRAIN = ["--cfg", "adapn.yaml", "--cfg", "bench-cpu.yaml", "--cfg", "brain-age-cpu.yaml",
-         "data.n_folds=1"]
+TRAIN = ["--cfg", "adapn.yaml", "--cfg", "bench-cpu.yaml", "--cfg", "brain-age-cpu.yaml"]
 
 
 def bids_scans(bids: Path) -> list[Path]:

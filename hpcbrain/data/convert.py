@@ -191,10 +191,13 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                    codec: str = DEFAULT_CODEC, codec_level: int | None = None,
                    register: bool = False, bids_filter: str | None = None,
-                   progress: bool = True, qc_report: bool = True) -> ConversionReport:
+                   progress: bool = True, qc_report: bool = True, append: bool = False,
+                   exclude: frozenset[tuple[str, str]] = frozenset()) -> ConversionReport:
     """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images); with
     `register`, every scan is bias-corrected and affinely registered to MNI152 first;
-    `bids_filter` (JSON or a JSON file) chooses among a session's T1w images."""
+    `bids_filter` (JSON or a JSON file) chooses among a session's T1w images. `append`: add to
+    the existing store `out` the sessions it lacks (`hpcbrain.data.append`); `exclude`: the
+    (subject, session) pairs to leave out of the source (what an append does not convert)."""
 
     started = time.perf_counter()
     size = int(shape)
@@ -223,6 +226,14 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    if append:
+        from hpcbrain.data.append import append_cohort
+
+        options = dict(workers=workers, skip_bad=skip_bad, dtype=dtype,
+                       scans_per_shard=layout.scans_per_shard, codec=codec,
+                       codec_level=codec_level, register=register, bids_filter=bids_filter,
+                       progress=progress)
+        return append_cohort(source, out, size, layout, options, qc_report, started)
     refuse_existing(out)
 
     lock = out.with_name(out.name + PARTIAL_SUFFIX + ".lock")
@@ -232,14 +243,15 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                        "or pass another --out"):
             return _convert_locked(source, out, partial, Recipe(size, dtype, bool(register)),
                                    layout, workers, skip_bad, progress, started, bids_filter,
-                                   qc_report)
+                                   qc_report, exclude)
     except RunFolderLocked as exc:
         raise ConversionError(str(exc)) from None
 
 
 def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layout: ImageLayout,
                     workers: int, skip_bad: bool, progress: bool, started: float,
-                    bids_filter: str | None = None, qc_report: bool = True) -> ConversionReport:
+                    bids_filter: str | None = None, qc_report: bool = True,
+                    exclude: frozenset[tuple[str, str]] = frozenset()) -> ConversionReport:
     """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
     from tqdm import tqdm
 
@@ -248,8 +260,10 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
 
     refuse_existing(out)             # finished by another conversion while we waited to check
     scans, fmt = discover_scans(source, bids_filter)
+    scans = [s for s in scans if (s.subject, s.session) not in exclude]
     if not scans:
-        raise ConversionError(f"no T1w images found in {source}")
+        raise ConversionError(f"no T1w images found in {source}"
+                              + (" that the store lacks" if exclude else ""))
     fingerprint = inputs_fingerprint(scans, size, layout, preprocessing)
     reasons: dict[int, list[str]] = {i: list(s.problems) for i, s in enumerate(scans)
                                      if s.problems}

@@ -75,6 +75,16 @@ class BlockPlan:
     fingerprint: str
     n_candidates: int
     blocks: list                       # [first shard, last shard + 1] per block
+    append_to: str | None = None       # --append: the store the converted wave is merged into
+                                       # (`out` is then the wave, ``hpcbrain.data.append``)
+
+    def excluded(self) -> frozenset[tuple[str, str]]:
+        """The (subject, session) pairs the conversion leaves out: an append's store's."""
+        if self.append_to is None:
+            return frozenset()
+        from hpcbrain.data.append import stored_sessions
+
+        return frozenset(stored_sessions(Path(self.append_to)))
 
     @property
     def partial(self) -> Path:
@@ -91,9 +101,16 @@ class BlockPlan:
         return range(start, min(start + self.scans_per_shard, self.n_candidates))
 
 
-def _discover(source: Path, bids_filter: str | None):
+def _discover(source: Path, bids_filter: str | None,
+              exclude: frozenset[tuple[str, str]] = frozenset()):
     scans, fmt = discover_scans(source, bids_filter)
+    scans = [s for s in scans if (s.subject, s.session) not in exclude]
     if not scans:
+        if exclude:
+            from hpcbrain.data.append import NothingToAppend
+
+            raise NothingToAppend(f"the store already holds every session of {source}; "
+                                  f"nothing to append")
         raise ConversionError(f"no T1w images found in {source}")
     candidates = [i for i, s in enumerate(scans) if not s.problems]
     return scans, fmt, candidates
@@ -102,13 +119,30 @@ def _discover(source: Path, bids_filter: str | None):
 def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: int,
                     skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                     codec: str = DEFAULT_CODEC, codec_level: int | None = None,
-                    register: bool = False, bids_filter: str | None = None) -> BlockPlan:
+                    register: bool = False, bids_filter: str | None = None,
+                    append: bool = False) -> BlockPlan:
     """Discover the scans and stage ``OUT.partial`` (or find the staging of an earlier run of
-    the same command); the plan splits the shards into at most `tasks` blocks."""
+    the same command); the plan splits the shards into at most `tasks` blocks. `append`: the
+    sessions the existing store `out` lacks, staged as a wave (``OUT.wave.partial``) that
+    `finish_conversion` merges into it."""
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
+    append_to, exclude = None, frozenset()
+    if append:
+        from hpcbrain.data.append import NothingToAppend, prepare_append, wave_path
+
+        layout = ImageLayout((int(shape),) * 3, dtype=np.dtype(dtype).name, codec=codec,
+                             level=codec_level)
+        exclude = prepare_append(out, layout, preprocessing_attrs(register), bids_filter)
+        append_to, out = str(out), wave_path(out)
+        try:
+            _discover(source, bids_filter, exclude)
+        except NothingToAppend:
+            # a merge that ended before its wave's staging was removed leaves it behind
+            shutil.rmtree(Path(str(out) + ".partial"), ignore_errors=True)
+            raise
     refuse_existing(out)
-    scans, _, candidates = _discover(source, bids_filter)
+    scans, _, candidates = _discover(source, bids_filter, exclude)
     bad = [(str(s.path), s.subject, s.session, "; ".join(s.problems))
            for s in scans if s.problems]
     if bad and not skip_bad:
@@ -128,7 +162,7 @@ def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: i
     blocks = [[a, b] for a, b in zip(bounds, bounds[1:])]
     plan = BlockPlan(str(source), str(out), int(shape), layout.dtype, per_shard, codec,
                      codec_level, bool(register), bids_filter, bool(skip_bad), fingerprint,
-                     len(candidates), blocks)
+                     len(candidates), blocks, append_to)
     partial = plan.partial
     if partial.exists():
         try:
@@ -172,7 +206,7 @@ def convert_block(plan: BlockPlan, block: int, workers: int = 1) -> int:
 
     from hpcbrain.data.convert import Recipe, convert_in_order
 
-    scans, _, candidates = _discover(Path(plan.source), plan.bids_filter)
+    scans, _, candidates = _discover(Path(plan.source), plan.bids_filter, plan.excluded())
     if len(candidates) != plan.n_candidates:
         raise ConversionError(f"{plan.source} changed since the conversion was planned "
                               f"({len(candidates)} scans to convert, the plan has "
@@ -275,7 +309,7 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
     refuse_existing(out)
     if not plan.partial.is_dir():
         raise ConversionError(f"{plan.partial} is missing: plan the conversion again")
-    scans, fmt, candidates = _discover(Path(plan.source), plan.bids_filter)
+    scans, fmt, candidates = _discover(Path(plan.source), plan.bids_filter, plan.excluded())
     affines, voxels, entries, missing = _read_markers(plan)
     if missing:
         blocks = unfinished_blocks(plan)
@@ -309,10 +343,22 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
         "created_by": f"hpcbrain {hpcbrain_version()} (hpcbrain.data.convert_blocks, "
                       f"{len(plan.blocks)} blocks)",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    for leftover in (PLAN_FILE, _MARKERS):
-        path = plan.partial / leftover
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    os.rename(plan.partial, out)
+    if plan.append_to is not None:
+        # the wave, complete in the staging folder, goes into the store; a kill before the
+        # staging is gone leaves a rerun to find nothing to append and remove it
+        from hpcbrain.data.append import merge_wave
+        from hpcbrain.data.ledger import read_ledger
+
+        out = Path(plan.append_to)
+        merged = merge_wave(out, plan.partial, Path(plan.source))
+        shutil.rmtree(plan.partial)
+        ledger = read_ledger(out)
+        print(f"hpcbrain convert: appended {merged.added} scans to {out} (now {merged.scans})")
+    else:
+        for leftover in (PLAN_FILE, _MARKERS):
+            path = plan.partial / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        os.rename(plan.partial, out)
     qc_folder = None
     if qc_report:
         from hpcbrain.data.qc_report import write_qc_report

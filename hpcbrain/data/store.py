@@ -11,10 +11,17 @@ Layout (schema version 1)::
       age           (N,) float32  years at the scan
       affine        (N, 4, 4) float64   the source image's affine after reorientation to RAS+
       source_path   (N,) str
+      image_row     (N,) int64    only in a store grown by `hpcbrain convert --append`: scan i's
+                                  row of `images` (the rows of an appended wave start at a shard
+                                  boundary, so the shard files already there stay as they were;
+                                  the rows between read as zeros and belong to no scan)
       ...           any further per-scan column (sex, group, diagnosis, adas_cog, site, ...):
                     numeric columns as float32 with NaN for missing, text columns as str
     attributes["hpcbrain"] = {schema_version, shape, spacing_mm, dtype, codec, n_scans,
-                              columns, preprocessing, skipped, created_by}
+                              columns, preprocessing, skipped, created_by, [appended]}
+
+Reading scan i with plain zarr: ``images[i]``, or ``images[image_row[i]]`` where the store has
+an ``image_row`` array.
 
 The store is opened lazily: a `CohortStore` pickles without its Zarr handle, so each DataLoader
 worker opens its own after fork/spawn. `CohortStoreWriter` writes one (what `hpcbrain convert`
@@ -36,6 +43,7 @@ from hpcbrain.atomic import write_text_atomic
 SCHEMA_VERSION = 1
 ATTRS_KEY = "hpcbrain"
 IMAGES = "images"
+IMAGE_ROW = "image_row"
 REQUIRED_COLUMNS = ("subject", "session", "age")
 
 
@@ -109,7 +117,7 @@ def write_columns(group, columns: dict[str, np.ndarray]) -> None:
             array = group.create_array(name, shape=values.shape, dtype=str, overwrite=True)
             array[...] = values.astype(str)
         else:
-            if values.dtype.kind in "iub" and name != "affine":
+            if values.dtype.kind in "iub" and name not in ("affine", IMAGE_ROW):
                 values = values.astype(np.float32)
             array = group.create_array(name, shape=values.shape, dtype=values.dtype,
                                        overwrite=True)
@@ -138,6 +146,7 @@ class CohortStore:
         self.path = Path(path)
         self._group = None
         self._images = None
+        self._image_rows: np.ndarray | None = None   # appended stores: scan → images row
         self._metadata = None
         self._info: dict[str, Any] | None = None
         self._fast_read = None   # see shard_reader.py; None until first read, False if unusable
@@ -150,6 +159,8 @@ class CohortStore:
 
             self._group = zarr.open_group(str(self.path), mode="r")
             self._images = self._group[IMAGES]
+            if IMAGE_ROW in self._group:
+                self._image_rows = np.asarray(self._group[IMAGE_ROW][...], dtype=np.int64)
         return self._group
 
     def _check(self) -> None:
@@ -194,7 +205,16 @@ class CohortStore:
         return self._images
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        self._open()
+        if self._image_rows is not None:
+            return int(self._image_rows.size)
+        return int(self._images.shape[0])
+
+    def image_row(self, index: int) -> int:
+        """The row of the images array that holds scan `index` (the same number except in an
+        appended store)."""
+        self._open()
+        return int(index) if self._image_rows is None else int(self._image_rows[index])
 
     def read_image(self, index: int, dtype: Any = np.float32) -> np.ndarray:
         """One scan (S, S, S) as `dtype` (float32 by default; None: the stored dtype, e.g.
@@ -206,9 +226,10 @@ class CohortStore:
             from hpcbrain.data.shard_reader import open_fast_reader
 
             self._fast_read = open_fast_reader(self.path / IMAGES) or False
+        row = self.image_row(index)
         if self._fast_read:
-            return self._fast_read(index, dtype)
-        volume = self.images[index]
+            return self._fast_read(row, dtype)
+        volume = self.images[row]
         return volume if dtype is None else cast_volume(volume, dtype)
 
     def column(self, name: str) -> np.ndarray:
@@ -223,7 +244,8 @@ class CohortStore:
     @property
     def columns(self) -> list[str]:
         group = self._open()
-        return sorted(name for name in group.array_keys() if name not in (IMAGES, "affine"))
+        return sorted(name for name in group.array_keys()
+                      if name not in (IMAGES, "affine", IMAGE_ROW))
 
     @property
     def metadata(self):
@@ -255,7 +277,7 @@ def write_scan_metadata(group, layout: ImageLayout, columns: dict[str, np.ndarra
     spacing = [float(voxels[0])] * 3 if np.allclose(voxels, voxels[0], rtol=1e-5) else None
     attrs = {"schema_version": SCHEMA_VERSION, "shape": list(images.shape[1:]),
              "spacing_mm": spacing, "dtype": str(images.dtype), "codec": layout.codec_attrs(),
-             "n_scans": int(images.shape[0]),
+             "n_scans": int(len(affines)),
              "scans_per_shard": int(images.shards[0]) if images.shards else 1,
              "columns": list(columns), "column_types": types, **attrs}
     group.attrs[ATTRS_KEY] = attrs

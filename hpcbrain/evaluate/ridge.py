@@ -232,15 +232,19 @@ def calibration_parts(split, source: str, learns_from_age: bool) -> dict[str, np
 
 def calibrate_age_model(c, fitted, features: dict[str, np.ndarray], ages: np.ndarray,
                         subjects: np.ndarray, parts: dict[str, np.ndarray], training: np.ndarray,
-                        seed: int):
+                        seed: int, predicted: Optional[dict[str, np.ndarray]] = None):
     """The registered age model's calibration from the calibration `parts`
-    (`calibration_parts`) with their `features`; `training`: the scans the registered ridge
-    was fitted on; `c` is the evaluate config section."""
+    (`calibration_parts`) with their `features`, or with their out-of-fold ages already
+    `predicted` (encoder-folds); `training`: the scans the registered ridge was fitted on; `c`
+    is the evaluate config section."""
     from hpcbrain.evaluate.age_calibration import cross_fitted_predictions, fit_calibration
 
+    given = predicted or {}
     predicted, used = [], []
     for part, rows in parts.items():
-        if part == "cross-fitted":
+        if part in given:
+            predicted.append(given[part])
+        elif part == "cross-fitted":
             predicted.append(cross_fitted_predictions(
                 features[part], ages[rows], subjects[rows], folds=int(c.age_calibration_folds),
                 seed=seed, alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv)))
@@ -250,7 +254,10 @@ def calibrate_age_model(c, fitted, features: dict[str, np.ndarray], ages: np.nda
     rows = np.concatenate(used)
     names = {"cross-fitted": f"training subjects, cross-fitted over "
                              f"{int(c.age_calibration_folds)} subject folds",
-             "held-out": "validation subjects, predicted by the registered ridge"}
+             "held-out": "validation subjects, predicted by the registered ridge",
+             "encoder-folds": f"every subject, predicted by one of "
+                              f"{int(c.age_calibration_folds)} encoder-and-ridge fold runs "
+                              f"trained without it"}
     return fit_calibration(np.concatenate(predicted), ages[rows], subjects[rows],
                            training_ages=ages[training], training_subjects=subjects[training],
                            correction=str(c.age_correction), level=float(c.age_interval_level),
@@ -261,59 +268,33 @@ def calibrate_age_model(c, fitted, features: dict[str, np.ndarray], ages: np.nda
 def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
                             step: int) -> Optional[AgeEvaluation]:
     """The job's hook (rank 0, after training): ridge age MAE of a contrastive method's frozen
-    features, logged to MLflow with the experiment's comparison table. None for other methods
-    or when evaluate.ridge is off. Test scans: the split's test fold, else its
-    validation scans (data.n_folds=1); skipped with a warning when there are none."""
+    features, logged to MLflow with the experiment's comparison table, and the registered age
+    model with its calibration. None for other methods or when evaluate.ridge is off. Test scans:
+    the split's test fold, else its validation scans (data.n_folds=1); without either, no MAE
+    is scored (an encoder-folds calibration still gives the age model, else it is skipped)."""
     from hpcbrain.evaluate.age_predictor import AgePredictor
+    from hpcbrain.evaluate.encoder_folds import uses_encoder_folds
 
     if not method.ridge_evaluation or not cfg.evaluate.ridge:
         return None
     test = split.test if len(split.test) else split.val
-    if len(split.train) < 4 or len(test) == 0:
+    if len(split.train) < 4 or (len(test) == 0 and not uses_encoder_folds(cfg)):
         log.warning("ridge evaluation skipped: %d train and %d test scans", len(split.train),
                     len(test))
         return None
     device = next(method.parameters()).device
     encoder = method.encoder()
     train_x = extract_features(encoder, store, split.train, device)
-    test_x = extract_features(encoder, store, test, device)
     ages = np.asarray(store.column("age"), dtype=np.float64)
     subjects = np.asarray(store.column("subject")).astype(str)
     c = cfg.evaluate
-    result = ridge_age_mae(train_x, ages[split.train], test_x, ages[test],
-                           groups=subjects[split.train], seeds=int(c.ridge_seeds),
-                           alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv))
-    metrics = result.metrics()
-    tracker.log_metrics(metrics, step=step)
-    log.info("ridge age MAE on %d %s scans: %.3f ± %.3f years (alphas %s)", result.n_test,
-             "test" if len(split.test) else "validation", result.mae_mean, result.mae_std,
-             result.alpha_per_seed)
-    run_dir = Path(run_dir)
-    (run_dir / "ridge.json").write_text(json.dumps(asdict(result), indent=1))
-    if tracker.enabled:
-        # this run's row from its own figures: its metrics are still on their way to the
-        # tracking store (sent in the background), the other runs' are there
-        rows = [r for r in _experiment_rows(cfg) if r["run_id"] != tracker.run_id]
-        rows.append(_comparison_row(run_dir.name, tracker.run_id, cfg.method,
-                                    str(cfg.model.backbone), result.mae_mean, result.mae_std,
-                                    result.n_test))
-        (run_dir / "ridge_comparison.md").write_text(comparison_table(rows))
-        with open(run_dir / "ridge_comparison.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        tracker.log_artifact(run_dir / "ridge_comparison.md")
-        tracker.log_artifact(run_dir / "ridge_comparison.csv")
-        tracker.log_artifact(run_dir / "ridge.json")
-    fitted = fit_ridge(train_x, ages[split.train], groups=subjects[split.train],
-                       seed=result.seeds[0], alphas=[float(a) for a in c.ridge_alphas],
-                       cv=int(c.ridge_cv))
-    parts = calibration_parts(split, str(c.age_calibration_subjects), method.learns_from_age)
-    features = {part: train_x if part == "cross-fitted"
-                else extract_features(encoder, store, rows, device)
-                for part, rows in parts.items()}
-    calibration = calibrate_age_model(c, fitted, features, ages, subjects, parts, split.train,
-                                      seed=result.seeds[0])
+    fitted = fit_ridge(train_x, ages[split.train], groups=subjects[split.train], seed=0,
+                       alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv))
+    metrics = {}
+    if len(test):
+        metrics = _score_held_out(cfg, encoder, store, split, test, train_x, ages, subjects,
+                                  fitted, tracker, Path(run_dir), step)
+    calibration = _calibrate(cfg, method, encoder, store, split, train_x, ages, subjects, fitted)
     calibration_metrics = {"age_model/cv_mae": calibration.cv_mae,
                            "age_model/bias_alpha": calibration.bias_alpha,
                            "age_model/bias_beta": calibration.bias_beta}
@@ -327,3 +308,63 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
              calibration.radius())
     return AgeEvaluation({**metrics, **calibration_metrics},
                          AgePredictor.from_ridge(encoder, fitted), calibration)
+
+
+def _score_held_out(cfg, encoder, store, split, test, train_x, ages, subjects, fitted, tracker,
+                    run_dir: Path, step: int) -> dict[str, float]:
+    """Ridge MAE on the held-out scans over the configured seeds, the experiment's comparison
+    table, and each held-out scan's predicted age (`encoder_folds.PREDICTIONS_FILE`: what an
+    encoder-folds calibration of another run reads)."""
+    from hpcbrain.evaluate.encoder_folds import PREDICTIONS_FILE, write_predictions
+
+    device = next(encoder.parameters()).device
+    c = cfg.evaluate
+    test_x = extract_features(encoder, store, test, device)
+    result = ridge_age_mae(train_x, ages[split.train], test_x, ages[test],
+                           groups=subjects[split.train], seeds=int(c.ridge_seeds),
+                           alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv))
+    metrics = result.metrics()
+    tracker.log_metrics(metrics, step=step)
+    log.info("ridge age MAE on %d %s scans: %.3f ± %.3f years (alphas %s)", result.n_test,
+             "test" if len(split.test) else "validation", result.mae_mean, result.mae_std,
+             result.alpha_per_seed)
+    (run_dir / "ridge.json").write_text(json.dumps(asdict(result), indent=1))
+    write_predictions(run_dir / PREDICTIONS_FILE, test, subjects[test], ages[test],
+                      fitted.predict(test_x))
+    if tracker.enabled:
+        # this run's row from its own figures: its metrics are still on their way to the
+        # tracking store (sent in the background), the other runs' are there
+        rows = [r for r in _experiment_rows(cfg) if r["run_id"] != tracker.run_id]
+        rows.append(_comparison_row(run_dir.name, tracker.run_id, cfg.method,
+                                    str(cfg.model.backbone), result.mae_mean, result.mae_std,
+                                    result.n_test))
+        (run_dir / "ridge_comparison.md").write_text(comparison_table(rows))
+        with open(run_dir / "ridge_comparison.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        for name in ("ridge_comparison.md", "ridge_comparison.csv", "ridge.json",
+                     PREDICTIONS_FILE):
+            tracker.log_artifact(run_dir / name)
+    return metrics
+
+
+def _calibrate(cfg, method, encoder, store, split, train_x, ages, subjects, fitted):
+    """The registered age model's calibration from the configured calibration subjects."""
+    from hpcbrain.evaluate.encoder_folds import SOURCE, read_fold_predictions, uses_encoder_folds
+
+    c = cfg.evaluate
+    if uses_encoder_folds(cfg):
+        rows, predicted = read_fold_predictions(cfg, subjects, ages)
+        if np.intersect1d(rows, split.test).size:
+            raise RuntimeError("age calibration would use test-fold scans: the split is broken")
+        parts, given, features = {SOURCE: rows}, {SOURCE: predicted}, {}
+    else:
+        parts = calibration_parts(split, str(c.age_calibration_subjects), method.learns_from_age)
+        device = next(encoder.parameters()).device
+        given = {}
+        features = {part: train_x if part == "cross-fitted"
+                    else extract_features(encoder, store, rows, device)
+                    for part, rows in parts.items()}
+    return calibrate_age_model(c, fitted, features, ages, subjects, parts, split.train, seed=0,
+                               predicted=given)
