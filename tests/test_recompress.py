@@ -68,3 +68,22 @@ def test_bad_requests_are_refused_by_name(make_store, tmp_path, capsys):
     old.mkdir()
     assert main(["recompress", str(path)]) == 2
     assert f"remove {old}" in capsys.readouterr().err
+
+
+def test_recompress_keeps_the_ledger_and_an_appended_store_readable(tmp_path):
+    """The ledger group travels with the images; an appended store's image_row too."""
+    from test_convert_append import arriving_in_waves
+
+    from hpcbrain.data.convert import convert_cohort
+    from hpcbrain.data.ledger import read_ledger
+
+    show = arriving_in_waves(tmp_path)
+    out = tmp_path / "cohort.zarr"
+    convert_cohort(show(1), out, 8, scans_per_shard=3, progress=False, qc_report=False)
+    convert_cohort(show(2), out, 8, append=True, progress=False, qc_report=False)
+    ledger = read_ledger(out)
+    images = [CohortStore(out).read_image(i) for i in range(8)]
+    assert main(["recompress", str(out), "--codec", "zstd"]) == 0
+    assert read_ledger(out) == ledger and len(ledger) == 8
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(CohortStore(out).read_image(i), image)

@@ -95,6 +95,11 @@ def _recompress_locked(source: CohortStore, codec: str, level: int | None,
         for name in src_group.array_keys():
             if name != IMAGES:
                 _copy_array(src_group, dst_group, name)
+        for name in src_group.group_keys():       # the conversion ledger
+            src_sub, dst_sub = src_group[name], dst_group.create_group(name)
+            dst_sub.attrs.update(dict(src_sub.attrs))
+            for array in src_sub.array_keys():
+                _copy_array(src_sub, dst_sub, array)
         attrs = {k: v for k, v in src_group.attrs.items()}
         info = dict(attrs.get(ATTRS_KEY, {}))
         info["codec"] = layout.codec_attrs()
