@@ -169,3 +169,45 @@ def test_qc_pages_open_in_a_real_browser_with_every_image_loaded(cohort, tmp_pat
                           (qc / "sub-001.html").as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "did not load" in dom
+
+
+def _figures(qc: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(qc)): p.read_bytes() for p in sorted(qc.rglob("*.png"))}
+
+
+def test_figures_drawn_by_the_workers_are_the_reports_own(cohort, tmp_path, monkeypatch):
+    """The workers draw each scan's figure as they convert it; the report only links them,
+    and they are byte for byte what the report draws from the store."""
+    from hpcbrain.data import qc_report
+
+    out = tmp_path / "c.zarr"
+    convert_cohort(cohort, out, S, skip_bad=True, scans_per_shard=4, workers=2, progress=False)
+    by_workers = _figures(qc_folder_of(out))
+    assert len(by_workers) == 13 and not (out / qc_report.DRAWN_FIGURES).exists()
+    shutil.rmtree(qc_folder_of(out))                 # no earlier figures to take: draw all
+    qc_report.write_qc_report(out, read_ledger(out))
+    assert _figures(qc_folder_of(out)) == by_workers
+
+    drawn = []
+    real = qc_report.scan_figure
+    monkeypatch.setattr(qc_report, "scan_figure", lambda *a: drawn.append(a) or real(*a))
+    qc_report.write_qc_report(out, read_ledger(out))   # the same store: its figures are kept
+    assert drawn == [] and _figures(qc_folder_of(out)) == by_workers
+
+
+def test_an_append_draws_the_new_scans_only(tmp_path, monkeypatch):
+    from test_convert_append import arriving_in_waves
+
+    from hpcbrain.data import qc_report
+
+    show = arriving_in_waves(tmp_path)
+    out = tmp_path / "cohort.zarr"
+    convert_cohort(show(1), out, 8, scans_per_shard=3, progress=False)
+    first = _figures(qc_folder_of(out))
+    drawn = []
+    real = qc_report.scan_figure
+    monkeypatch.setattr(qc_report, "scan_figure", lambda *a: drawn.append(a[-1]) or real(*a))
+    convert_cohort(show(2), out, 8, append=True, progress=False)
+    assert sorted(drawn) == [f"sub-0{s} ses-02" for s in range(1, 5)]
+    after = _figures(qc_folder_of(out))
+    assert len(after) == 8 and {k: after[k] for k in first} == first

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from hpcbrain.data import convert
+from hpcbrain.data import convert, convert_workers
 from hpcbrain.data import store as store_module
 from hpcbrain.data.convert import ConversionError, convert_cohort
 from hpcbrain.data.store import CohortStore
@@ -401,7 +401,7 @@ def test_crash_leaves_no_store_and_rerun_resumes_to_the_clean_result(tmp_path, m
     clean = tmp_path / "clean.zarr"
     convert_cohort(src, clean, S, scans_per_shard=3, progress=False)
 
-    real = convert._convert_one
+    real = convert_workers._convert_one
     calls = []
 
     def crashing(*args):
@@ -411,7 +411,7 @@ def test_crash_leaves_no_store_and_rerun_resumes_to_the_clean_result(tmp_path, m
         return real(*args)
 
     out = tmp_path / "o.zarr"
-    monkeypatch.setattr(convert, "_convert_one", crashing)
+    monkeypatch.setattr(convert_workers, "_convert_one", crashing)
     with pytest.raises(KeyboardInterrupt):
         convert_cohort(src, out, S, scans_per_shard=3, progress=False)
     assert leftovers(out) == [out.with_name("o.zarr.partial")]
@@ -435,7 +435,7 @@ def test_crash_leaves_no_store_and_rerun_resumes_to_the_clean_result(tmp_path, m
 
 def test_changed_inputs_start_over(tmp_path, monkeypatch, capsys):
     src = make_bids(tmp_path / "bids", n_subjects=2, n_sessions=2)
-    real = convert._convert_one
+    real = convert_workers._convert_one
     calls = []
 
     def crashing(*args):
@@ -445,10 +445,10 @@ def test_changed_inputs_start_over(tmp_path, monkeypatch, capsys):
         return real(*args)
 
     out = tmp_path / "o.zarr"
-    monkeypatch.setattr(convert, "_convert_one", crashing)
+    monkeypatch.setattr(convert_workers, "_convert_one", crashing)
     with pytest.raises(SystemExit):
         convert_cohort(src, out, S, scans_per_shard=2, progress=False)
-    monkeypatch.setattr(convert, "_convert_one", real)
+    monkeypatch.setattr(convert_workers, "_convert_one", real)
     write_tsv(src / "sub-01" / "sub-01_sessions.tsv", ["session_id", "age"],
               [["ses-01", 50], ["ses-02", 51]])  # different metadata → different fingerprint
     report = convert_cohort(src, out, S, scans_per_shard=2, progress=False)
@@ -518,12 +518,12 @@ def test_kill_9_midway_then_rerun_resumes(tmp_path):
     partial = out.with_name("o.zarr.partial")
     script = (
         "import sys, time\n"
-        "from hpcbrain.data import convert\n"
-        "real = convert._convert_one\n"
+        "from hpcbrain.data import convert, convert_workers\n"
+        "real = convert_workers._convert_one\n"
         "def slow(*a):\n"
         "    time.sleep(0.15)\n"
         "    return real(*a)\n"
-        "convert._convert_one = slow\n"
+        "convert_workers._convert_one = slow\n"
         "convert.convert_cohort(sys.argv[1], sys.argv[2], 8, scans_per_shard=2, "
         "progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(manifest), str(out)],
@@ -616,7 +616,7 @@ def _slow_conversion(tmp_path: Path, n: int, workers: int, delay: float = 0.3):
         "import nibabel\n"
         "real = nibabel.load\n"
         f"nibabel.load = lambda *a, **k: (time.sleep({delay}), real(*a, **k))[1]\n"
-        "from hpcbrain.data import convert\n"
+        "from hpcbrain.data import convert, convert_workers\n"
         "if __name__ == '__main__':\n"
         f"    convert.convert_cohort(sys.argv[1], sys.argv[2], 8, workers={workers}, "
         "scans_per_shard=2, progress=False)\n")

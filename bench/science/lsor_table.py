@@ -162,8 +162,12 @@ def paired_comparisons(evaluations: dict[str, dict]) -> dict[str, dict]:
     95 % subject-bootstrap intervals, and DeLong's p of the AUCs."""
     import numpy as np
 
-    from hpcbrain.evaluate.downstream import (balanced_accuracy, delong_auc_test,
-                                              paired_subject_bootstrap, regression_metrics)
+    from hpcbrain.evaluate.downstream import (
+        balanced_accuracy,
+        delong_auc_test,
+        paired_subject_bootstrap,
+        regression_metrics,
+    )
 
     def r2(y, pred):
         return regression_metrics(y, pred)["r2"]

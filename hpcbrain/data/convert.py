@@ -36,10 +36,8 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -50,6 +48,7 @@ from hpcbrain.data.convert_records import (
     inputs_fingerprint,
     refuse_existing,
 )
+from hpcbrain.data.convert_workers import Recipe, convert_in_order, scan_tasks
 from hpcbrain.data.discover import ConversionError, discover_scans
 from hpcbrain.data.ledger import (
     ledger_rows,
@@ -58,7 +57,8 @@ from hpcbrain.data.ledger import (
     write_ledger_group,
     write_shard_entries,
 )
-from hpcbrain.data.preprocess import BadScanError, load_scan, preprocessing_attrs
+from hpcbrain.data.preprocess import preprocessing_attrs
+from hpcbrain.data.qc_report import DRAWN_FIGURES
 from hpcbrain.data.store import DEFAULT_CODEC, PROGRESS_FILE, CohortStoreWriter, ImageLayout
 from hpcbrain.run_lock import RunFolderLocked, file_lock
 
@@ -74,94 +74,6 @@ class ConversionReport:
     resumed_shards: int
     qc_folder: Path | None = None   # OUT_qc/: index.html, conversion.tsv, a page per participant
     flagged: int = 0                # converted scans the automatic QC checks flag
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How each scan is turned into a store volume (sent to the worker processes)."""
-
-    size: int
-    dtype: str
-    register: bool = False
-
-
-def _convert_one(path: str, recipe: Recipe):
-    """Worker task: (volume as dtype, affine, voxel mm, None, ledger entry) or (None, None,
-    None, reason, ledger entry); the entry holds the seconds it took and, for a converted
-    scan, its QC metrics (`scan_qc`)."""
-    from hpcbrain.data.scan_qc import qc_metrics, template_volume
-
-    size, dtype = recipe.size, recipe.dtype
-    template_volume(size)             # made once per process, not timed as this scan's
-    started = time.perf_counter()
-    try:
-        volume, affine, out_vox = load_scan(path, size, register=recipe.register)
-        volume = volume.astype(dtype)
-        if not np.isfinite(volume).all():
-            raise BadScanError(f"values overflow {dtype}")
-        qc = qc_metrics(volume)
-        return volume, affine, out_vox, None, _entry(started, qc)
-    except BadScanError as exc:
-        return None, None, None, str(exc), _entry(started)
-    except Exception as exc:  # anything else a broken file can trigger
-        return None, None, None, f"cannot convert: {type(exc).__name__}: {exc}", _entry(started)
-
-
-def _entry(started: float, qc: dict | None = None) -> dict:
-    return {"seconds": round(time.perf_counter() - started, 4), "qc": qc}
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Worker initializer: end this worker when the converting process is gone (a SIGKILL
-    leaves spawned workers blocked on their task queue for ever otherwise)."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def convert_in_order(tasks: list[tuple[int, str]], recipe: Recipe,
-             workers: int) -> Iterator[tuple[int, tuple]]:
-    """Yield (index, _convert_one result) in task order, with a process pool if workers > 1."""
-    workers = min(workers, len(tasks))
-    if workers <= 1:
-        for index, path in tasks:
-            yield index, _convert_one(path, recipe)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    pool = ProcessPoolExecutor(max_workers=workers,
-                               mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
-    try:
-        pending = deque()
-        queue = iter(tasks)
-        for index, path in queue:
-            pending.append((index, pool.submit(_convert_one, path, recipe)))
-            if len(pending) >= 3 * workers:
-                break
-        while pending:
-            index, future = pending.popleft()
-            try:
-                result = future.result()
-            except BrokenProcessPool as exc:
-                raise RuntimeError(
-                    "a conversion worker process died (out of memory? killed? or a script "
-                    "calling convert_cohort(workers > 1) without an `if __name__ == "
-                    "'__main__':` guard, which worker processes re-run); the partial store is "
-                    "kept and rerunning the same command resumes") from exc
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending.append((nxt[0], pool.submit(_convert_one, nxt[1], recipe)))
-            yield index, result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ============================================================================================
@@ -282,8 +194,8 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
 
     if reasons and not skip_bad:
         # Bad metadata: nothing will be written, but still check every image for the report.
-        tasks = [(i, str(s.path)) for i, s in enumerate(scans)
-                 if s.path is not None and s.path.is_file()]
+        tasks = scan_tasks(scans, [i for i, s in enumerate(scans)
+                                   if s.path is not None and s.path.is_file()], None)
         bar = tqdm(total=len(tasks), disable=not progress, unit="scan", desc="check")
         for index, (_, _, _, reason, _) in convert_in_order(tasks, recipe, workers):
             if reason:
@@ -313,9 +225,11 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
 
     writer = CohortStoreWriter(partial, len(candidates), layout, state,
                                before_progress=stage_ledger)
+    writer.open()                     # the partial store exists before workers draw into it
     writing = skip_bad or not state["bad"]
     consumed = state["done"]
-    tasks = [(i, str(scans[i].path)) for i in candidates[state["done"]:]]
+    tasks = scan_tasks(scans, candidates[state["done"]:],
+                       partial / DRAWN_FIGURES if qc_report else None)
     bar = tqdm(total=len(candidates), initial=state["done"], disable=not progress,
                unit="scan", desc=f"convert {out.name}")
     try:
@@ -365,7 +279,9 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     if qc_report:
         from hpcbrain.data.qc_report import write_qc_report
 
-        qc_folder = write_qc_report(out, ledger, register=recipe.register)
+        qc_folder = write_qc_report(out, ledger, register=recipe.register,
+                                    drawn=[out / DRAWN_FIGURES])
+    shutil.rmtree(out / DRAWN_FIGURES, ignore_errors=True)
     if skipped:
         print(f"hpcbrain convert: skipped {len(skipped)} bad scan(s):", file=sys.stderr)
         for p, sub, ses, r in bad_list():

@@ -43,6 +43,7 @@ from hpcbrain.data.convert_records import (
 from hpcbrain.data.discover import ConversionError, discover_scans
 from hpcbrain.data.ledger import ledger_rows, write_ledger_group
 from hpcbrain.data.preprocess import preprocessing_attrs
+from hpcbrain.data.qc_report import DRAWN_FIGURES
 from hpcbrain.data.store import (
     DEFAULT_CODEC,
     IMAGES,
@@ -204,7 +205,7 @@ def convert_block(plan: BlockPlan, block: int, workers: int = 1) -> int:
     """Convert block `block`'s unfinished shards; returns how many shards it wrote."""
     import zarr
 
-    from hpcbrain.data.convert import Recipe, convert_in_order
+    from hpcbrain.data.convert_workers import Recipe, convert_in_order, scan_tasks
 
     scans, _, candidates = _discover(Path(plan.source), plan.bids_filter, plan.excluded())
     if len(candidates) != plan.n_candidates:
@@ -219,7 +220,7 @@ def convert_block(plan: BlockPlan, block: int, workers: int = 1) -> int:
         if _marker(plan, shard).is_file():
             continue
         rows = plan.shard_rows(shard)
-        tasks = [(candidates[r], str(scans[candidates[r]].path)) for r in rows]
+        tasks = scan_tasks(scans, [candidates[r] for r in rows], plan.partial / DRAWN_FIGURES)
         volumes = np.zeros((len(rows), *images.shape[1:]), dtype=images.dtype)
         affines = np.zeros((len(rows), 4, 4))
         voxels = np.zeros(len(rows), dtype=np.float32)
@@ -351,19 +352,21 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
 
         out = Path(plan.append_to)
         merged = merge_wave(out, plan.partial, Path(plan.source))
-        shutil.rmtree(plan.partial)
         ledger = read_ledger(out)
         print(f"hpcbrain convert: appended {merged.added} scans to {out} (now {merged.scans})")
+        drawn = plan.partial / DRAWN_FIGURES
     else:
         for leftover in (PLAN_FILE, _MARKERS):
             path = plan.partial / leftover
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         os.rename(plan.partial, out)
+        drawn = out / DRAWN_FIGURES
     qc_folder = None
-    if qc_report:
+    if qc_report:        # the figures the array tasks drew: the report only links them
         from hpcbrain.data.qc_report import write_qc_report
 
-        qc_folder = write_qc_report(out, ledger, register=plan.register)
+        qc_folder = write_qc_report(out, ledger, register=plan.register, drawn=[drawn])
+    shutil.rmtree(plan.partial if plan.append_to is not None else drawn, ignore_errors=True)
     return ConversionReport(n_converted=len(good), skipped=[(p, r) for p, _, _, r in bad_images],
                             out=out, seconds=time.perf_counter() - started,
                             resumed_shards=0, qc_folder=qc_folder,

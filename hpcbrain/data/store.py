@@ -323,7 +323,10 @@ class CohortStoreWriter:
     def per_shard(self) -> int:
         return self.layout.scans_per_shard
 
-    def _open(self):
+    def open(self):
+        """The partial store's group: created, or reopened past its last recorded shard.
+        Called by the first write; a caller that puts files of its own into the partial folder
+        (the workers' QC figures) calls it first."""
         import zarr
 
         if self._group is not None:
@@ -361,7 +364,7 @@ class CohortStoreWriter:
         """Write the buffered scans (a whole or a last, short shard) and record `progress`."""
         if not self._buffer:
             return
-        group = self._open()
+        group = self.open()
         start = self.state["written"]
         stop = start + len(self._buffer)
         group[IMAGES][start:stop] = np.stack([b[0] for b in self._buffer])
@@ -380,7 +383,7 @@ class CohortStoreWriter:
         sizes written so far) and the attributes, call `extra(group)` (what else the caller
         keeps in the store, e.g. the ledger), then rename `partial` to `out`. Returns the
         attributes as stored."""
-        group = self._open()
+        group = self.open()
         if extra is not None:
             extra(group)
         n = self.state["written"]
