@@ -34,7 +34,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "contrastive.weight_norm": ("anchor", "global"),
     "contrastive.rnc_similarity": ("dot", "neg_l2"),
     "contrastive.rnc_features": ("projection", "backbone"),
-    "engine.name": ("auto", "single", "ddp", "deepspeed"),
     "evaluate.age_calibration_subjects": ("auto", "training", "validation", "both",
                                           "encoder-folds"),
     "evaluate.age_correction": ("beheshti", "delange"),
@@ -97,7 +96,9 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
 def check_config(cfg: DictConfig) -> None:
     """Values the schema's types cannot rule out: choices, ranges and the relations between
     keys. Raises ConfigError naming the key, its value and what it may be."""
-    for key, allowed in CHOICES.items():
+    from hpcbrain.engine.registry import AUTO, engine_names  # the engines say who they are
+
+    for key, allowed in {**CHOICES, "engine.name": (AUTO, *engine_names())}.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"bad value for '{key}': {value!r}; choose one of "

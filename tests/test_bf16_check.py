@@ -97,7 +97,7 @@ def auto_means_bf16(monkeypatch):
     with a measured speedup): what happens next is the probe's to decide."""
     from hpcbrain.engine import precision
 
-    monkeypatch.setattr(precision, "bf16_supported", lambda device, engine="single": True)
+    monkeypatch.setattr(precision, "bf16_supported", lambda device, autocast=True: True)
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def _two_rank_worker(rank: int, store: str, root: str) -> dict:
     from hpcbrain.engine.single import SingleEngine
     from hpcbrain.job import run_training
 
-    precision.bf16_supported = lambda device, engine="single": True
+    precision.bf16_supported = lambda device, autocast=True: True
     right = bf16_check.probe_bf16_kernels
     bf16_check.probe_bf16_kernels = lambda method, batch: (
         KernelProbe("net.encoder.blocks.1.0", (2, 8, 2, 2, 2), float("inf"), 7) if rank == 1

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
 from hpcbrain.config import load_config
@@ -20,8 +21,42 @@ def test_engine_names():
     assert resolve_engine_name("deepspeed", 1) == "deepspeed"
     with pytest.raises(ValueError, match="started 2 processes"):
         resolve_engine_name("single", 2)
-    with pytest.raises(ValueError, match="engine.name must be"):
+    with pytest.raises(ValueError, match="engine.name must be auto or one of ddp, deepspeed, "
+                                         "single"):
         resolve_engine_name("fsdp", 2)
+
+
+def test_the_registry_is_the_list_of_engines_and_says_what_differs(tmp_path):
+    """Config checks take the names from the registry; a new engine registers once and is
+    accepted everywhere; what differs is asked of the class."""
+    from hpcbrain.config import ConfigError
+    from hpcbrain.engine import registry
+    from hpcbrain.engine.single import SingleEngine
+
+    assert registry.engine_names() == ("ddp", "deepspeed", "single")
+    single, ddp, deepspeed = (registry.get_engine_class(n) for n in ("single", "ddp",
+                                                                      "deepspeed"))
+    assert [c.needs_process_group for c in (single, ddp, deepspeed)] == [False, True, True]
+    assert [c.channels_last for c in (single, ddp, deepspeed)] == [True, True, False]
+    assert [c.bf16_is_autocast for c in (single, ddp, deepspeed)] == [True, True, False]
+    assert single.checkpoint_kind == ddp.checkpoint_kind != deepspeed.checkpoint_kind
+    assert deepspeed.process_group_initializer() is not None
+    with pytest.raises(ConfigError, match="'engine.name'"):
+        tiny_config(**{"engine.name": "fsdp2"})
+
+    @registry.register_engine("fsdp2")
+    class FSDP2Engine(SingleEngine):         # what a newcomer's module would hold
+        needs_process_group = True
+        multi_process = True
+
+    try:
+        assert "fsdp2" in registry.engine_names() and FSDP2Engine.name == "fsdp2"
+        assert tiny_config(**{"engine.name": "fsdp2"}).engine.name == "fsdp2"
+        assert registry.resolve_engine_name("fsdp2", 4) == "fsdp2"
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_engine("fsdp2")(type("Other", (SingleEngine,), {}))
+    finally:
+        registry._REGISTRY.pop("fsdp2")
 
 
 def test_shipped_deepspeed_jsons_are_filled_from_the_hpcbrain_config():

@@ -15,7 +15,7 @@ from hpcbrain.methods import build_method
 def test_explicit_precisions_and_a_bad_name():
     cpu = torch.device("cpu")
     assert precision.use_bf16("bf16", cpu) and not precision.use_bf16("fp32", cpu)
-    assert precision.use_bf16("bf16", cpu, "deepspeed")
+    assert precision.use_bf16("bf16", cpu, autocast=False)
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):
         precision.use_bf16("fp16", cpu)
 
@@ -49,7 +49,7 @@ def test_auto_on_this_cpu_follows_the_rule_and_measures_once(monkeypatch):
     from hpcbrain.engine.host_cache import cache_path
 
     cpu = torch.device("cpu")
-    assert not precision.use_bf16("auto", cpu, "deepspeed")         # bf16 weights: never
+    assert not precision.use_bf16("auto", cpu, autocast=False)      # bf16 weights: never
     flags = precision.native_bf16_flags()
     chosen = precision.use_bf16("auto", cpu)
     if not flags:

@@ -22,11 +22,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcbrain import dist
+from hpcbrain.engine.registry import register_engine
 from hpcbrain.engine.single import SingleEngine
 
 
+@register_engine("ddp")
 class DDPEngine(SingleEngine):
     name = "ddp"
+    needs_process_group = True
+    multi_process = True
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, bf16: bool, grad_clip: float | None = None,

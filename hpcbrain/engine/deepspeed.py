@@ -48,10 +48,12 @@ from torch import nn
 from hpcbrain import dist
 from hpcbrain.config_checks import check_global_batch
 from hpcbrain.engine import checkpoint
+from hpcbrain.engine.optimizer import build_optimizer
+from hpcbrain.engine.registry import register_engine
 from hpcbrain.engine.single import (
-    CheckpointMismatchError,
     ParameterWriter,
     check_finite,
+    refuse_other_checkpoints,
     set_group_lrs,
     to_device,
 )
@@ -183,10 +185,30 @@ def weights_only_checkpoint_engine(config: Any):
     return WeightsOnlyCheckpointEngine(config)
 
 
+@register_engine("deepspeed")
 class DeepSpeedEngine:
     name = "deepspeed"
+    needs_process_group = True           # its comm layer wraps a torch group, even of one
+    multi_process = True
     # DeepSpeed's bf16 casts the parameters themselves, fixed when the engine is built
     bf16_is_autocast = False
+    # it flattens parameters into contiguous buffers and refuses channels-last strides
+    channels_last = False
+    checkpoint_kind = "DeepSpeed"        # a folder per tag, a shard per rank
+
+    @classmethod
+    def build(cls, cfg: Any, method: nn.Module, device: torch.device, bf16: bool):
+        return cls(method, build_optimizer(cfg, method), device,
+                   deepspeed_config(cfg, dist.world_size(), bf16, method.fp32_buffers))
+
+    @staticmethod
+    def process_group_initializer():
+        return DeepSpeedGroup()
+
+    @staticmethod
+    def find_checkpoint(run_dir: Path) -> Path | None:
+        tag = checkpoint.latest_deepspeed_tag(run_dir)
+        return checkpoint.deepspeed_dir(run_dir) / tag if tag else None
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, ds_config: dict[str, Any]):
@@ -327,8 +349,7 @@ class DeepSpeedEngine:
 
     # --- checkpoints: every rank writes its shard ---------------------------------------------
     def latest_checkpoint(self, run_dir: Path) -> Path | None:
-        tag = checkpoint.latest_deepspeed_tag(run_dir)
-        return checkpoint.deepspeed_dir(run_dir) / tag if tag else None
+        return self.find_checkpoint(run_dir)
 
     def save_checkpoint(self, run_dir: Path, global_step: int,
                         client_state: dict[str, Any]) -> Path:
@@ -345,10 +366,7 @@ class DeepSpeedEngine:
     def load_checkpoint(self, run_dir: Path) -> dict[str, Any] | None:
         tag = checkpoint.latest_deepspeed_tag(run_dir)
         if tag is None:
-            if checkpoint.latest_checkpoint(run_dir) is not None:
-                raise CheckpointMismatchError(
-                    f"{run_dir} holds single/DDP checkpoints but engine.name=deepspeed: resume "
-                    f"with engine.name=ddp, or start a new run with another run.name")
+            refuse_other_checkpoints(run_dir, type(self), self.name)
             return None
         folder = checkpoint.deepspeed_dir(run_dir)
         path, client_state = self.model.load_checkpoint(str(folder), tag=tag)

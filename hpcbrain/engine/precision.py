@@ -105,11 +105,12 @@ def _host_speedup() -> float:
     return float(cached_measurement(path, key, measure_once))
 
 
-def bf16_supported(device: torch.device, engine: str = "single") -> bool:
-    """Whether `train.precision=auto` trains in bf16 on `device` with `engine`."""
+def bf16_supported(device: torch.device, autocast: bool = True) -> bool:
+    """Whether `train.precision=auto` trains in bf16 on `device` with an engine whose bf16 is
+    autocast over fp32 weights (`autocast`) or bf16 weights (never on a CPU, see above)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu" or engine == "deepspeed":
+    if device.type != "cpu" or not autocast:
         return False
     flags = native_bf16_flags()
     # measured only where the flags allow it: a CPU without them is slow enough in bf16 (26x
@@ -117,11 +118,12 @@ def bf16_supported(device: torch.device, engine: str = "single") -> bool:
     return cpu_bf16_pays(flags, _host_speedup() if flags else None)
 
 
-def use_bf16(precision: str, device: torch.device, engine: str = "single") -> bool:
+def use_bf16(precision: str, device: torch.device, autocast: bool = True) -> bool:
+    """`train.precision` for an engine whose bf16 is `autocast` (see `bf16_supported`)."""
     if precision == "fp32":
         return False
     if precision == "bf16":
         return True
     if precision == "auto":
-        return bf16_supported(device, engine)
+        return bf16_supported(device, autocast)
     raise ValueError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")

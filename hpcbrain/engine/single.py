@@ -38,6 +38,8 @@ from torch import nn
 
 from hpcbrain import dist
 from hpcbrain.engine import checkpoint
+from hpcbrain.engine.optimizer import build_optimizer
+from hpcbrain.engine.registry import engines_of_kind, other_checkpoints, register_engine
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,6 +48,18 @@ class NonFiniteLossError(FloatingPointError):
 
 class CheckpointMismatchError(RuntimeError):
     """The run folder holds checkpoints another engine wrote."""
+
+
+def refuse_other_checkpoints(run_dir: Path, engine: type, name: str) -> None:
+    """Before a fresh start: refuse a run folder holding another kind of engine's checkpoints
+    (resuming would silently restart from step 0)."""
+    other = other_checkpoints(run_dir, engine)
+    if other is not None:
+        kind, path = other
+        raise CheckpointMismatchError(
+            f"{run_dir} holds {kind} checkpoints ({path}) but engine.name={name}: resume with "
+            f"engine.name={' or '.join(engines_of_kind(kind))}, or start a new run with another "
+            f"run.name")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -108,11 +122,31 @@ class ParameterWriter:
         return (type(None), ())
 
 
+@register_engine("single")
 class SingleEngine:
     """One process: forward, finite check, backward, (clip), optimizer step."""
 
     name = "single"
+    # what the registry asks of an engine (hpcbrain/engine/registry.py)
+    needs_process_group = False
+    multi_process = False
     bf16_is_autocast = True
+    channels_last = True
+    checkpoint_kind = "single/DDP"
+
+    @classmethod
+    def build(cls, cfg: Any, method: nn.Module, device: torch.device, bf16: bool):
+        grad_clip = float(cfg.engine.grad_clip) if cfg.engine.grad_clip else None
+        return cls(method, build_optimizer(cfg, method), device, bf16, grad_clip,
+                   int(cfg.engine.grad_accum_steps))
+
+    @staticmethod
+    def process_group_initializer():
+        return None                      # torch's own init_process_group
+
+    @staticmethod
+    def find_checkpoint(run_dir: Path) -> Path | None:
+        return checkpoint.latest_checkpoint(run_dir)
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, bf16: bool, grad_clip: float | None = None,
@@ -214,11 +248,7 @@ class SingleEngine:
         # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
         found = checkpoint.load_newest_good(run_dir, map_location="cpu")
         if found is None:
-            if checkpoint.latest_deepspeed_tag(run_dir) is not None:
-                raise CheckpointMismatchError(
-                    f"{run_dir} holds DeepSpeed checkpoints ({checkpoint.deepspeed_dir(run_dir)}) "
-                    f"but engine.name={self.name}: resume with engine.name=deepspeed, or start a "
-                    f"new run with another run.name")
+            refuse_other_checkpoints(run_dir, type(self), self.name)
             return None
         path, state = found
         self.load_state_dict(state["engine"])

@@ -1,0 +1,17 @@
+"""The optimizer every engine steps: a torch Adam with train.lr and train.weight_decay, so a
+given config optimises the same way in every engine."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["build_optimizer"]
+
+
+def build_optimizer(cfg: Any, method: nn.Module) -> torch.optim.Optimizer:
+    """Adam over the method's parameter groups, each at train.lr × its ``lr_scale``."""
+    groups = [{**group, "lr": float(cfg.train.lr) * float(group.get("lr_scale", 1.0))}
+              for group in method.parameter_groups()]
+    return torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
