@@ -35,6 +35,7 @@ browser:
 
 # The inner loop: everything but the Slurm cluster and the multi-process (gloo) tests.
 test-fast: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slurm and not multiprocess"
 
 # Synthetic cohort -> cohort store -> LSOR training -> evaluation and registry. Re-running
