@@ -8,7 +8,7 @@ memory per task (which must stay flat as the cohort grows: a task holds one shar
 wall time of the array and of the assembling step, and the ledger's completeness (one row per
 discovered scan, every scan ok).
 
-    .venv/bin/python bench/convert_scale.py --subjects 140 560 --tasks 4 --shape 32
+    .venv/bin/python -m bench.convert_scale --subjects 140 560 --tasks 4 --shape 32
 
 Prints a table and writes OUT/convert_scale.json. The dev cluster's two nodes share this
 machine's cores, so scans/s per task is a per-core figure only with --tasks ≤ the cores.
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT
+
 VENV = ROOT / ".venv" / "bin"
 
 
@@ -96,7 +97,6 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
     start_cluster()
     try:
         rows = [one_size(out, n, args.tasks, args.shape) for n in args.subjects]

@@ -1,7 +1,7 @@
 """Does bf16 pay on this CPU, is it right, and do the methods survive it? What
 `train.precision=auto` rests on.
 
-    .venv/bin/python bench/cpu_bf16.py [--methods lsor|all|NAME...] [--precision auto|bf16]
+    .venv/bin/python -m bench.cpu_bf16 [--methods lsor|all|NAME...] [--precision auto|bf16]
                                        [--trials 3] [--epochs 8] [--threads 2] [--store STORE]
 
 1. The CPU's native bf16 instruction sets (/proc/cpuinfo: amx_bf16, avx512_bf16).
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
 
 
 def first_non_finite_output():
@@ -139,10 +138,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cpu_bf16_") as tmp:
         store = args.store
         if store is None:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from conftest import build_cohort_store
+            # a synthetic cohort at 32³ (until December 2026 a store of random volumes from
+            # the tests' fixtures: benchmarks do not import tests/)
+            from bench.common import make_cohort
 
-            store = build_cohort_store(tmp, subjects=16, visits=3, size=32, scans_per_shard=8)
+            store = make_cohort(Path(tmp), 7, 16, [])
         for method in methods:
             started = time.perf_counter()
             ok, trained_in = surviving_runs(method, Path(store), Path(tmp) / "runs", args.trials,

@@ -1,7 +1,7 @@
 """Per-step cost of LSOR's all-reduced EMA of the reference trajectories, under DDP.
 
-    python bench/ema_overhead.py                                  # 64³, paper model, 2 ranks
-    python bench/ema_overhead.py --size 32 --steps 20 --out bench/results/ema_overhead_32.json
+    python -m bench.ema_overhead                                  # 64³, paper model, 2 ranks
+    python -m bench.ema_overhead --size 32 --steps 20 --out bench/results/ema_overhead_32.json
 
 Two gloo processes (1 thread each) train LSOR in its SOM phase (all four losses, EMA on) with
 the DDP engine on synthetic pair batches. Every step starts after a barrier (not timed), so the
@@ -32,8 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 import torch
 import torch.distributed as torch_dist
@@ -172,7 +170,7 @@ def main(argv=None) -> int:
                   "timed_steps_per_variant": args.steps, "stats_bytes": ranks[0]["stats_bytes"],
                   "params": ranks[0]["params"], "torch": torch.__version__,
                   "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-                  "command": "python bench/ema_overhead.py " + " ".join(argv or sys.argv[1:])},
+                  "command": "python -m bench.ema_overhead " + " ".join(argv or sys.argv[1:])},
         "per_rank": per_rank,
         "ema_share_max": max(p["ema_share"] for p in per_rank),
         "allreduce_share_max": max(p["allreduce_share"] for p in per_rank),

@@ -1,6 +1,6 @@
 """How long hpcbrain takes to notice each fault and to get going again, with default settings.
 
-    .venv/bin/python bench/fault_times.py --out runs/bench/faults
+    .venv/bin/python -m bench.fault_times --out runs/bench/faults
 
 On a small synthetic cohort (made once under OUT), each case runs the real commands a user
 runs (`hpcbrain train`, `torchrun`) and prints one table row:
@@ -28,8 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "science"))
-from common import ROOT, VENV, make_cohort  # noqa: E402
+from bench.common import ROOT, VENV, make_cohort
 
 COMMON = ["--cfg", "lsor.yaml", "--cfg", "smoke.yaml", "tracking.enabled=false",
           "train.max_steps_per_epoch=null", "train.log_every_steps=1"]

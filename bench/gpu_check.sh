@@ -29,7 +29,7 @@ row() { echo "$1" | tee -a "$TABLE"; }
 for method in lsor adapn; do
     for size in 64 128; do
         batch=8; [ "$size" = 128 ] && batch=4
-        line=$(timeout 120 "$PY" bench/train_throughput.py --method "$method" --size "$size" \
+        line=$(timeout 120 "$PY" -m bench.train_throughput --method "$method" --size "$size" \
                --batch "$batch" --precision bf16 --steps 10 \
                --json "$OUT/step-$method-$size.json" 2>"$OUT/step-$method-$size.err" | tail -1)
         if [ -n "$line" ]; then row "$line"; else row "| $method | ${size}³ | $batch | bf16 | FAILED (see $OUT/step-$method-$size.err) | | | | |"; status=1; fi
@@ -48,7 +48,7 @@ fi
     echo "| loader | workers | batch | rate |"
     echo "|---|---|---|---|"
 } >> "$TABLE"
-timeout 150 "$PY" bench/loader_throughput.py --store "$STORE" --kind pairs --workers 4 8 \
+timeout 150 "$PY" -m bench.loader_throughput --store "$STORE" --kind pairs --workers 4 8 \
     --batch 8 --batches 40 --augment 2>"$OUT/loader.err" | tee -a "$TABLE" || status=1
 
 # 3. one-process DDP and DeepSpeed ZeRO-2 over NCCL, bf16, end to end (smoke config at 64³)

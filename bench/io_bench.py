@@ -1,7 +1,7 @@
 """I/O benchmark: the cohort store vs the same preprocessed scans as .nii.gz and .nii.
 
-    python bench/io_bench.py                       # 10 synth subjects, 64³ and 128³
-    python bench/io_bench.py --subjects 20 --sizes 64 --repeats 5 --out bench/results/io.json
+    python -m bench.io_bench                       # 10 synth subjects, 64³ and 128³
+    python -m bench.io_bench --subjects 20 --sizes 64 --repeats 5 --out bench/results/io.json
 
 For each output size S it measures
 - convert: `convert_cohort` end to end (load source NIfTI, preprocess, write the store), scans/s;

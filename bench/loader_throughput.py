@@ -1,6 +1,6 @@
 """How fast the training loader delivers: items/s from a cohort store with N workers.
 
-    .venv/bin/python bench/loader_throughput.py --store runs/demo/cohort.zarr --kind pairs \
+    .venv/bin/python -m bench.loader_throughput --store runs/demo/cohort.zarr --kind pairs \
         --workers 0 2 4 --batch 8 [--batches 50] [--augment]
 
 The datasets and DataLoader settings a run uses (`hpcbrain.data.datasets`, fork workers,
@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 AUGMENT = {"flip": True, "rotation_deg": 5.0, "translation_vox": 2.0, "cutout_size": 8, "p": 0.5}
 

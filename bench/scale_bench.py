@@ -1,7 +1,7 @@
 """Does the data path scale with the cohort? Loader memory against cohort size, and conversion
 throughput against `--workers`.
 
-    .venv/bin/python bench/scale_bench.py [--scans 200 2000] [--size 32] [--workers 1 2]
+    .venv/bin/python -m bench.scale_bench [--scans 200 2000] [--size 32] [--workers 1 2]
         [--convert-subjects 12] [--json OUT.json]
 
 1. Loader memory: a store of N scans (random volumes at SIZE³, 4 visits per subject, the
@@ -27,9 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_store(path: Path, n_scans: int, size: int, visits: int = 4) -> None:

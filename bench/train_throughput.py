@@ -1,6 +1,6 @@
 """Training-step throughput of a method: samples/s, counted FLOPs, achieved TFLOP/s and MFU.
 
-    .venv/bin/python bench/train_throughput.py --method lsor --size 64 --batch 8 [--steps 10]
+    .venv/bin/python -m bench.train_throughput --method lsor --size 64 --batch 8 [--steps 10]
         [--precision fp32|bf16|auto] [--device cpu|cuda] [--threads 2] [--json OUT.json]
         [--official CHECKOUT]     # time the official LSOR step beside ours, alternating
 
@@ -24,9 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def random_batch(method: str, batch: int, size: int, device: torch.device, seed: int = 0) -> dict:

@@ -2,8 +2,6 @@
 its baselines against hand formulas, the density bins, the paired intervals."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_table_module():
-    path = ROOT / "bench" / "science" / "contrastive_table.py"
-    spec = importlib.util.spec_from_file_location("contrastive_table", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from bench.science import contrastive_table  # the project root is on pytest's path
+
+    return contrastive_table
 
 
 def test_density_classes_hand_case():

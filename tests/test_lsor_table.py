@@ -18,8 +18,7 @@ def test_smoke_table_has_every_method_and_metric(make_store, tmp_path):
     groups = np.repeat(["sMCI", "pMCI", "NC", "AD"] * 5, 2)            # 20 subjects × 2 visits
     store = make_store(tmp_path, subjects=20, visits=2, size=16, columns={"group": groups})
     out = tmp_path / "table"
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench" / "science" /
-                                               "lsor_table.py"), "--preset", "smoke",
+    proc = subprocess.run([sys.executable, "-m", "bench.science.lsor_table", "--preset", "smoke",
                            "--store", str(store), "--out", str(out)],
                           capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,7 +20,7 @@ MAE, RMSE, r, R² of the predicted age, uncorrected and with the age-bias correc
 = age + corrected gap); Spearman(gap, age) before and after; interval coverage and mean width;
 Pearson r(corrected gap, true gap); ICC(2,1) of predicted age and of the corrected gap.
 
-    .venv/bin/python bench/science/brain_age.py --cohort-seed 600 --train-seeds 0 1 2 \
+    .venv/bin/python -m bench.science.brain_age --cohort-seed 600 --train-seeds 0 1 2 \
         --lsor --out runs/bench/brain_age
 
 Writes OUT/table.md and OUT/table.json and prints the table; finished steps are reused.
@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, VENV, make_cohort, run  # noqa: E402
+from bench.common import ROOT, VENV, make_cohort, run
 
 TRAIN = ["--cfg", "adapn.yaml", "--cfg", "bench-cpu.yaml", "--cfg", "brain-age-cpu.yaml"]
 

@@ -5,7 +5,7 @@ setting AdapN was made for) across subject folds × training seeds, and scores e
 way: ridge age regression (standardised features, alpha by subject-grouped inner CV) fitted on
 the fold's training scans, MAE on its test scans, on backbone and on projection features.
 
-    .venv/bin/python bench/science/contrastive_table.py --preset quick --seed 0 --out DIR
+    .venv/bin/python -m bench.science.contrastive_table --preset quick --seed 0 --out DIR
 
 Presets: ``quick`` (≤ 15 minutes on 2 cores: 80 subjects, 3 folds × 2 seeds, AdapN,
 Exponential, SimCLR and the supervised bound, 30 epochs), ``cpu`` (the full CPU table: 160
@@ -36,8 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, make_cohort, ridge_errors  # noqa: E402
+from bench.common import ROOT, make_cohort, ridge_errors
 
 FAMILY = ["adapn", "exponential", "threshold", "yaware", "rnc", "simclr", "nnclr"]
 REFERENCE = "exponential"       # AdapN's paper compares against Barbano's Exponential
@@ -289,7 +288,6 @@ def main() -> int:
     where.add_argument("--slurm", action="store_true", help="train as one Slurm job array")
     where.add_argument("--local", action="store_true", help="train here even with Slurm")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     preset = PRESETS[args.preset]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

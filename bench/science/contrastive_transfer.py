@@ -8,7 +8,7 @@ fitted on A's features (alpha by subject-grouped inner CV, standardised features
 MAE on B. Baselines on the same pair: the constant (A's mean age), ridge on A's raw 32³ voxels,
 the oracle (age fitted on true brain age in A).
 
-    .venv/bin/python bench/science/contrastive_transfer.py --cohort-seeds 200 \
+    .venv/bin/python -m bench.science.contrastive_transfer --cohort-seeds 200 \
         --methods adapn simclr --train-seeds 0 1 --out runs/bench/transfer
 
 Writes OUT/table.md and OUT/table.json and prints the table. ~5 minutes per training run on a
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, VENV, make_cohort, ridge_errors, run  # noqa: E402
+from bench.common import ROOT, VENV, make_cohort, ridge_errors, run
 
 
 def cohort_table(store_path: Path):
@@ -64,7 +63,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "transfer")
     parser.add_argument("overrides", nargs="*", help="config overrides for every training run")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{out}/mlflow.db"

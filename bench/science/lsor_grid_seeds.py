@@ -8,7 +8,7 @@ permutation p-values (node labels shuffled over scans, 1000 times). Beside them 
 grid": the same scores for scans binned by true brain age along the grid's long side, what a
 perfect brain-age map would reach on that cohort.
 
-    .venv/bin/python bench/science/lsor_grid_seeds.py --seeds 0 1 2 3 --out runs/bench/lsor-grid
+    .venv/bin/python -m bench.science.lsor_grid_seeds --seeds 0 1 2 3 --out runs/bench/lsor-grid
 
 Writes OUT/table.json and OUT/table.md and prints the table. Each seed takes ~5 minutes on a
 2-core CPU; a seed whose result.json exists is not retrained.
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.common import ROOT
+
 TARGETS = {"occupied_nodes": 28, "dcor_age": 0.80, "dcor_brain_age": 0.90, "p": 0.01}
 
 
@@ -96,7 +97,6 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides for every training run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
     synth_args = ["--preset", args.preset, "--age-distribution", args.age_distribution]
     results = [score_seed(s, args.out, args.subjects, args.overrides, synth_args)
                for s in args.seeds]

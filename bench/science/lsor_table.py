@@ -1,7 +1,7 @@
 """LSOR's Table 1: the six methods trained the same way on one cohort store, frozen, evaluated on
 sMCI vs pMCI (BACC, AUC) and ADAS-Cog (R², RMSE) with `hpcbrain evaluate`'s protocol.
 
-    .venv/bin/python bench/science/lsor_table.py --preset smoke|cpu|gpu --store STORE --out DIR \
+    .venv/bin/python -m bench.science.lsor_table --preset smoke|cpu|gpu --store STORE --out DIR \
         [--eval-store LARGER_STORE]
 
 Methods: lsor, ae, vae, simclr (on LSOR's encoder, `model.backbone=lsor`), lssl, lne, each from
@@ -34,9 +34,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 METHODS = ["lsor", "ae", "vae", "simclr", "lssl", "lne"]
 REFERENCE = "lsor"
