@@ -216,16 +216,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from hpcbrain import entry
     from hpcbrain.config import load_config
-    from hpcbrain.engine.stop import TrainingStopped
-    from hpcbrain.job import run_training
 
-    try:
-        run_training(load_config(args.cfg, args.overrides))
-    except TrainingStopped as stopped:
-        print(f"stopped: {stopped}", file=sys.stderr)
-        return stopped.exit_code
-    return 0
+    return entry.train_here([load_config(args.cfg, args.overrides)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,27 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hpcbrain.config import ConfigError
-    from hpcbrain.data.store import StoreError
+    from hpcbrain import entry
 
     # Errors about the user's input get one clear line; anything else is a bug: traceback.
-    from hpcbrain.run_lock import RunFolderLocked
-    from hpcbrain.tracking import TrackingUnavailable
-
-    user_errors: tuple[type[Exception], ...] = (ConfigError, StoreError, FileExistsError,
-                                                RunFolderLocked, TrackingUnavailable)
-    if args.command in ("embed", "predict-age", "bids-app", "evaluate"):
-        from hpcbrain.bids_app import BidsAppError
-        from hpcbrain.data.preprocess import BadScanError
-        from hpcbrain.evaluate.downstream import DownstreamTaskError
-        from hpcbrain.evaluate.model_inputs import ModelInputError
-
-        user_errors += (BadScanError, ModelInputError, BidsAppError, DownstreamTaskError)
     try:
         return args.func(args)
-    except user_errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except entry.user_errors() as exc:
+        return entry.report(exc)
 
 
 if __name__ == "__main__":

@@ -97,10 +97,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from omegaconf.errors import OmegaConfBaseException
-
-    from hpcbrain.config import ConfigError
-    from hpcbrain.launcher import LaunchError
+    from hpcbrain import entry
 
     try:
         overrides = [*args.overrides, *flag_overrides(args)]
@@ -111,39 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.local:
             return run_local(args, overrides)
         return submit(args, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OmegaConfBaseException as exc:
-        print(f"error: config: {str(exc).splitlines()[0]} (a shell ${{VAR}} in a config value is "
-              f"an OmegaConf interpolation: write $VAR or \\${{VAR}})", file=sys.stderr)
-        return 2
+    except entry.user_errors() as exc:
+        return entry.report(exc)
 
 
 def run_local(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hpcbrain.data.store import StoreError
-    from hpcbrain.engine.stop import TrainingStopped
-    from hpcbrain.job import run_training
+    """--local: the configs the launch would submit (folds, sweeps), trained here one by one
+    through the same function as `hpcbrain train`."""
+    from hpcbrain import entry
     from hpcbrain.launcher import expand_jobs, parse_sweeps
-    from hpcbrain.run_lock import RunFolderLocked
-    from hpcbrain.tracking import TrackingUnavailable
 
     configs, _, _ = expand_jobs(args.cfg, overrides, folds=args.folds,
-                             sweeps=parse_sweeps(args.sweep))
-    for cfg in configs:
-        try:
-            result = run_training(cfg)
-        except (StoreError, RunFolderLocked, TrackingUnavailable) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except TrainingStopped as stopped:
-            print(f"stopped: {stopped}", file=sys.stderr)
-            return stopped.exit_code
-        print_summary(result)
-    return 0
+                                sweeps=parse_sweeps(args.sweep))
+    return entry.train_here(configs)
 
 
 def submit(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -318,32 +295,6 @@ def print_submitted(plan, jobs) -> None:
               + (f"continuing run {run_id}" if run_id else
                  "run id written to <run folder>/mlflow_run_id when the job starts"))
     print(f"follow: squeue -j {first}; sacct -j {first}; tail -f {task_log_paths(jobs[0])[1]}")
-
-
-def print_summary(result) -> None:
-    print(f"run folder:        {result.run_dir}")
-    metrics = dict(result.metrics or {})
-    grid = {k: metrics.pop(k) for k in list(metrics) if k.startswith("som/")}
-    for name, value in sorted(metrics.items()):
-        print(f"{name + ':':<26}{value:.3f}")
-    print(f"tracking URI:      {redact_text(result.tracking_uri or '')}")
-    if result.run_id:
-        print(f"MLflow run:        {result.run_id}")
-    if result.model_uri:
-        print(f"registered model:  {result.model_uri}")
-    if result.age_model_uri:
-        print(f"age predictor:     {result.age_model_uri}  (hpcbrain predict-age)")
-    if grid:   # LSOR: the grid's quality last, where a reader of the demo looks
-        print(f"SOM grid (all scans): {grid.get('som/occupied_nodes', float('nan')):.0f} "
-              f"occupied nodes")
-        for name in sorted(k for k in grid if k.startswith("som/dcor_") and not k.endswith("_p")):
-            p_value = grid.get(f"{name}_p", float("nan"))
-            print(f"  {'dCor(grid, ' + name[len('som/dcor_'):] + ')':<34}{grid[name]:.3f}   "
-                  f"permutation p {p_value:.4f}")
-    if result.figures:
-        print("figures:")
-        for figure in result.figures:
-            print(f"  {figure}")
 
 
 if __name__ == "__main__":

@@ -292,3 +292,23 @@ def test_sbatch_script_of_an_array_names_every_element_log(tmp_path, monkeypatch
     text = sbatch_script(plan)
     assert "%A_%a_0_log.out" in text and "#SBATCH --array=0-2%3" in text
     assert os.fspath(tmp_path / "runs" / "slurm-logs") in text
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("data.store={tmp}/missing.zarr", "does not exist"),
+    ("train.epochs=-1", "'train.epochs'"),
+    ("run.name=${{oops}}", "OmegaConf interpolation"),
+])
+def test_hpcbrain_train_and_submit_local_share_one_entry_and_one_error_list(
+        run, tmp_path, capsys, bad, message):
+    """The same user error, the same line and exit status 2 from both ways of training here."""
+    from hpcbrain.cli import main as hpcbrain
+
+    argument = bad.format(tmp=tmp_path)
+    code, _, local_err = run("--cfg", "lsor.yaml", "--cfg", "smoke.yaml", "--local", argument)
+    assert code == 2 and message in local_err, local_err
+    assert hpcbrain(["train", "--cfg", "lsor.yaml", "--cfg", "smoke.yaml", argument,
+                     f"run.root={tmp_path / 'runs'}"]) == 2
+    train_err = capsys.readouterr().err
+    assert train_err.strip().splitlines()[-1] == local_err.strip().splitlines()[-1]
+    assert "Traceback" not in train_err + local_err
