@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import submitit.helpers
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hpcbrain import dist, process_group
 from hpcbrain.atomic import write_text_atomic
@@ -102,6 +102,26 @@ def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
     return split, train, val
 
 
+def trainer_settings(cfg: DictConfig, world: int):
+    """The loop's settings from the job's config sections (the trainer reads none itself)."""
+    from hpcbrain.config_checks import check_global_batch
+    from hpcbrain.engine.trainer import TrainerSettings
+    from hpcbrain.redact import redacted
+
+    train = cfg.train
+    return TrainerSettings(
+        epochs=int(train.epochs), seed=int(train.seed),
+        batch_per_rank=check_global_batch(cfg, world), lr=float(train.lr),
+        lr_gamma=float(train.lr_gamma), lr_step_every_epochs=train.lr_step_every_epochs,
+        max_steps_per_epoch=train.max_steps_per_epoch,
+        checkpoint_every_steps=train.checkpoint_every_steps,
+        log_every_steps=int(train.log_every_steps), precision=str(train.precision),
+        num_workers=int(cfg.data.num_workers), resume=bool(cfg.run.resume),
+        timeout_minutes=float(cfg.engine.timeout_minutes),
+        step_timeout_minutes=float(cfg.engine.step_timeout_minutes),
+        config_record=redacted(OmegaConf.to_container(cfg, resolve=True)))
+
+
 def setup_process_group(cfg: DictConfig) -> process_group.DistState:
     """The process group the launcher's environment describes (torchrun, Slurm, submitit, or
     none); DDP and DeepSpeed get a one-process group when nothing launched us. Idempotent."""
@@ -170,7 +190,8 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
         method.to(memory_format=torch.channels_last_3d)
     engine = build_engine(cfg, method, device)
     tracker = make_tracker(cfg, run_dir, dist.is_global_rank0())
-    trainer = Trainer(cfg, engine, train_set, val_set, run_dir, tracker, stop)
+    trainer = Trainer(trainer_settings(cfg, dist.world_size()), engine, train_set, val_set,
+                      run_dir, tracker, stop)
     trainer.resume()
     if dist.is_global_rank0():
         log.info("training %s on %d %s (%d train / %d val scans), %d steps per epoch, run %s",

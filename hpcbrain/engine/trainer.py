@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from hpcbrain import dist
-from hpcbrain.config_checks import check_global_batch
 from hpcbrain.data.datasets import StoreDataset
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.backends import NonFiniteLossError, peak_memory_mb
@@ -28,7 +26,6 @@ from hpcbrain.engine.bf16_check import keep_bf16_only_if_right
 from hpcbrain.engine.flops import count_flops, device_peak_tflops
 from hpcbrain.engine.metrics import StepMetrics
 from hpcbrain.engine.stop import StopRequest, TrainingStopped
-from hpcbrain.redact import redacted
 from hpcbrain.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -64,12 +61,35 @@ class SkipFirst(Sampler):
         return max(len(self.sampler) - self.skip, 0)
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What the loop needs of a job's config, composed by the job (`job.trainer_settings`): the
+    loop reads no config section itself, so a test can build it from these alone."""
+
+    epochs: int
+    seed: int                          # the sampler's: data order = f(seed, epoch)
+    batch_per_rank: int                # train.batch_size / (world · accumulation steps)
+    lr: float
+    lr_gamma: float = 1.0
+    lr_step_every_epochs: int | None = None
+    max_steps_per_epoch: int | None = None
+    checkpoint_every_steps: int | None = None
+    log_every_steps: int = 10
+    precision: str = "auto"            # train.precision: `auto` runs the first-batch bf16 probe
+    num_workers: int = 0
+    resume: bool = True
+    timeout_minutes: float = 30.0      # collectives outside steps / within them
+    step_timeout_minutes: float = 2.0
+    config_record: dict = field(default_factory=dict)   # the job's config, redacted: kept in
+                                                         # every checkpoint
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, engine: Engine, train_set: StoreDataset,
+    def __init__(self, settings: TrainerSettings, engine: Engine, train_set: StoreDataset,
                  val_set: StoreDataset | None,
                  run_dir: Path, tracker: NullTracker | None = None,
                  stop: StopRequest | None = None):
-        self.cfg = cfg
+        self.settings = settings
         self.engine = engine
         self.method = engine.method
         self.train_set = train_set
@@ -89,23 +109,23 @@ class Trainer:
         # train.batch_size is the GLOBAL batch of one optimizer step: each rank loads
         # batch / (world · accumulation steps) items per micro-batch (= per train_step).
         self.grad_accum_steps = int(engine.grad_accum_steps)
-        self.long_timeout = float(cfg.engine.timeout_minutes)
-        self.step_timeout = float(cfg.engine.step_timeout_minutes)
-        self.batch_per_rank = check_global_batch(cfg, self.world)
+        self.long_timeout = float(settings.timeout_minutes)
+        self.step_timeout = float(settings.step_timeout_minutes)
+        self.batch_per_rank = int(settings.batch_per_rank)
         # The sampler is seeded per epoch in every engine, so the data order depends only on
         # (seed, epoch): that is what makes a resumed run equal an uninterrupted one.
         self.sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank,
-                                          shuffle=True, seed=cfg.train.seed, drop_last=True)
+                                          shuffle=True, seed=settings.seed, drop_last=True)
         self.train_loader = self._loader(train_set, self.sampler)
         steps = len(self.train_loader)
         if steps == 0:
             raise ValueError(f"the training set ({len(train_set)} items) is smaller than one "
                              f"batch of {self.batch_per_rank} per rank: lower train.batch_size")
-        cap = cfg.train.max_steps_per_epoch
+        cap = settings.max_steps_per_epoch
         self.steps_per_epoch = min(steps, cap) if cap else steps
         # Whole optimizer steps per epoch, so no accumulated gradient spans a checkpoint.
         self.steps_per_epoch -= self.steps_per_epoch % self.grad_accum_steps
-        every = cfg.train.checkpoint_every_steps
+        every = settings.checkpoint_every_steps
         if self.steps_per_epoch == 0 or (every and every % self.grad_accum_steps):
             raise ValueError(f"engine.grad_accum_steps={self.grad_accum_steps} must divide "
                              f"train.checkpoint_every_steps ({every}) and fit into an epoch of "
@@ -113,7 +133,7 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, sampler, drop_last: bool = True) -> DataLoader:
-        workers = self.cfg.data.num_workers
+        workers = self.settings.num_workers
         return DataLoader(dataset, batch_size=self.batch_per_rank, sampler=sampler,
                           num_workers=workers, drop_last=drop_last,
                           persistent_workers=False, pin_memory=torch.cuda.is_available(),
@@ -145,14 +165,14 @@ class Trainer:
         client_state = {"progress": asdict(self.progress), "epoch": self.progress.epoch,
                         "global_step": self.progress.global_step,
                         "rng": checkpoint.gather_rng_states(),   # one entry per rank
-                        "config": redacted(OmegaConf.to_container(self.cfg, resolve=True)),
+                        "config": self.settings.config_record,
                         "mlflow_run_id": self.run_id, "engine_name": self.engine.name,
                         "world_size": self.world}
         return self.engine.save_checkpoint(self.run_dir, self.progress.global_step, client_state)
 
     def resume(self) -> bool:
         """Load the run folder's latest checkpoint, if any. True when it resumed."""
-        if not self.cfg.run.resume:
+        if not self.settings.resume:
             return False
         state = self.engine.load_checkpoint(self.run_dir)
         if state is None:
@@ -173,7 +193,7 @@ class Trainer:
         its epoch end, validation, a checkpoint. Collectives wait engine.timeout_minutes in the
         long phases and engine.step_timeout_minutes between training steps, once one step has
         run (so a rank that dies mid-epoch is noticed in minutes, not half an hour)."""
-        epochs = self.cfg.train.epochs
+        epochs = self.settings.epochs
         while self.progress.epoch < epochs:
             epoch = self.progress.epoch
             self._set_epoch(epoch)
@@ -208,17 +228,17 @@ class Trainer:
     def _apply_lr_schedule(self, epoch: int) -> None:
         """train.lr_step_every_epochs / train.lr_gamma: set this epoch's lr through the engine.
         A function of the epoch only, so a resumed run gets the lr of an uninterrupted one."""
-        every = self.cfg.train.get("lr_step_every_epochs")
+        every = self.settings.lr_step_every_epochs
         if not every:
             return
-        self.engine.set_lr(lr_at_epoch(self.cfg.train.lr, epoch, every, self.cfg.train.lr_gamma))
+        self.engine.set_lr(lr_at_epoch(self.settings.lr, epoch, every, self.settings.lr_gamma))
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         first = self.progress.step_in_epoch        # > 0 after a mid-epoch resume
         metrics = StepMetrics(self.world, self.batch_per_rank, self.progress.epoch_sums)
-        every = self.cfg.train.checkpoint_every_steps
+        every = self.settings.checkpoint_every_steps
         bar = tqdm(total=self.steps_per_epoch, initial=first, unit="step", leave=False,
-                   desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", disable=self.rank != 0,
+                   desc=f"epoch {epoch + 1}/{self.settings.epochs}", disable=self.rank != 0,
                    dynamic_ncols=True)
         loader = self.train_loader
         if first:
@@ -240,7 +260,7 @@ class Trainer:
             self.progress.global_step += 1
             self.progress.step_in_epoch = done = step_in_epoch + 1
             bar.update(1)
-            if done % self.cfg.train.log_every_steps == 0 or done == self.steps_per_epoch:
+            if done % self.settings.log_every_steps == 0 or done == self.steps_per_epoch:
                 # Every rank gets here at the same steps: the reductions are collective.
                 self._log_window(metrics, bar)
             periodic = every and done % every == 0 and done < self.steps_per_epoch
@@ -276,7 +296,7 @@ class Trainer:
     def _first_step(self, batch: dict[str, Any], epoch: int,
                     step_in_epoch: int) -> dict[str, torch.Tensor]:
         """This process's first step, its FLOPs counted (for throughput/tflops and mfu)."""
-        if self.cfg.train.precision == "auto":
+        if self.settings.precision == "auto":
             self._settle_auto_precision(batch)
         losses, flops = count_flops(lambda: self._step(batch, epoch, step_in_epoch))
         self.flops_per_step = flops
