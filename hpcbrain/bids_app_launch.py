@@ -61,7 +61,7 @@ def submit_participants(cfg: DictConfig, bids_dir: Path, output_dir: Path, model
     bids_dir, output_dir = bids_dir.resolve(), output_dir.resolve()
     participants = participants_of(bids_dir, labels, bids_filter)
     executor, _ = single_task_executor(cfg, "hpcbrain-bids-app")
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(cfg.tracking)
     jobs = []
     with executor.batch():
         for participant in participants:

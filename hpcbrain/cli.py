@@ -145,7 +145,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from hpcbrain.evaluate.embed import embed_scans, write_latents
     from hpcbrain.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(load_config()))  # $MLFLOW_TRACKING_URI or the project db
+    mlflow.set_tracking_uri(tracking_uri(load_config().tracking))  # $MLFLOW_TRACKING_URI or the project db
     embedding = embed_scans(args.model, args.scans, batch_size=args.batch_size)
     try:
         write_latents(args.out, args.scans, embedding, similarity=args.similarity)
@@ -170,7 +170,7 @@ def _cmd_predict_age(args: argparse.Namespace) -> int:
     from hpcbrain.evaluate.scan_ages import chronological_ages
     from hpcbrain.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(load_config()))  # $MLFLOW_TRACKING_URI or the project db
+    mlflow.set_tracking_uri(tracking_uri(load_config().tracking))  # $MLFLOW_TRACKING_URI or the project db
     try:
         ages = chronological_ages(args.scans, args.ages)   # before the slow part: fail early
         predicted, calibration = predict_ages(args.model, args.scans, batch_size=args.batch_size)

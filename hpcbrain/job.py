@@ -162,6 +162,7 @@ def run_training(cfg: DictConfig, stop: StopRequest | None = None) -> TrainingRe
 
 
 def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) -> TrainingResult:
+    from hpcbrain.config import flatten_config
     from hpcbrain.data.batch_augment import BatchAugmentation
     from hpcbrain.engine.trainer import Trainer
     from hpcbrain.methods import build_method, get_method_class
@@ -189,7 +190,7 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
         # refuses channels-last strides: it says so with `channels_last = False`).
         method.to(memory_format=torch.channels_last_3d)
     engine = build_engine(cfg, method, device)
-    tracker = make_tracker(cfg, run_dir, dist.is_global_rank0())
+    tracker = make_tracker(cfg.tracking, flatten_config(cfg), run_dir, dist.is_global_rank0())
     trainer = Trainer(trainer_settings(cfg, dist.world_size()), engine, train_set, val_set,
                       run_dir, tracker, stop)
     trainer.resume()
@@ -218,7 +219,7 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
             return done
         progress = trainer.fit()
         result = TrainingResult(run_dir, progress.global_step, progress.epoch,
-                                tracking_uri=tracking_uri(cfg), run_id=trainer.run_id)
+                                tracking_uri=tracking_uri(cfg.tracking), run_id=trainer.run_id)
         # The trained method whole and in fp32 (DeepSpeed: gathered from its master weights);
         # a collective under ZeRO, so every rank takes part before rank 0 evaluates.
         trained = engine.export_method(lambda: build_method(cfg))

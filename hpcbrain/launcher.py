@@ -424,7 +424,7 @@ def tracking_summary(cfg: DictConfig) -> tuple[str, str | None]:
 
     id_file = Path(cfg.run.root) / cfg.run.name / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
-    return tracking_uri(cfg), run_id
+    return tracking_uri(cfg.tracking), run_id
 
 
 __all__ = ["LaunchError", "JobVanished", "LaunchPlan", "check_partition", "executor_parameters",

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
-from hpcbrain.config import PROJECT_ROOT, flatten_config
+from hpcbrain.config import PROJECT_ROOT
 from hpcbrain.metric_sender import MetricSender
 from hpcbrain.metric_spool import MetricRecord, MetricSpool
 from hpcbrain.redact import redact_text
@@ -65,10 +65,11 @@ def server_health(uri: str, timeout_s: float) -> str | None:
     return None
 
 
-def tracking_uri(cfg: DictConfig) -> str:
-    """Config first, then $MLFLOW_TRACKING_URI, then sqlite in the project folder."""
-    if cfg.tracking.uri:
-        return str(cfg.tracking.uri)
+def tracking_uri(tracking: DictConfig) -> str:
+    """The `tracking` section's uri first, then $MLFLOW_TRACKING_URI, then sqlite in the
+    project folder."""
+    if tracking.uri:
+        return str(tracking.uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
@@ -120,20 +121,23 @@ class MlflowTracker(NullTracker):
 
     enabled = True
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, run_id: str | None = None):
+    def __init__(self, tracking: DictConfig, params: dict[str, Any], run_dir: Path,
+                 run_id: str | None = None):
+        """`tracking`: the config's tracking section; `params`: what a new MLflow run logs as
+        its parameters (the job's whole config, flattened)."""
         import mlflow
 
         _bound_http_retries()
         self._mlflow = mlflow
-        self.cfg = cfg
-        self.uri = tracking_uri(cfg)
+        self.tracking = tracking
+        self.uri = tracking_uri(tracking)
         self.spool = MetricSpool(run_dir)
         self.sender: MetricSender | None = None
         self.run_id = None
-        problem = server_health(self.uri, float(cfg.tracking.health_timeout_s))
+        problem = server_health(self.uri, float(tracking.health_timeout_s))
         if problem is not None:
             where = redact_text(self.uri)
-            if cfg.tracking.on_unreachable != "offline":
+            if tracking.on_unreachable != "offline":
                 raise TrackingUnavailable(
                     f"tracking server {where} does not answer ({problem}). Start it, point "
                     f"tracking.uri at one that runs, set tracking.on_unreachable=offline to "
@@ -143,9 +147,9 @@ class MlflowTracker(NullTracker):
                         "kept in %s and sent by the next run of the same command; no model is "
                         "registered until then", where, problem, self.spool.path)
             return
-        self._start_run(cfg, run_dir, run_id)
+        self._start_run(params, run_dir, run_id)
 
-    def _start_run(self, cfg: DictConfig, run_dir: Path, run_id: str | None) -> None:
+    def _start_run(self, params: dict[str, Any], run_dir: Path, run_id: str | None) -> None:
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.uri)
         id_file = Path(run_dir) / RUN_ID_FILE
@@ -153,10 +157,10 @@ class MlflowTracker(NullTracker):
         if run_id:
             self.run = mlflow.start_run(run_id=run_id)
         else:
-            self.run = mlflow.start_run(experiment_id=experiment_id(cfg.tracking.experiment,
+            self.run = mlflow.start_run(experiment_id=experiment_id(self.tracking.experiment,
                                                                     self.uri),
                                         run_name=Path(run_dir).name)
-            mlflow.log_params({k: _param(v) for k, v in flatten_config(cfg).items()})
+            mlflow.log_params({k: _param(v) for k, v in params.items()})
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(self.run.info.run_id)
         self.run_id = self.run.info.run_id
@@ -170,8 +174,8 @@ class MlflowTracker(NullTracker):
                                            for r in records], synchronous=True)
 
         # replays what an earlier run of this folder could not send, then takes new metrics
-        self.sender = MetricSender(send, self.spool, int(cfg.tracking.queue_size),
-                                   float(cfg.tracking.retry_s), redact_text(self.uri))
+        self.sender = MetricSender(send, self.spool, int(self.tracking.queue_size),
+                                   float(self.tracking.retry_s), redact_text(self.uri))
 
     @property
     def online(self) -> bool:
@@ -213,7 +217,7 @@ class MlflowTracker(NullTracker):
         """Log the encoder (pytorch flavour, with signature) as `tracking.registered_model`;
         see `log_model`. `extra_files` land in the model's ``extra_files/`` folder (LSOR: its
         SOM grid)."""
-        return self.log_model(encoder, example, "encoder", self.cfg.tracking.registered_model,
+        return self.log_model(encoder, example, "encoder", self.tracking.registered_model,
                               extra_files, metadata)
 
     def log_model(self, module: Any, example: Any, artifact: str, registered_name: str | None,
@@ -247,7 +251,7 @@ class MlflowTracker(NullTracker):
                                         metadata=metadata)
         if not registered_name:
             return info.model_uri
-        alias = self.cfg.tracking.alias
+        alias = self.tracking.alias
         self._mlflow.MlflowClient().set_registered_model_alias(
             registered_name, alias, str(info.registered_model_version))
         return f"models:/{registered_name}@{alias}"
@@ -257,7 +261,7 @@ class MlflowTracker(NullTracker):
         end the MLflow run with `status`. Never raises: the run's outcome is already decided."""
         if self.sender is None:
             return
-        self.sender.close(float(self.cfg.tracking.finish_timeout_s))
+        self.sender.close(float(self.tracking.finish_timeout_s))
         try:
             self._mlflow.end_run(status=status)
         except Exception as exc:   # the server went away again: the next run reopens the run
@@ -270,8 +274,10 @@ def _param(value: Any) -> Any:
     return str(value) if isinstance(value, (list, tuple, dict)) else value
 
 
-def make_tracker(cfg: DictConfig, run_dir: Path, is_global_rank0: bool,
-                 run_id: str | None = None) -> NullTracker:
-    if is_global_rank0 and cfg.tracking.enabled:
-        return MlflowTracker(cfg, run_dir, run_id)
+def make_tracker(tracking: DictConfig, params: dict[str, Any], run_dir: Path,
+                 is_global_rank0: bool, run_id: str | None = None) -> NullTracker:
+    """MLflow on global rank 0 when the `tracking` section enables it, else a tracker that
+    drops everything; `params` as for `MlflowTracker`."""
+    if is_global_rank0 and tracking.enabled:
+        return MlflowTracker(tracking, params, run_dir, run_id)
     return NullTracker()

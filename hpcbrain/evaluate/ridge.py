@@ -167,14 +167,14 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _experiment_rows(cfg) -> list[dict[str, Any]]:
-    """Every run of the configured MLflow experiment that logged the ridge metric."""
+def _experiment_rows(tracking) -> list[dict[str, Any]]:
+    """Every run of the `tracking` section's MLflow experiment that logged the ridge metric."""
     import mlflow
 
     from hpcbrain.tracking import tracking_uri
 
-    client = mlflow.MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    client = mlflow.MlflowClient(tracking_uri(tracking))
+    experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None:
         return []
     rows = []
@@ -334,7 +334,7 @@ def _score_held_out(cfg, encoder, store, split, test, train_x, ages, subjects, f
     if tracker.enabled:
         # this run's row from its own figures: its metrics are still on their way to the
         # tracking store (sent in the background), the other runs' are there
-        rows = [r for r in _experiment_rows(cfg) if r["run_id"] != tracker.run_id]
+        rows = [r for r in _experiment_rows(cfg.tracking) if r["run_id"] != tracker.run_id]
         rows.append(_comparison_row(run_dir.name, tracker.run_id, cfg.method,
                                     str(cfg.model.backbone), result.mae_mean, result.mae_std,
                                     result.n_test))
