@@ -85,7 +85,7 @@ def worker(rank: int, port: int, args, out: str) -> None:
     process_group.setup_distributed(require_group=True)
     try:
         cfg, method = build(args)
-        engine = build_engine(cfg, method, torch.device("cpu"))
+        engine = build_engine(cfg.engine, cfg.train, method, torch.device("cpu"))
         in_ema: list[float] = []
         real_ema = lsor.ema_update
 

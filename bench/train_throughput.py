@@ -49,7 +49,7 @@ def build(method: str, size: int, batch: int, precision: str, device: torch.devi
     model = build_method(cfg).to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    return cfg, model, build_engine(cfg, model, device)
+    return cfg, model, build_engine(cfg.engine, cfg.train, model, device)
 
 
 def prepare(args):

@@ -140,7 +140,12 @@ def check_global_batch(cfg: DictConfig, world: int) -> int:
     """train.batch_size is the global batch of one optimizer step: it must split evenly over
     `world` ranks × engine.grad_accum_steps micro-batches. Returns the per-rank micro-batch.
     (The launcher checks it against the planned tasks, the trainer against the real world.)"""
-    batch, accum = int(cfg.train.batch_size), int(cfg.engine.grad_accum_steps)
+    return micro_batch(int(cfg.train.batch_size), int(cfg.engine.grad_accum_steps), world)
+
+
+def micro_batch(batch: int, accum: int, world: int) -> int:
+    """The per-rank micro-batch of a global `batch` over `world` ranks × `accum` accumulation
+    steps; ConfigError naming train.batch_size when it does not split evenly."""
     if batch % (world * accum):
         fit = max(world * accum, batch // (world * accum) * world * accum)
         raise ConfigError(f"bad value for 'train.batch_size': {batch} is the global batch and must "

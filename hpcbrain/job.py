@@ -189,7 +189,7 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
         # layout; measured 1.2 s vs 1.9 s per LSOR step at 32³ on this 2-core CPU (DeepSpeed
         # refuses channels-last strides: it says so with `channels_last = False`).
         method.to(memory_format=torch.channels_last_3d)
-    engine = build_engine(cfg, method, device)
+    engine = build_engine(cfg.engine, cfg.train, method, device)
     tracker = make_tracker(cfg.tracking, flatten_config(cfg), run_dir, dist.is_global_rank0())
     trainer = Trainer(trainer_settings(cfg, dist.world_size()), engine, train_set, val_set,
                       run_dir, tracker, stop)

@@ -179,7 +179,7 @@ def one_step(engine_name: str, model, batch, frozen_bn: bool):
         freeze_batchnorm(model)
     cfg = som_cfg()
     cfg.engine.name = engine_name
-    engine = build_engine(cfg, model, torch.device("cpu"))
+    engine = build_engine(cfg.engine, cfg.train, model, torch.device("cpu"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # the workers' summation order, for the references too
     try:

@@ -64,7 +64,7 @@ def test_shipped_deepspeed_jsons_are_filled_from_the_hpcbrain_config():
                            "engine.grad_clip=1.5"])
     for name, stage in (("deepspeed_zero2.json", 2), ("deepspeed_zero3.json", 3)):
         cfg.engine.deepspeed_config = name
-        ds = deepspeed_config(cfg, world_size=4, bf16=True, fp32_buffers=("dG",))
+        ds = deepspeed_config(cfg.engine, cfg.train, world_size=4, bf16=True, fp32_buffers=("dG",))
         assert ds["train_batch_size"] == 64
         assert ds["train_micro_batch_size_per_gpu"] == 8          # 64 / (4 ranks × 2)
         assert ds["gradient_accumulation_steps"] == 2
@@ -75,7 +75,7 @@ def test_shipped_deepspeed_jsons_are_filled_from_the_hpcbrain_config():
         assert ds["data_types"]["keep_in_fp32_modules"] == ["^dG$"]
         assert "optimizer" not in ds
     cfg.engine.zero_stage = 1
-    ds = deepspeed_config(cfg, world_size=1, bf16=False)
+    ds = deepspeed_config(cfg.engine, cfg.train, world_size=1, bf16=False)
     assert ds["zero_optimization"]["stage"] == 1 and not ds["bf16"]["enabled"]
     assert "data_types" not in ds or "buffer_dtype" not in ds["data_types"]
 
@@ -86,12 +86,12 @@ def test_deepspeed_json_sections_we_own_are_replaced(tmp_path):
                                 "optimizer": {"type": "Adam"}, "scheduler": {"type": "WarmupLR"},
                                 "zero_optimization": {"stage": 3, "overlap_comm": True}}))
     cfg = load_config([], ["train.batch_size=8", f"engine.deepspeed_config={path}"])
-    ds = deepspeed_config(cfg, world_size=2, bf16=False)
+    ds = deepspeed_config(cfg.engine, cfg.train, world_size=2, bf16=False)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
     assert not ds["fp16"]["enabled"] and "optimizer" not in ds and "scheduler" not in ds
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     with pytest.raises(ValueError, match="divisible by the 3 ranks"):
-        deepspeed_config(cfg, world_size=3, bf16=False)
+        deepspeed_config(cfg.engine, cfg.train, world_size=3, bf16=False)
 
 
 class Linear(Method):

@@ -83,7 +83,7 @@ def loss_curve(bf16: bool, batches) -> list[float]:
     torch.manual_seed(0)
     cfg = tiny_config("lsor.yaml", **TINY_LSOR, **{"train.lr": 1e-3})
     method = build_method(cfg)
-    engine = SingleEngine(method, build_optimizer(cfg, method), torch.device("cpu"), bf16,
+    engine = SingleEngine(method, build_optimizer(cfg.train, method), torch.device("cpu"), bf16,
                           None, 1)
     return [float(engine.train_step(b, "test")["loss"]) for b in batches]
 

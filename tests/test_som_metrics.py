@@ -131,7 +131,7 @@ def test_lsor_nodes_get_their_own_learning_rate(tmp_path):
                                       "lsor.grid_rows=2", "lsor.grid_cols=2",
                                       "lsor.node_lr_scale=10", "train.lr=0.001"])
     method = LSOR(cfg)
-    optimizer = build_optimizer(cfg, method)
+    optimizer = build_optimizer(cfg.train, method)
     by_lr = {round(g["lr"], 9): g["params"] for g in optimizer.param_groups}
     assert set(by_lr) == {0.001, 0.01}
     assert len(by_lr[0.01]) == 1 and by_lr[0.01][0] is method.G

@@ -1,6 +1,6 @@
 """Engines: how one optimisation step is run. The method code is the same for every engine.
 
-    engine = build_engine(cfg, method, device)    # after hpcbrain.process_group.setup_distributed(...)
+    engine = build_engine(cfg.engine, cfg.train, method, device)   # after setup_distributed(...)
 
 `engine.name` picks a registered engine (`hpcbrain.engine.registry`):
 
@@ -51,12 +51,13 @@ def needs_process_group(name: str) -> bool:
     return bool(cls is not None and cls.needs_process_group)
 
 
-def build_engine(cfg: Any, method: nn.Module, device: torch.device):
-    """The engine `cfg.engine` asks for, around `method` (already on `device`)."""
-    cls = get_engine_class(resolve_engine_name(cfg.engine.name, dist.world_size()))
+def build_engine(engine: Any, train: Any, method: nn.Module, device: torch.device):
+    """The engine the `engine` config section asks for, around `method` (already on `device`),
+    its precision and optimizer from the `train` section."""
+    cls = get_engine_class(resolve_engine_name(engine.name, dist.world_size()))
     # rank 0's verdict for every rank: ranks on differing hardware must not train in two
     # precisions
     bf16 = bool(dist.broadcast_object(
-        use_bf16(cfg.train.precision, device, autocast=cls.bf16_is_autocast)
+        use_bf16(train.precision, device, autocast=cls.bf16_is_autocast)
         if dist.is_global_rank0() else None))
-    return cls.build(cfg, method, device, bf16)
+    return cls.build(engine, train, method, device, bf16)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from hpcbrain import dist
-from hpcbrain.config_checks import check_global_batch
+from hpcbrain.config_checks import micro_batch
 from hpcbrain.engine import checkpoint
 from hpcbrain.engine.optimizer import build_optimizer
 from hpcbrain.engine.registry import register_engine
@@ -107,19 +107,20 @@ def load_deepspeed_json(name: str | Path) -> dict[str, Any]:
                          f"DeepSpeed config file") from None
 
 
-def deepspeed_config(cfg: Any, world_size: int, bf16: bool,
+def deepspeed_config(engine: Any, train: Any, world_size: int, bf16: bool,
                      fp32_buffers: Sequence[str] = ()) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run: the JSON with hpcbrain's keys filled in.
+    """The DeepSpeed config dict for this run: the JSON `engine.deepspeed_config` with
+    hpcbrain's keys filled in from the `engine` and `train` config sections.
 
     fp32_buffers: buffer names (the method's `fp32_buffers`) kept in fp32 under bf16."""
-    ds = copy.deepcopy(load_deepspeed_json(cfg.engine.deepspeed_config))
-    accum = int(cfg.engine.grad_accum_steps)
-    global_batch = int(cfg.train.batch_size)
+    ds = copy.deepcopy(load_deepspeed_json(engine.deepspeed_config))
+    accum = int(engine.grad_accum_steps)
+    global_batch = int(train.batch_size)
     wanted: dict[str, Any] = {
         "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": check_global_batch(cfg, world_size),
+        "train_micro_batch_size_per_gpu": micro_batch(global_batch, accum, world_size),
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(cfg.engine.grad_clip or 0.0),
+        "gradient_clipping": float(engine.grad_clip or 0.0),
     }
     changed = [f"{k}: {ds[k]} -> {v}" for k, v in wanted.items() if k in ds and ds[k] != v]
     ds.update(wanted)
@@ -144,8 +145,8 @@ def deepspeed_config(cfg: Any, world_size: int, bf16: bool,
         types["keep_in_fp32_modules"] = keep + [f"^{name}$" for name in fp32_buffers
                                                 if f"^{name}$" not in keep]
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if cfg.engine.zero_stage is not None:
-        stage = int(cfg.engine.zero_stage)
+    if engine.zero_stage is not None:
+        stage = int(engine.zero_stage)
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {stage}")
         if zero.get("stage", 0) != stage:
@@ -154,7 +155,7 @@ def deepspeed_config(cfg: Any, world_size: int, bf16: bool,
     ds.setdefault("steps_per_print", 10**9)   # our trainer logs; DeepSpeed's own is noise
     if changed and dist.is_global_rank0():
         log.info("deepspeed config %s, set from the hpcbrain config: %s",
-                 cfg.engine.deepspeed_config, "; ".join(changed))
+                 engine.deepspeed_config, "; ".join(changed))
     return ds
 
 
@@ -197,9 +198,10 @@ class DeepSpeedEngine:
     checkpoint_kind = "DeepSpeed"        # a folder per tag, a shard per rank
 
     @classmethod
-    def build(cls, cfg: Any, method: nn.Module, device: torch.device, bf16: bool):
-        return cls(method, build_optimizer(cfg, method), device,
-                   deepspeed_config(cfg, dist.world_size(), bf16, method.fp32_buffers))
+    def build(cls, engine: Any, train: Any, method: nn.Module, device: torch.device,
+              bf16: bool):
+        return cls(method, build_optimizer(train, method), device,
+                   deepspeed_config(engine, train, dist.world_size(), bf16, method.fp32_buffers))
 
     @staticmethod
     def process_group_initializer():

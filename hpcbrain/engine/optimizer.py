@@ -10,8 +10,9 @@ from torch import nn
 __all__ = ["build_optimizer"]
 
 
-def build_optimizer(cfg: Any, method: nn.Module) -> torch.optim.Optimizer:
-    """Adam over the method's parameter groups, each at train.lr × its ``lr_scale``."""
-    groups = [{**group, "lr": float(cfg.train.lr) * float(group.get("lr_scale", 1.0))}
+def build_optimizer(train: Any, method: nn.Module) -> torch.optim.Optimizer:
+    """Adam over the method's parameter groups, each at the `train` section's lr × its
+    ``lr_scale``, with its weight decay."""
+    groups = [{**group, "lr": float(train.lr) * float(group.get("lr_scale", 1.0))}
               for group in method.parameter_groups()]
-    return torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.Adam(groups, lr=train.lr, weight_decay=train.weight_decay)

@@ -135,10 +135,13 @@ class SingleEngine:
     checkpoint_kind = "single/DDP"
 
     @classmethod
-    def build(cls, cfg: Any, method: nn.Module, device: torch.device, bf16: bool):
-        grad_clip = float(cfg.engine.grad_clip) if cfg.engine.grad_clip else None
-        return cls(method, build_optimizer(cfg, method), device, bf16, grad_clip,
-                   int(cfg.engine.grad_accum_steps))
+    def build(cls, engine: Any, train: Any, method: nn.Module, device: torch.device,
+              bf16: bool):
+        """From the `engine` and `train` config sections (clipping, accumulation; the
+        optimizer's lr and weight decay)."""
+        grad_clip = float(engine.grad_clip) if engine.grad_clip else None
+        return cls(method, build_optimizer(train, method), device, bf16, grad_clip,
+                   int(engine.grad_accum_steps))
 
     @staticmethod
     def process_group_initializer():
