@@ -56,7 +56,7 @@ def build(args):
         "train.epochs=2", "lsor.warmup_epochs=1", "train.precision=fp32",
         f"train.batch_size={args.pairs_per_rank * WORLD}", "engine.name=ddp"])
     torch.manual_seed(0)
-    method = LSOR(cfg)
+    method = LSOR.from_config(cfg)
     g = torch.Generator().manual_seed(1)
     nodes = args.grid[0] * args.grid[1]
     method._assign_som(torch.randn(nodes, method.latent_dim, generator=g),

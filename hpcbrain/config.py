@@ -338,6 +338,29 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
+@dataclass(frozen=True)
+class MethodSections:
+    """What a method is built from (`Method.from_config`): its own section
+    (`Method.config_section`: lsor, contrastive, baselines, supervised), the `model` section,
+    the contrastive views' augmentation (which the supervised bound draws its view with), and
+    the values the method takes from the run (input size, epochs, seed). No method reads the
+    root config."""
+
+    own: Any
+    model: Any
+    input_size: int
+    epochs: int
+    seed: int
+    views_augment: Any = None
+
+
+def method_sections(cfg: DictConfig, section: str) -> MethodSections:
+    """The sections of `cfg` a method whose own section is `section` is built from."""
+    return MethodSections(own=cfg[section], model=cfg.model,
+                          input_size=int(cfg.data.input_size), epochs=int(cfg.train.epochs),
+                          seed=int(cfg.train.seed), views_augment=cfg.contrastive.augment)
+
+
 def flatten_config(cfg: DictConfig) -> dict[str, Any]:
     """{'train.epochs': 50, ...}: the shape MLflow params want (credentials masked)."""
     from hpcbrain.redact import redacted

@@ -176,7 +176,7 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
     store = open_store(cfg)
     method_class = get_method_class(cfg.method)
     split, train_set, val_set = build_datasets(cfg, store, method_class.batch_kind)
-    method_class.resolve_config(cfg, len(train_set))
+    method_class.resolve_config(cfg[method_class.config_section], len(train_set))
     if dist.is_global_rank0():
         save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg)

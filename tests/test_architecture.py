@@ -44,3 +44,32 @@ def test_the_architecture_page_names_every_module():
                      for p in package.rglob("*.py") if p.name != "__init__.py")
     missing = [m for m in modules if f"`{m}.py`" not in page]
     assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+def test_components_are_built_from_their_sections_alone(tmp_path):
+    """Method, engine and tracker take their own config sections (and what the composition
+    root settles), never the root config: the same objects as the job's builders make."""
+    import torch
+    from conftest import tiny_config
+
+    from hpcbrain.config import MethodSections
+    from hpcbrain.engine.backends import build_engine
+    from hpcbrain.methods import build_method
+    from hpcbrain.methods.lsor import LSOR
+    from hpcbrain.tracking import NullTracker, make_tracker
+
+    cfg = tiny_config("lsor.yaml", **{"data.input_size": 16, "model.widths": [2, 2, 2, 2],
+                                      "lsor.grid_rows": 2, "lsor.grid_cols": 3})
+    torch.manual_seed(0)
+    alone = LSOR(MethodSections(own=cfg.lsor, model=cfg.model, input_size=16,
+                                epochs=int(cfg.train.epochs), seed=int(cfg.train.seed)))
+    torch.manual_seed(0)
+    built = build_method(cfg)
+    assert alone.grid == built.grid == (2, 3)
+    for (name, a), (_, b) in zip(alone.state_dict().items(), built.state_dict().items()):
+        assert torch.equal(a, b), name
+    engine = build_engine(cfg.engine, cfg.train, alone, torch.device("cpu"))
+    assert engine.name == "single" and engine.lr == cfg.train.lr
+    tracking = cfg.tracking.copy()
+    tracking.enabled = False
+    assert type(make_tracker(tracking, {}, tmp_path, True)) is NullTracker

@@ -132,7 +132,7 @@ def som_model(cfg):
     from hpcbrain.methods.lsor import LSOR
 
     torch.manual_seed(0)
-    model = LSOR(cfg)
+    model = LSOR.from_config(cfg)
     probe = copy.deepcopy(model.net.encoder).train()
     half = GLOBAL_PAIRS // WORLD
     with torch.no_grad():

@@ -53,7 +53,7 @@ def make_batches(n_pairs, batch_size, seed=0, with_idx=False):
 
 def make_model(**lsor):
     torch.manual_seed(0)
-    return LSOR(make_cfg(**lsor))
+    return LSOR.from_config(make_cfg(**lsor))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def _worker(rank: int) -> dict:
         centre = centre_update(ref[0], dz[lo:hi], momentum=0.5)
 
         torch.manual_seed(0)
-        model = LSOR(make_cfg())
+        model = LSOR.from_config(make_cfg())
         lo, hi = PAIR_SPLIT[rank]
         model.on_epoch_start(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
         health = model.on_epoch_end(model.warmup_epochs, lambda: iter(pair_batches(lo, hi)))
@@ -106,7 +106,7 @@ def _ranks_batches():
 
 def _single_process():
     torch.manual_seed(0)
-    single = LSOR(make_cfg())
+    single = LSOR.from_config(make_cfg())
     single.on_epoch_start(single.warmup_epochs, lambda: iter(_ranks_batches()))
     return single
 

@@ -130,7 +130,7 @@ def test_lsor_nodes_get_their_own_learning_rate(tmp_path):
     cfg = load_config(["lsor.yaml"], ["data.input_size=16", "model.widths=[4,4,4,4]",
                                       "lsor.grid_rows=2", "lsor.grid_cols=2",
                                       "lsor.node_lr_scale=10", "train.lr=0.001"])
-    method = LSOR(cfg)
+    method = LSOR.from_config(cfg)
     optimizer = build_optimizer(cfg.train, method)
     by_lr = {round(g["lr"], 9): g["params"] for g in optimizer.param_groups}
     assert set(by_lr) == {0.001, 0.01}

@@ -133,7 +133,7 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     method_state, _ = final_state(result.run_dir)
     from hpcbrain.methods.lsor import LSOR
 
-    reference = LSOR(cfg)
+    reference = LSOR.from_config(cfg)
     reference.load_state_dict(method_state)
     reference.eval()
     for batch_size in (2, 3, 5):
@@ -227,7 +227,7 @@ def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path
 
     from hpcbrain.methods.lsor import LSOR
 
-    method = LSOR(cfg)
+    method = LSOR.from_config(cfg)
     method.load_state_dict(final_state(result.run_dir)[0])
     method.eval()
     volumes = torch.from_numpy(np.stack([load_scan(s, 16)[0] for s in scans]))[:, None]

@@ -30,6 +30,9 @@ class Method(torch.nn.Module):
     #: "pairs": dicts with x_u [B,1,S,S,S], x_v, dt [B] (years) and index tensors;
     #: "scans": dicts with x [B,1,S,S,S], age, ...
     batch_kind: ClassVar[str] = "scans"
+    #: The config section of the method's own keys (`config.MethodSections.own`): the method
+    #: is built from it and the shared ones (`from_config`), never from the whole config.
+    config_section: ClassVar[str] = ""
     #: True when some parameters receive no gradient in some phase (DDP needs
     #: ``find_unused_parameters=True`` then).
     find_unused_parameters: ClassVar[bool] = False
@@ -117,10 +120,18 @@ class Method(torch.nn.Module):
         return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     @classmethod
-    def resolve_config(cls, cfg: Any, n_train_items: int) -> None:
-        """Settle config values that depend on the training set (`n_train_items` items of
-        ``batch_kind``) in place, before the method is built, so every later `build_method(cfg)`
-        (export, evaluation) builds the same shapes. Default: nothing to settle."""
+    def from_config(cls, cfg: Any) -> "Method":
+        """This method built from the sections of a job's config it reads (`MethodSections`)."""
+        from hpcbrain.config import method_sections
+
+        return cls(method_sections(cfg, cls.config_section))
+
+    @classmethod
+    def resolve_config(cls, own: Any, n_train_items: int) -> None:
+        """Settle values of the method's own config section `own` that depend on the training
+        set (`n_train_items` items of ``batch_kind``) in place, before the method is built, so
+        every later `build_method(cfg)` (export, evaluation) builds the same shapes. Default:
+        nothing to settle."""
 
     def registry_files(self, folder: Path) -> list[Path]:
         """Files (written into `folder`) that travel with the registered encoder, for what
@@ -171,5 +182,5 @@ def get_method_class(name: str) -> type[Method]:
 
 
 def build_method(cfg: Any) -> Method:
-    """The method named by ``cfg.method``, built from the whole config."""
-    return get_method_class(str(cfg.method))(cfg)
+    """The method named by ``cfg.method``, built from the config sections it reads."""
+    return get_method_class(str(cfg.method)).from_config(cfg)

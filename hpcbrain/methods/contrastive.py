@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from hpcbrain import dist
+from hpcbrain.config import MethodSections
 from hpcbrain.data.transforms import build_augmentation
 from hpcbrain.methods import contrastive_losses as losses
 from hpcbrain.methods.base import Method, register_method
@@ -116,14 +117,14 @@ def view_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]))
 
 
-def build_backbone(cfg: Any) -> tuple[nn.Module, int]:
-    """(encoder, feature_dim) from cfg.model.backbone: resnet18 | resnet34 | lsor."""
-    name = str(cfg.model.backbone)
+def build_backbone(model: Any, input_size: int) -> tuple[nn.Module, int]:
+    """(encoder, feature_dim) from the `model` section's backbone: resnet18 | resnet34 | lsor."""
+    name = str(model.backbone)
     if name == "lsor":
-        encoder = LSOREncoder([int(w) for w in cfg.model.widths], int(cfg.data.input_size))
+        encoder = LSOREncoder([int(w) for w in model.widths], int(input_size))
         return encoder, int(encoder.latent_dim)
     if name.startswith("resnet"):
-        encoder = build_resnet3d(name, int(cfg.model.resnet_width))
+        encoder = build_resnet3d(name, int(model.resnet_width))
         return encoder, int(encoder.feature_dim)
     raise ValueError(f"model.backbone must be resnet18, resnet34 or lsor, not {name!r}")
 
@@ -136,19 +137,20 @@ class ContrastiveMethod(Method):
     """
 
     batch_kind = "scans"
+    config_section = "contrastive"
     loss_name: ClassVar[str] = ""
     #: the job evaluates these with ridge regression on frozen features (evaluate/ridge.py)
     ridge_evaluation: ClassVar[bool] = True
     learns_from_age: ClassVar[bool] = True          # the kernels weight pairs by age distance
     fp32_buffers: ClassVar[tuple[str, ...]] = ("queue",)
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, sections: MethodSections) -> None:
         super().__init__()
         if self.loss_name not in losses.LOSSES:
             raise TypeError(f"{type(self).__name__}: unknown loss {self.loss_name!r}")
-        c = cfg.contrastive
-        self.epochs = int(cfg.train.epochs)
-        self.seed = int(cfg.train.seed)
+        c = sections.own
+        self.epochs = sections.epochs
+        self.seed = sections.seed
         self.temperature = float(c.temperature)
         self.kernel = str(c.kernel)
         self.sigma = float(c.sigma)
@@ -190,12 +192,12 @@ class ContrastiveMethod(Method):
             raise ValueError("contrastive.temperature and contrastive.sigma must be > 0")
         if self.nn_final < 1:
             raise ValueError(f"contrastive.nn_final must be >= 1, got {self.nn_final}")
-        self.features = str(cfg.model.features)
+        self.features = str(sections.model.features)
         if self.features not in FEATURE_MODES:
             raise ValueError(f"model.features must be one of {FEATURE_MODES}, not {self.features!r}")
-        self.backbone, self.feature_dim = build_backbone(cfg)
-        self.head = ProjectionHead(self.feature_dim, cfg.model.projection_hidden,
-                                   int(cfg.model.projection_dim))
+        self.backbone, self.feature_dim = build_backbone(sections.model, sections.input_size)
+        self.head = ProjectionHead(self.feature_dim, sections.model.projection_hidden,
+                                   int(sections.model.projection_dim))
         self.view_transform = build_augmentation(c.augment)
         self._nn_nb = 0
         if self.loss_name == "nnclr":
@@ -371,10 +373,10 @@ class NNCLR(ContrastiveMethod):
     learns_from_age = False
 
     @classmethod
-    def resolve_config(cls, cfg: Any, n_train_items: int) -> None:
+    def resolve_config(cls, own: Any, n_train_items: int) -> None:
         """A support queue larger than the training set holds stale copies of the same scans
         (the audit: 1,024 slots for ~114 scans), so it is capped at the training set."""
-        if int(cfg.contrastive.nnclr_queue) > n_train_items:
+        if int(own.nnclr_queue) > n_train_items:
             log.info("contrastive.nnclr_queue %d capped at the %d training scans",
-                     int(cfg.contrastive.nnclr_queue), n_train_items)
-            cfg.contrastive.nnclr_queue = int(n_train_items)
+                     int(own.nnclr_queue), n_train_items)
+            own.nnclr_queue = int(n_train_items)

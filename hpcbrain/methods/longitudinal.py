@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpcbrain.config import MethodSections
 from hpcbrain.methods.base import Method, register_method
 from hpcbrain.methods.contrastive import global_batch_loss
 from hpcbrain.models.autoencoder import ConvAutoencoder, at_full_precision
@@ -61,13 +62,14 @@ class PairAutoencoderMethod(Method):
     """Pairs in, LSOR's autoencoder, recon on both scans; subclasses add `extra_losses`."""
 
     batch_kind = "pairs"
+    config_section = "baselines"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, sections: MethodSections) -> None:
         super().__init__()
-        self.input_size = int(cfg.data.input_size)
-        self.net = ConvAutoencoder([int(w) for w in cfg.model.widths], self.input_size)
+        self.input_size = sections.input_size
+        self.net = ConvAutoencoder([int(w) for w in sections.model.widths], self.input_size)
         self.latent_dim = self.net.latent_dim
-        c = cfg.baselines
+        c = sections.own
         self.lambda_recon = float(c.lambda_recon)
         self.lambda_dir = float(c.lambda_dir)
 
@@ -109,9 +111,9 @@ class AE(PairAutoencoderMethod):
 
 @register_method("vae")
 class VAE(PairAutoencoderMethod):
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.beta = float(cfg.baselines.vae_beta)
+    def __init__(self, sections: MethodSections) -> None:
+        super().__init__(sections)
+        self.beta = float(sections.own.vae_beta)
         channels = self.net.encoder.widths[-1]
         self.logvar_head = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.logvar_head.weight)       # start at σ = 1 everywhere
@@ -136,8 +138,8 @@ class VAE(PairAutoencoderMethod):
 
 @register_method("lssl")
 class LSSL(PairAutoencoderMethod):
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def __init__(self, sections: MethodSections) -> None:
+        super().__init__(sections)
         self.direction = nn.Linear(1, self.latent_dim)   # τ = weight + bias, as official
 
     def extra_losses(self, z_u: Tensor, z_v: Tensor, dt: Tensor) -> dict[str, Tensor]:
@@ -147,10 +149,10 @@ class LSSL(PairAutoencoderMethod):
 
 @register_method("lne")
 class LNE(PairAutoencoderMethod):
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.neighbours = int(cfg.baselines.lne_neighbours)
-        self.sigma2 = float(cfg.baselines.lne_sigma2)
+    def __init__(self, sections: MethodSections) -> None:
+        super().__init__(sections)
+        self.neighbours = int(sections.own.lne_neighbours)
+        self.sigma2 = float(sections.own.lne_sigma2)
 
     def extra_losses(self, z_u: Tensor, z_v: Tensor, dt: Tensor) -> dict[str, Tensor]:
         d = z_u.shape[1]

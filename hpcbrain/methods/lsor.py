@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcbrain import dist
+from hpcbrain.config import MethodSections
 from hpcbrain.methods.base import Method, register_method
 from hpcbrain.methods.som import (
     centre_update,
@@ -81,6 +82,7 @@ class LSOR(Method):
     """
 
     batch_kind = "pairs"
+    config_section = "lsor"
     # G gets no gradient during the recon-only warm-up (DDP: find_unused_parameters=True).
     find_unused_parameters = True
     # The EMAs (reference trajectories, the nodes' latent centre) must not be rounded to bf16
@@ -88,13 +90,13 @@ class LSOR(Method):
     fp32_buffers = ("dG", "latent_centre")
     som_evaluation = True
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, sections: MethodSections) -> None:
         super().__init__()
-        self.input_size = int(cfg.data.input_size)
-        self.widths = [int(w) for w in cfg.model.widths]
-        self.epochs = int(cfg.train.epochs)
-        self.seed = int(cfg.train.seed)
-        c = cfg.lsor
+        self.input_size = sections.input_size
+        self.widths = [int(w) for w in sections.model.widths]
+        self.epochs = sections.epochs
+        self.seed = sections.seed
+        c = sections.own
         self.grid = (int(c.grid_rows), int(c.grid_cols))
         self.warmup_epochs = int(c.warmup_epochs)
         self.lambda_recon = float(c.lambda_recon)

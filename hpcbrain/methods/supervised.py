@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from hpcbrain.config import MethodSections
 from hpcbrain.data.transforms import build_augmentation
 from hpcbrain.methods.base import Method, register_method
 from hpcbrain.methods.contrastive import build_backbone, global_batch_loss, view_generator
@@ -29,20 +30,21 @@ __all__ = ["Supervised"]
 @register_method("supervised")
 class Supervised(Method):
     batch_kind = "scans"
+    config_section = "supervised"
     ridge_evaluation: ClassVar[bool] = True
     learns_from_age: ClassVar[bool] = True
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, sections: MethodSections) -> None:
         super().__init__()
-        self.seed = int(cfg.train.seed)
-        self.age_offset = float(cfg.supervised.age_offset)
-        self.age_scale = float(cfg.supervised.age_scale)
+        self.seed = sections.seed
+        self.age_offset = float(sections.own.age_offset)
+        self.age_scale = float(sections.own.age_scale)
         if not self.age_scale > 0:
             raise ValueError(f"supervised.age_scale must be > 0, got {self.age_scale}")
-        self.backbone, self.feature_dim = build_backbone(cfg)
+        self.backbone, self.feature_dim = build_backbone(sections.model, sections.input_size)
         self.regressor = nn.Linear(self.feature_dim, 1)
         # one view per scan, drawn as the contrastive methods draw theirs
-        self.view_transform = build_augmentation(cfg.contrastive.augment)
+        self.view_transform = build_augmentation(sections.views_augment)
 
     def encoder(self) -> nn.Module:
         return FeatureExtractor(self.backbone)
