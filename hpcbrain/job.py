@@ -4,6 +4,7 @@ The only module that ties data, method and engine together.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -47,6 +48,30 @@ class TrainingResult:
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.run.root).expanduser().resolve() / cfg.run.name
+
+
+def age_calibration_fold_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The K fold runs the job trains before `cfg`'s own run when its age model is calibrated
+    on encoder folds (`evaluate/encoder_folds.py`; none otherwise): `cfg` with fold k of K as
+    its test fold, in a folder of the run, registering nothing and calibrating cheaply (they
+    only supply predictions)."""
+    from hpcbrain.evaluate.encoder_folds import FOLDS_FOLDER, SOURCE
+
+    if str(cfg.evaluate.age_calibration_subjects) != SOURCE:
+        return []
+    folds = int(cfg.evaluate.age_calibration_folds)
+    runs = []
+    for fold in range(folds):
+        sub = copy.deepcopy(cfg)
+        sub.run.root = str(run_dir_of(cfg) / FOLDS_FOLDER)
+        sub.run.name = f"fold-{fold}"
+        sub.data.n_folds = folds
+        sub.data.fold = fold
+        sub.tracking.registered_model = None
+        sub.tracking.registered_age_model = None
+        sub.evaluate.age_calibration_subjects = "training"
+        runs.append(sub)
+    return runs
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -144,15 +169,13 @@ def run_training(cfg: DictConfig, stop: StopRequest | None = None) -> TrainingRe
         stop = StopRequest()
         with stop_on_signals(stop):
             return run_training(cfg, stop)
-    from hpcbrain.evaluate.encoder_folds import fold_run_configs
-
     group = setup_process_group(cfg)
     process_group.configure_logging()
     try:
         with run_folder_lock(run_dir_of(cfg)):     # one job per run folder
             # An encoder-folds age calibration first trains its fold runs (in folders of this
             # run; finished ones are reused), whose held-out predictions calibrate this run.
-            for fold_cfg in fold_run_configs(cfg):
+            for fold_cfg in age_calibration_fold_configs(cfg):
                 with run_folder_lock(run_dir_of(fold_cfg)):
                     _train_in_group(fold_cfg, group.device, stop)
             return _train_in_group(cfg, group.device, stop)
@@ -271,9 +294,12 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
         result.metrics = report.metrics
         result.figures = report.figures
     from hpcbrain.evaluate.model_inputs import model_inputs_metadata
-    from hpcbrain.evaluate.ridge import evaluate_after_training
+    from hpcbrain.evaluate.ridge import EvaluationContext, evaluate_after_training
 
-    age = evaluate_after_training(cfg, method, store, split, tracker, run_dir,
+    context = EvaluationContext(cfg.evaluate, cfg.tracking, str(cfg.method),
+                                str(cfg.model.backbone),
+                                tuple(run_dir_of(c) for c in age_calibration_fold_configs(cfg)))
+    age = evaluate_after_training(context, method, store, split, tracker, run_dir,
                                   result.global_step)   # contrastive methods: age MAE
     size = cfg.data.input_size
     example = torch.from_numpy(np.stack([store.read_image(i) for i in split.train[:2]]))[:, None]

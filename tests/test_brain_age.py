@@ -72,7 +72,8 @@ def test_encoder_folds_calibrate_every_subject_with_a_model_that_never_saw_it(tm
     """evaluate.age_calibration_subjects=encoder-folds: K fold runs, each predicting exactly its
     test fold; the registered model trains on every subject and its calibration is the union of
     those held-out predictions; a rerun retrains nothing."""
-    from hpcbrain.evaluate.encoder_folds import PREDICTIONS_FILE, fold_run_configs
+    from hpcbrain.evaluate.encoder_folds import PREDICTIONS_FILE
+    from hpcbrain.job import age_calibration_fold_configs
 
     store = build_age_contrast_store(tmp_path / "store", subjects=12, visits=2)
     cfg = _config(store, tmp_path, "folds", "data.n_folds=1", "data.val_fraction=0",
@@ -82,7 +83,7 @@ def test_encoder_folds_calibrate_every_subject_with_a_model_that_never_saw_it(tm
     ages = np.asarray(cohort.column("age"), np.float64)
     subjects = np.asarray(cohort.column("subject")).astype(str)
     predicted = np.full(len(cohort), np.nan)
-    fold_cfgs = fold_run_configs(cfg)
+    fold_cfgs = age_calibration_fold_configs(cfg)
     assert len(fold_cfgs) == 3
     for fold_cfg in fold_cfgs:
         split, _, _ = build_datasets(fold_cfg, cohort, "scans")

@@ -1,6 +1,6 @@
 """Engines: how one optimisation step is run. The method code is the same for every engine.
 
-    engine = build_engine(cfg.engine, cfg.train, method, device)   # after setup_distributed(...)
+    engine = build_engine(engine_section, train_section, method, device)   # after setup_distributed
 
 `engine.name` picks a registered engine (`hpcbrain.engine.registry`):
 

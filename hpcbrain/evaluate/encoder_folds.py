@@ -16,20 +16,19 @@ out-of-fold predictions: every training subject calibrates, none is predicted by
 saw it. The fold models train on (K − 1)/K of the subjects, so their residuals are, if anything,
 a little larger than the registered model's: the interval errs wide. Cost: K + 1 trainings.
 
-Fold runs live in `<run folder>/age-calibration/fold-<k>/`, are tracked as runs of their own and
-register nothing; a rerun reuses the finished ones (each is a run folder that resumes).
+Fold runs live in `<run folder>/age-calibration/fold-<k>/` (composed by
+`job.age_calibration_fold_configs`), are tracked as runs of their own and register nothing; a
+rerun reuses the finished ones (each is a run folder that resumes).
 """
 from __future__ import annotations
 
-import copy
 import csv
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from omegaconf import DictConfig
 
-__all__ = ["SOURCE", "PREDICTIONS_FILE", "FOLDS_FOLDER", "fold_run_configs", "write_predictions",
+__all__ = ["SOURCE", "PREDICTIONS_FILE", "FOLDS_FOLDER", "write_predictions",
            "read_fold_predictions", "FoldPredictionsError"]
 
 SOURCE = "encoder-folds"
@@ -40,32 +39,6 @@ _COLUMNS = ("store_row", "subject", "age", "predicted_age")
 
 class FoldPredictionsError(RuntimeError):
     """The fold runs' predictions cannot calibrate this run (missing, overlapping, stale)."""
-
-
-def uses_encoder_folds(cfg: DictConfig) -> bool:
-    return str(cfg.evaluate.age_calibration_subjects) == SOURCE
-
-
-def fold_run_configs(cfg: DictConfig) -> list[DictConfig]:
-    """The K fold runs the job trains before `cfg`'s own run (none unless `cfg` asks for
-    encoder-folds calibration): `cfg` with fold k of K as its test fold, in a folder of the run,
-    registering nothing and calibrating cheaply (they only supply predictions)."""
-    if not uses_encoder_folds(cfg):
-        return []
-    folds = int(cfg.evaluate.age_calibration_folds)
-    root = Path(cfg.run.root).expanduser().resolve() / cfg.run.name / FOLDS_FOLDER
-    runs = []
-    for fold in range(folds):
-        sub = copy.deepcopy(cfg)
-        sub.run.root = str(root)
-        sub.run.name = f"fold-{fold}"
-        sub.data.n_folds = folds
-        sub.data.fold = fold
-        sub.tracking.registered_model = None
-        sub.tracking.registered_age_model = None
-        sub.evaluate.age_calibration_subjects = "training"
-        runs.append(sub)
-    return runs
 
 
 def write_predictions(path: Path, store_rows: np.ndarray, subjects: np.ndarray,
@@ -80,19 +53,19 @@ def write_predictions(path: Path, store_rows: np.ndarray, subjects: np.ndarray,
     return Path(path)
 
 
-def read_fold_predictions(cfg: DictConfig, subjects: Sequence[str],
-                          ages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(store rows, out-of-fold predicted ages) over every fold run of `cfg`: each scan
-    predicted by exactly one fold run, and the store the same one (its subjects and ages per
-    row agree with `subjects` and `ages`, the store's columns)."""
+def read_fold_predictions(fold_runs: Sequence[Path], subjects: Sequence[str], ages: np.ndarray,
+                          store: str) -> tuple[np.ndarray, np.ndarray]:
+    """(store rows, out-of-fold predicted ages) over the `fold_runs` (their run folders): each
+    scan predicted by exactly one fold run, and the store the same one (its subjects and ages
+    per row agree with `subjects` and `ages`, the columns of `store`)."""
     subjects = np.asarray(subjects).astype(str)
     ages = np.asarray(ages, np.float64)
     rows, predicted = [], []
-    for sub in fold_run_configs(cfg):
-        path = Path(sub.run.root) / sub.run.name / PREDICTIONS_FILE
+    for fold, folder in enumerate(fold_runs):
+        path = Path(folder) / PREDICTIONS_FILE
         if not path.exists():
             raise FoldPredictionsError(
-                f"{path} is missing: fold run {sub.data.fold} of the age calibration did not "
+                f"{path} is missing: fold run {fold} of the age calibration did not "
                 f"evaluate (does the method have a ridge head, and evaluate.ridge on?)")
         with open(path, newline="") as handle:
             table = list(csv.DictReader(handle, delimiter="\t"))
@@ -102,7 +75,7 @@ def read_fold_predictions(cfg: DictConfig, subjects: Sequence[str],
                     or not np.isclose(ages[index], float(row["age"]))):
                 raise FoldPredictionsError(
                     f"{path}, line {line}: store row {index} ({row['subject']}, age "
-                    f"{row['age']}) is not that row of {cfg.data.store}: the fold runs were made "
+                    f"{row['age']}) is not that row of {store}: the fold runs were made "
                     f"from another store; delete {path.parent.parent} and rerun")
             rows.append(index)
             predicted.append(float(row["predicted_age"]))

@@ -27,7 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["RidgeResult", "ridge_age_mae", "fit_ridge", "extract_features", "evaluate_after_training",
-           "comparison_table", "DEFAULT_ALPHAS", "METRIC", "AgeEvaluation"]
+           "comparison_table", "DEFAULT_ALPHAS", "METRIC", "AgeEvaluation", "EvaluationContext"]
 
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 METRIC = "ridge/test_mae_mean"
@@ -265,20 +265,39 @@ def calibrate_age_model(c, fitted, features: dict[str, np.ndarray], ages: np.nda
                            source="; ".join(names[p] for p in parts))
 
 
-def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
-                            step: int) -> Optional[AgeEvaluation]:
+@dataclass(frozen=True)
+class EvaluationContext:
+    """What the job hands the evaluation besides the trained method and the data: the
+    `evaluate` and `tracking` config sections, the run's method name and backbone (its row of
+    the experiment's comparison table), and the run folders of an encoder-folds calibration's
+    fold runs (`evaluate/encoder_folds.py`)."""
+
+    evaluate: Any
+    tracking: Any
+    method_name: str
+    backbone: str
+    fold_runs: tuple[Path, ...] = ()
+
+    @property
+    def uses_encoder_folds(self) -> bool:
+        from hpcbrain.evaluate.encoder_folds import SOURCE
+
+        return str(self.evaluate.age_calibration_subjects) == SOURCE
+
+
+def evaluate_after_training(context: EvaluationContext, method, store, split, tracker,
+                            run_dir: Path, step: int) -> Optional[AgeEvaluation]:
     """The job's hook (rank 0, after training): ridge age MAE of a contrastive method's frozen
     features, logged to MLflow with the experiment's comparison table, and the registered age
     model with its calibration. None for other methods or when evaluate.ridge is off. Test scans:
     the split's test fold, else its validation scans (data.n_folds=1); without either, no MAE
     is scored (an encoder-folds calibration still gives the age model, else it is skipped)."""
     from hpcbrain.evaluate.age_predictor import AgePredictor
-    from hpcbrain.evaluate.encoder_folds import uses_encoder_folds
 
-    if not method.ridge_evaluation or not cfg.evaluate.ridge:
+    if not method.ridge_evaluation or not context.evaluate.ridge:
         return None
     test = split.test if len(split.test) else split.val
-    if len(split.train) < 4 or (len(test) == 0 and not uses_encoder_folds(cfg)):
+    if len(split.train) < 4 or (len(test) == 0 and not context.uses_encoder_folds):
         log.warning("ridge evaluation skipped: %d train and %d test scans", len(split.train),
                     len(test))
         return None
@@ -287,14 +306,15 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
     train_x = extract_features(encoder, store, split.train, device)
     ages = np.asarray(store.column("age"), dtype=np.float64)
     subjects = np.asarray(store.column("subject")).astype(str)
-    c = cfg.evaluate
+    c = context.evaluate
     fitted = fit_ridge(train_x, ages[split.train], groups=subjects[split.train], seed=0,
                        alphas=[float(a) for a in c.ridge_alphas], cv=int(c.ridge_cv))
     metrics = {}
     if len(test):
-        metrics = _score_held_out(cfg, encoder, store, split, test, train_x, ages, subjects,
+        metrics = _score_held_out(context, encoder, store, split, test, train_x, ages, subjects,
                                   fitted, tracker, Path(run_dir), step)
-    calibration = _calibrate(cfg, method, encoder, store, split, train_x, ages, subjects, fitted)
+    calibration = _calibrate(context, method, encoder, store, split, train_x, ages, subjects,
+                             fitted)
     calibration_metrics = {"age_model/cv_mae": calibration.cv_mae,
                            "age_model/bias_alpha": calibration.bias_alpha,
                            "age_model/bias_beta": calibration.bias_beta}
@@ -310,15 +330,15 @@ def evaluate_after_training(cfg, method, store, split, tracker, run_dir: Path,
                          AgePredictor.from_ridge(encoder, fitted), calibration)
 
 
-def _score_held_out(cfg, encoder, store, split, test, train_x, ages, subjects, fitted, tracker,
-                    run_dir: Path, step: int) -> dict[str, float]:
+def _score_held_out(context: EvaluationContext, encoder, store, split, test, train_x, ages,
+                    subjects, fitted, tracker, run_dir: Path, step: int) -> dict[str, float]:
     """Ridge MAE on the held-out scans over the configured seeds, the experiment's comparison
     table, and each held-out scan's predicted age (`encoder_folds.PREDICTIONS_FILE`: what an
     encoder-folds calibration of another run reads)."""
     from hpcbrain.evaluate.encoder_folds import PREDICTIONS_FILE, write_predictions
 
     device = next(encoder.parameters()).device
-    c = cfg.evaluate
+    c = context.evaluate
     test_x = extract_features(encoder, store, test, device)
     result = ridge_age_mae(train_x, ages[split.train], test_x, ages[test],
                            groups=subjects[split.train], seeds=int(c.ridge_seeds),
@@ -334,9 +354,9 @@ def _score_held_out(cfg, encoder, store, split, test, train_x, ages, subjects, f
     if tracker.enabled:
         # this run's row from its own figures: its metrics are still on their way to the
         # tracking store (sent in the background), the other runs' are there
-        rows = [r for r in _experiment_rows(cfg.tracking) if r["run_id"] != tracker.run_id]
-        rows.append(_comparison_row(run_dir.name, tracker.run_id, cfg.method,
-                                    str(cfg.model.backbone), result.mae_mean, result.mae_std,
+        rows = [r for r in _experiment_rows(context.tracking) if r["run_id"] != tracker.run_id]
+        rows.append(_comparison_row(run_dir.name, tracker.run_id, context.method_name,
+                                    context.backbone, result.mae_mean, result.mae_std,
                                     result.n_test))
         (run_dir / "ridge_comparison.md").write_text(comparison_table(rows))
         with open(run_dir / "ridge_comparison.csv", "w", newline="") as handle:
@@ -349,13 +369,15 @@ def _score_held_out(cfg, encoder, store, split, test, train_x, ages, subjects, f
     return metrics
 
 
-def _calibrate(cfg, method, encoder, store, split, train_x, ages, subjects, fitted):
+def _calibrate(context: EvaluationContext, method, encoder, store, split, train_x, ages,
+               subjects, fitted):
     """The registered age model's calibration from the configured calibration subjects."""
-    from hpcbrain.evaluate.encoder_folds import SOURCE, read_fold_predictions, uses_encoder_folds
+    from hpcbrain.evaluate.encoder_folds import SOURCE, read_fold_predictions
 
-    c = cfg.evaluate
-    if uses_encoder_folds(cfg):
-        rows, predicted = read_fold_predictions(cfg, subjects, ages)
+    c = context.evaluate
+    if context.uses_encoder_folds:
+        rows, predicted = read_fold_predictions(context.fold_runs, subjects, ages,
+                                                str(store.path))
         if np.intersect1d(rows, split.test).size:
             raise RuntimeError("age calibration would use test-fold scans: the split is broken")
         parts, given, features = {SOURCE: rows}, {SOURCE: predicted}, {}
