@@ -14,7 +14,7 @@ runs (`hpcbrain train`, `torchrun`) and prints one table row:
 * preemption: SIGTERM to a local run mid-epoch; the time to stop (checkpoint of that step
   written) and the rerun's time to resume.
 
-Tests assert the behaviour (tests/test_preemption.py, test_hung_rank.py, test_run_lock.py,
+Tests assert the behaviour (tests/engine/test_preemption.py, test_hung_rank.py, test_run_lock.py,
 test_checkpoint.py, test_tracking_outage.py); this prints the times for docs/fault-tolerance.md.
 """
 from __future__ import annotations

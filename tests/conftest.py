@@ -188,6 +188,26 @@ def run_on_ranks(worker, out_dir: str | Path, *args, world: int = 2) -> list:
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def start_rank_group() -> None:
+    """In a `run_on_ranks` worker: the gloo process group its environment describes (through
+    hpcbrain's own set-up, as a launched job gets it)."""
+    from hpcbrain import process_group
+
+    process_group.setup_distributed(backend="gloo")
+
+
+def end_rank_group() -> None:
+    """In a `run_on_ranks` worker, last: every rank done talking before any tears its gloo pairs
+    down (a rank that left first made the other abort now and then: "terminate called without
+    an active exception", 1 run in 6), then the group ended."""
+    import torch.distributed as dist
+
+    from hpcbrain import process_group
+
+    dist.barrier()
+    process_group.teardown()
+
+
 @pytest.fixture
 def without_antspy(monkeypatch):
     """`import ants` fails, as on a machine without ANTsPy (the register extra)."""

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import lsor_run_config
-from test_convert import make_bids
+from sources import make_bids
 
 from hpcbrain.cli import main
 from hpcbrain.data.convert import convert_cohort

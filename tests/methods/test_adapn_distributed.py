@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_on_ranks
+from conftest import end_rank_group, run_on_ranks, start_rank_group, tiny_config
 
 from hpcbrain.methods import contrastive_losses as L
 
@@ -68,12 +67,10 @@ def loss_sums(z2_all, support):
 
 
 def tiny_method_cfg():
-    from hpcbrain.config import load_config
-
-    return load_config(["adapn.yaml"], [
-        "data.input_size=8", "model.resnet_width=2", "model.projection_dim=8",
-        "train.epochs=3", "contrastive.nn_final=2", "contrastive.nn_step=1",
-        "contrastive.augment.p=1.0", "contrastive.augment.cutout_size=3"])
+    return tiny_config("adapn.yaml", **{
+        "data.input_size": 8, "model.resnet_width": 2, "model.projection_dim": 8,
+        "train.epochs": 3, "contrastive.nn_final": 2, "contrastive.nn_step": 1,
+        "contrastive.augment.p": 1.0, "contrastive.augment.cutout_size": 3})
 
 
 def method_batch():
@@ -96,7 +93,7 @@ def build_method(name: str = "adapn"):
 
 
 def _worker(rank: int) -> dict:
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    start_rank_group()
     try:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -137,7 +134,7 @@ def _worker(rank: int) -> dict:
                                  {n: p.grad.clone() for n, p in supervised.named_parameters()})
         return out
     finally:
-        dist.destroy_process_group()
+        end_rank_group()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ for, job arrays, and the errors users hit. Fast: no training, no Slurm daemons.
 Where a test needs Slurm's client commands it puts fake `sbatch`/`srun`/`sinfo`/`sacct` shell
 scripts first on PATH (and nothing else: the real Slurm client may be installed). The fake
 `sinfo` prints a fixed partition list; the fake `sbatch` keeps a copy of the script it was given
-and answers like Slurm. tests/test_slurm_cluster.py runs the same paths on a real cluster.
+and answers like Slurm. tests/launch/test_slurm_cluster.py runs the same paths on a real cluster.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
-from test_convert import make_bids
+from sources import make_bids
+from store_checks import assert_same_store
 
 from hpcbrain.data import convert_blocks
 from hpcbrain.data.convert import ConversionError, convert_cohort
@@ -22,31 +22,6 @@ from hpcbrain.data.convert_blocks import (
 from hpcbrain.data.ledger import read_ledger
 
 S = 8
-
-
-def shard_bytes(store: Path) -> dict[str, bytes]:
-    images = store / "images"
-    return {str(p.relative_to(images)): p.read_bytes() for p in sorted(images.rglob("*"))
-            if p.is_file()}
-
-
-def assert_same_store(store: Path, reference: Path) -> None:
-    assert shard_bytes(store) == shard_bytes(reference)
-    a, b = zarr.open_group(str(store)), zarr.open_group(str(reference))
-    assert sorted(a.array_keys()) == sorted(b.array_keys())
-    for name in b.array_keys():
-        np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
-    attrs_a, attrs_b = (dict(g.attrs["hpcbrain"]) for g in (a, b))
-    for key in ("created_at", "created_by"):
-        attrs_a.pop(key), attrs_b.pop(key)
-    assert attrs_a == attrs_b
-    keep = ("path", "status", "reason", "template_corr", "store_index")
-
-    def rows(path):       # NaN (a failed scan's metrics) compares unequal to itself
-        return [{k: None if isinstance(r[k], float) and np.isnan(r[k]) else r[k] for k in keep}
-                for r in read_ledger(path)]
-
-    assert rows(store) == rows(reference)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import run_on_ranks, tiny_config
+from conftest import end_rank_group, run_on_ranks, start_rank_group, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -32,7 +31,7 @@ def batch():
 
 
 def _worker(rank: int) -> dict:
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    start_rank_group()
     try:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -44,11 +43,7 @@ def _worker(rank: int) -> dict:
         return {"loss": losses["loss"].detach(), "dir": losses["dir"].detach(),
                 "grads": {n: p.grad.clone() for n, p in method.named_parameters()}}
     finally:
-        # both ranks done talking before either tears its gloo pairs down: without it, a rank
-        # that left first made the other abort now and then ("terminate called without an
-        # active exception", 1 run in 6)
-        dist.barrier()
-        dist.destroy_process_group()
+        end_rank_group()
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_bad_requests_are_refused_by_name(make_store, tmp_path, capsys):
 
 def test_recompress_keeps_the_ledger_and_an_appended_store_readable(tmp_path):
     """The ledger group travels with the images; an appended store's image_row too."""
-    from test_convert_append import arriving_in_waves
+    from sources import arriving_in_waves
 
     from hpcbrain.data.convert import convert_cohort
     from hpcbrain.data.ledger import read_ledger

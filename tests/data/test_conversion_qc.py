@@ -196,7 +196,7 @@ def test_figures_drawn_by_the_workers_are_the_reports_own(cohort, tmp_path, monk
 
 
 def test_an_append_draws_the_new_scans_only(tmp_path, monkeypatch):
-    from test_convert_append import arriving_in_waves
+    from sources import arriving_in_waves
 
     from hpcbrain.data import qc_report
 

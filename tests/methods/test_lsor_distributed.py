@@ -10,8 +10,7 @@
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import TINY_LSOR, run_on_ranks, tiny_config
+from conftest import TINY_LSOR, end_rank_group, run_on_ranks, start_rank_group, tiny_config
 
 from hpcbrain.methods.lsor import LSOR
 from hpcbrain.methods.som import centre_update, ema_update
@@ -50,7 +49,7 @@ def pair_batches(lo, hi):
 
 
 def _worker(rank: int) -> dict:
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    start_rank_group()
     try:
         ref, dz, cluster = ema_data()
         lo, hi = EMA_SPLIT[rank]
@@ -66,7 +65,7 @@ def _worker(rank: int) -> dict:
                 "G": model.G.detach().clone(), "dG": model.dG.clone(),
                 "init": bool(model.initialised.item()), "health": health}
     finally:
-        dist.destroy_process_group()
+        end_rank_group()
 
 
 @pytest.fixture(scope="module")

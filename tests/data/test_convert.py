@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
+from sources import make_bids, phantom, save, write_tsv
 
 from hpcbrain.data import convert, convert_workers
 from hpcbrain.data import store as store_module
@@ -21,47 +22,6 @@ S = 12  # output side used by most tests
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def phantom(shape=(14, 12, 10), seed=0) -> np.ndarray:
-    """An asymmetric head-like block of random intensities in a zero background."""
-    rng = np.random.default_rng(seed)
-    vol = np.zeros(shape, np.float32)
-    x, y, z = shape
-    vol[2:x - 3, 2:y - 2, 1:z - 2] = rng.uniform(50, 150, (x - 5, y - 4, z - 3))
-    vol[2:5, 2:5, 1:4] = 300  # a bright corner: flips would show
-    return vol
-
-
-def save(path: Path, data, affine=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
-    return path
-
-
-def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["\t".join(header)] + ["\t".join(str(v) for v in row) for row in rows]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def make_bids(root: Path, n_subjects=3, n_sessions=2, shape=(14, 12, 10)) -> Path:
-    """participants.tsv (sex, group) + sessions.tsv (age, diagnosis, adas_cog) + T1w images."""
-    groups = ["CN", "MCI", "AD"]
-    write_tsv(root / "participants.tsv", ["participant_id", "sex", "group", "age"],
-              [[f"sub-{s:02d}", "MF"[s % 2], groups[s % 3], 60 + s]
-               for s in range(1, n_subjects + 1)])
-    for s in range(1, n_subjects + 1):
-        sub = f"sub-{s:02d}"
-        rows = []
-        for t in range(1, n_sessions + 1):
-            ses = f"ses-{t:02d}"
-            rows.append([ses, 60 + s + 1.5 * t, groups[s % 3], "n/a" if t == 2 else 10.0 * s])
-            save(root / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz",
-                 phantom(shape, seed=10 * s + t))
-        write_tsv(root / sub / f"{sub}_sessions.tsv",
-                  ["session_id", "age", "diagnosis", "adas_cog"], rows)
-    return root
-
-
 def read_images(path: Path) -> np.ndarray:
     return zarr.open_group(str(path), mode="r")["images"][...]
 

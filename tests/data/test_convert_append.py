@@ -2,14 +2,11 @@
 columns of one conversion of everything, and the shard files already there keep their bytes."""
 from __future__ import annotations
 
-import hashlib
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import zarr
-from test_convert import make_bids
+from sources import arriving_in_waves
+from store_checks import assert_same_scans, shard_hashes
 
 from hpcbrain.cli import main
 from hpcbrain.data import append as append_module
@@ -21,60 +18,6 @@ from hpcbrain.data.store import CohortStore
 
 S = 8
 PER_SHARD = 3
-
-
-def shard_hashes(store: Path) -> dict[str, str]:
-    shards = store / "images" / "c"
-    return {str(p.relative_to(shards)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(shards.rglob("*")) if p.is_file()}
-
-
-def by_session(store: Path) -> dict[tuple[str, str], dict]:
-    """Every scan of the store, keyed by (subject, session): its image and every column."""
-    cohort = CohortStore(store)
-    group = zarr.open_group(str(store), mode="r")
-    names = [n for n in cohort.columns] + ["affine"]
-    columns = {n: group[n][...] for n in names}
-    out = {}
-    for i in range(len(cohort)):
-        key = (str(columns["subject"][i]), str(columns["session"][i]))
-        out[key] = {"image": cohort.read_image(i, dtype=None),
-                    **{n: columns[n][i] for n in names}}
-    return out
-
-
-def assert_same_scans(store: Path, reference: Path) -> None:
-    a, b = by_session(store), by_session(reference)
-    assert sorted(a) == sorted(b)
-    for key in b:
-        for name, value in b[key].items():
-            if isinstance(value, np.ndarray) or isinstance(value, float | np.floating):
-                np.testing.assert_array_equal(a[key][name], value, err_msg=f"{key} {name}")
-            else:
-                assert str(a[key][name]) == str(value), (key, name)
-
-
-def arriving_in_waves(root: Path, n_subjects: int = 5, shape=(14, 12, 10)):
-    """A BIDS folder of `n_subjects` × 3 sessions under `root`, and `show(wave)`, which leaves
-    in it the sessions of waves ≤ `wave` only and returns it (wave 1: every ses-01 but the last
-    subject's; wave 2: their ses-02; wave 3: the rest) — a cohort whose scans arrive in waves."""
-    source = make_bids(root / "bids", n_subjects=n_subjects, n_sessions=3, shape=shape)
-    held = root / "held"
-    last = f"sub-{n_subjects:02d}"
-
-    def wave_of(sub: str, ses: str) -> int:
-        return 3 if sub == last or ses == "ses-03" else int(ses[-1])
-
-    def show(wave: int) -> Path:
-        for folder in sorted(source.glob("sub-*/ses-*")) + sorted(held.glob("sub-*/ses-*")):
-            sub, ses = folder.parent.name, folder.name
-            target = (source if wave_of(sub, ses) <= wave else held) / sub / ses
-            if folder != target:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(folder, target)
-        return source
-
-    return show
 
 
 @pytest.fixture

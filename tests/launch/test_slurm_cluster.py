@@ -272,7 +272,7 @@ def test_bids_app_runs_one_participant_per_array_task(devcluster, tmp_path):
     participant, each writing its derivatives into the shared folder; --wait then gathers the
     group tables."""
     from conftest import lsor_run_config
-    from test_convert import make_bids
+    from sources import make_bids
 
     from hpcbrain.data.convert import convert_cohort
     from hpcbrain.job import run_training
@@ -304,8 +304,8 @@ def test_conversion_array_with_a_cancelled_task_rerun_equals_a_local_conversion(
     again → only the unfinished block is submitted, and the store equals a local conversion's
     (shard files byte for byte, columns, ledger), the corrupt scan named in the ledger."""
     import numpy as np
-    from test_convert import make_bids
-    from test_convert_blocks import assert_same_store
+    from sources import make_bids
+    from store_checks import assert_same_store
 
     from hpcbrain.data.convert import convert_cohort
     from hpcbrain.data.ledger import read_ledger
@@ -351,7 +351,8 @@ def test_conversion_array_appends_a_second_wave_leaving_the_shards_alone(devclus
     """--convert … --append on the real cluster: a first wave through the array, then the
     whole source with --append → the scans, images and columns of a local conversion of all
     of it, every shard file of the first wave byte for byte as it was; once more → nothing."""
-    from test_convert_append import arriving_in_waves, assert_same_scans, shard_hashes
+    from sources import arriving_in_waves
+    from store_checks import assert_same_scans, shard_hashes
 
     from hpcbrain.data.convert import convert_cohort
 

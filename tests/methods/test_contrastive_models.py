@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from hpcbrain.config import load_config
 from hpcbrain.methods import available_methods, build_method
 from hpcbrain.methods.contrastive import CONTRASTIVE_METHODS, view_generator
 from hpcbrain.models.heads import FeatureExtractor, ProjectionHead
@@ -12,8 +12,9 @@ from hpcbrain.models.resnet3d import resnet18_3d
 
 
 def tiny_cfg(method="adapn", *overrides):
-    return load_config([f"{method}.yaml"], [
-        "data.input_size=16", "model.resnet_width=2", "train.epochs=4", *overrides])
+    return tiny_config(f"{method}.yaml", **{"data.input_size": 16, "model.resnet_width": 2,
+                                            "train.epochs": 4,
+                                            **dict(o.split("=", 1) for o in overrides)})
 
 
 def batch(b=4, size=16, seed=0):

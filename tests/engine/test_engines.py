@@ -28,9 +28,7 @@ import types
 
 import pytest
 import torch
-from conftest import lsor_run_config, run_on_ranks
-
-from hpcbrain.config import load_config
+from conftest import lsor_run_config, run_on_ranks, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -40,7 +38,7 @@ WORLD = 2
 # ---------------------------------------------------------------------------------------------
 # helpers (module level: spawned workers import them)
 # ---------------------------------------------------------------------------------------------
-def tiny_config(store, run_root, name, *extra):
+def short_run_config(store, run_root, name, *extra):
     """`lsor_run_config` cut to 3 epochs of 2 steps on one thread, one k-means start."""
     return lsor_run_config(store, run_root, name, "train.epochs=3", "train.max_steps_per_epoch=2",
                            "train.num_threads=1", "lsor.kmeans_n_init=1", *extra)
@@ -115,10 +113,10 @@ GLOBAL_PAIRS = 4     # 2 per rank
 
 
 def som_cfg():
-    return load_config([], ["data.input_size=16", "model.widths=[4,4,4,4]", "train.epochs=2",
-                            "train.seed=0", "lsor.grid_rows=2", "lsor.grid_cols=2",
-                            "lsor.warmup_epochs=1", "train.precision=fp32",
-                            "engine.name=ddp"])
+    return tiny_config(**{"data.input_size": 16, "model.widths": "[4,4,4,4]", "train.epochs": 2,
+                          "train.seed": 0, "lsor.grid_rows": 2, "lsor.grid_cols": 2,
+                          "lsor.warmup_epochs": 1, "train.precision": "fp32",
+                          "engine.name": "ddp"})
 
 
 def som_model(cfg):
@@ -272,7 +270,7 @@ def _one_process_worker(_, store: str, root: str) -> dict:
         instrument_trainer(record, kill_at_epoch=None)
         # channels_last off everywhere: DeepSpeed cannot take it, and channels-last kernels
         # round differently, which is a layout difference, not an engine one.
-        run_training(tiny_config(store, root, name, f"lsor.warmup_epochs={warmup}",
+        run_training(short_run_config(store, root, name, f"lsor.warmup_epochs={warmup}",
                                  "train.epochs=2", "train.channels_last=false", *overrides))
         results[name] = record["final"]
     return results
@@ -320,7 +318,7 @@ def _resume_worker(rank: int, store: str, root: str, uri: str) -> dict:
                 loaded.clear()
                 name = f"{engine}-{'straight' if run == 'straight' else 'killed'}"
                 try:
-                    run_training(tiny_config(store, root, name, *extra))
+                    run_training(short_run_config(store, root, name, *extra))
                 except Killed:
                     record["killed"] = True
                 record["loaded"] = list(loaded)

@@ -9,7 +9,6 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from hpcbrain.config import load_config
 from hpcbrain.engine.backends import NonFiniteLossError, SingleEngine, check_finite, resolve_engine_name
 from hpcbrain.engine.deepspeed import deepspeed_config
 from hpcbrain.methods.base import Method
@@ -60,8 +59,8 @@ def test_the_registry_is_the_list_of_engines_and_says_what_differs(tmp_path):
 
 
 def test_shipped_deepspeed_jsons_are_filled_from_the_hpcbrain_config():
-    cfg = load_config([], ["train.batch_size=64", "engine.grad_accum_steps=2",
-                           "engine.grad_clip=1.5"])
+    cfg = tiny_config(**{"train.batch_size": 64, "engine.grad_accum_steps": 2,
+                         "engine.grad_clip": 1.5})
     for name, stage in (("deepspeed_zero2.json", 2), ("deepspeed_zero3.json", 3)):
         cfg.engine.deepspeed_config = name
         ds = deepspeed_config(cfg.engine, cfg.train, world_size=4, bf16=True, fp32_buffers=("dG",))
@@ -85,7 +84,7 @@ def test_deepspeed_json_sections_we_own_are_replaced(tmp_path):
     path.write_text(json.dumps({"train_batch_size": 3, "fp16": {"enabled": True},
                                 "optimizer": {"type": "Adam"}, "scheduler": {"type": "WarmupLR"},
                                 "zero_optimization": {"stage": 3, "overlap_comm": True}}))
-    cfg = load_config([], ["train.batch_size=8", f"engine.deepspeed_config={path}"])
+    cfg = tiny_config(**{"train.batch_size": 8, "engine.deepspeed_config": path})
     ds = deepspeed_config(cfg.engine, cfg.train, world_size=2, bf16=False)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
     assert not ds["fp16"]["enabled"] and "optimizer" not in ds and "scheduler" not in ds

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from test_convert import make_bids, phantom, save
+from sources import make_bids, phantom, save
 
 from hpcbrain.data.bids_filter import BidsFilterError, entities, load_filter, matches
 from hpcbrain.data.convert import ConversionError, convert_cohort
