@@ -33,10 +33,11 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
-# The inner loop: everything but the Slurm cluster and the multi-process (gloo) tests.
+# The inner loop (under 5 minutes on 2 cores): everything but the Slurm cluster, the
+# multi-process (gloo) tests and the few that take a minute each (marker `minutes`).
 test-fast: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -m "not slurm and not multiprocess"
+	$(PY) -m pytest -m "not slurm and not multiprocess and not minutes"
 
 # Synthetic cohort -> cohort store -> LSOR training -> evaluation and registry. Re-running
 # reuses what is already built and resumes the training run.

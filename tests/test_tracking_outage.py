@@ -208,6 +208,7 @@ def test_offline_training_sends_its_metrics_with_the_next_run(age_contrast_store
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 def test_a_server_killed_mid_run_and_back_20_s_later_misses_no_step(age_contrast_store,
                                                                     tmp_path, mlflow_server):
     """Killed after step 3; steps 4-11 train while it is down (spooled); restarted 20 s after

@@ -53,6 +53,7 @@ def test_summary_claims_an_ordering_only_when_the_interval_excludes_zero():
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 def test_baselines_and_a_trained_loss_on_a_tiny_cohort(age_contrast_store, tmp_path):
     from hpcbrain.data.store import CohortStore
     from hpcbrain.job import build_datasets

@@ -11,7 +11,7 @@ import pytest
 
 from hpcbrain.config import PROJECT_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.minutes]
 
 
 def test_smoke_table_has_every_method_and_metric(make_store, tmp_path):

@@ -53,6 +53,7 @@ def correlation(store, i: int, j: int) -> float:
     return float(np.corrcoef(store.read_image(i).ravel(), store.read_image(j).ravel())[0, 1])
 
 
+@pytest.mark.minutes
 def test_registration_undoes_pose_and_size_and_rejects_what_does_not_register(twins, tmp_path):
     plain = CohortStore(convert_cohort(twins, tmp_path / "plain.zarr", 48, skip_bad=True,
                                        progress=False).out)
