@@ -85,7 +85,10 @@ def one_size(out: Path, subjects: int, tasks: int, shape: int) -> dict:
             "peak_rss_mb": [r["peak_rss_mb"] for r in reports],
             "ledger_rows": len(ledger),
             "ledger_ok": int(sum(r["status"] == "ok" for r in ledger)),
-            "ledger_with_metrics": int(sum(np.isfinite(r["template_corr"]) for r in ledger))}
+            "ledger_with_metrics": int(sum(np.isfinite(r["template_corr"]) for r in ledger)),
+            # drawn by the tasks as they convert (data/qc_report.py), linked by the report
+            "qc_figures": len(list((out / f"cohort{subjects}_qc" / "figures").rglob("*.png"))),
+            "slowest_task_s": round(float(seconds.max()), 1)}
 
 
 def main() -> int:
@@ -102,13 +105,16 @@ def main() -> int:
         rows = [one_size(out, n, args.tasks, args.shape) for n in args.subjects]
     finally:
         stop_cluster()
-    lines = ["| subjects | scans | tasks | wall (s) | scans/s per task | slowest / mean task | "
-             "peak RSS per task (MB) | ledger rows / ok / with QC |", "|---" * 8 + "|"]
+    lines = ["| subjects | scans | tasks | wall (s) | slowest task (s) | scans/s per task | "
+             "slowest / mean task | peak RSS per task (MB) | ledger rows / ok / with QC | "
+             "QC figures |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(f"| {r['subjects']} | {r['scans']} | {r['tasks']} | {r['wall_s']} | "
+                     f"{r['slowest_task_s']} | "
                      f"{min(r['task_scans_per_s'])}–{max(r['task_scans_per_s'])} | "
                      f"{r['balance']} | {min(r['peak_rss_mb'])}–{max(r['peak_rss_mb'])} | "
-                     f"{r['ledger_rows']} / {r['ledger_ok']} / {r['ledger_with_metrics']} |")
+                     f"{r['ledger_rows']} / {r['ledger_ok']} / {r['ledger_with_metrics']} | "
+                     f"{r['qc_figures']} |")
     print("\n".join(lines))
     (out / "convert_scale.json").write_text(json.dumps(rows, indent=1))
     return 0
