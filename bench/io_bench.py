@@ -103,15 +103,22 @@ def read_rate(read_one, n: int, repeats: int, seed: int) -> tuple[float, list[fl
 
 
 def write_store(path: Path, volumes: np.ndarray, dtype: str, per_shard: int,
-                codec: str = "blosc-lz4") -> None:
-    """Only the images array: enough for the write rate, zarr reads and the size on disk."""
+                codec: str = "blosc-lz4", checksums: bool = True) -> None:
+    """Only the images array: enough for the write rate, zarr reads and the size on disk.
+    `checksums=False`: the layout before chunks carried a crc32c (to measure its cost)."""
     import zarr
 
-    from hpcbrain.data.store import ImageLayout, create_images_array
+    from hpcbrain.data.store import IMAGES, ImageLayout, create_images_array
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     layout = ImageLayout(volumes.shape[1:], dtype=dtype, scans_per_shard=per_shard, codec=codec)
-    images = create_images_array(group, len(volumes), layout)
+    if checksums:
+        images = create_images_array(group, len(volumes), layout)
+    else:
+        images = group.create_array(IMAGES, shape=volumes.shape, dtype=dtype,
+                                    chunks=(1, *volumes.shape[1:]),
+                                    shards=(per_shard, *volumes.shape[1:]),
+                                    compressors=layout.compressor(), fill_value=0)
     for start in range(0, len(volumes), per_shard):
         images[start:start + per_shard] = volumes[start:start + per_shard].astype(dtype)
 
@@ -167,6 +174,11 @@ def bench_size(src: Path, work: Path, size: int, args) -> list[dict]:
         lambda i: store.read_image(i, None))
     row("store float16 blosc-lz4, read through zarr", store_path, write_s,
         read_store_image(store_path))
+    unchecked = work / f"store{size}_no_checksums.zarr"
+    write_s = timed(lambda: write_store(unchecked, volumes, "float16", args.scans_per_shard,
+                                        checksums=False))
+    row("store float16 blosc-lz4, no chunk checksums (before Dec 2026)", unchecked, write_s,
+        fast_reader(unchecked))
     for dtype, codec in (("float16", "zstd"), ("float32", "blosc-lz4"), ("float32", "zstd")):
         path = work / f"store{size}_{dtype}_{codec}.zarr"
         write_s = timed(lambda path=path, dtype=dtype, codec=codec:

@@ -3,10 +3,11 @@
 zarr 3.1 spends ~2.5 ms of async/thread machinery on reading one chunk out of a shard at 64³,
 several times the cost of decoding it (bench/io_bench.py measures it). The layout the converter
 writes is fixed and simple (Zarr v3 `sharding_indexed`, index at the end of the shard file,
-inner codecs bytes + blosc or bytes + zstd), so for that exact layout we read the shard index
-and the chunk ourselves, decoding straight into the output array. Any other layout returns
-None from `open_fast_reader`, and the caller falls back to zarr: correctness never depends on
-this module.
+inner codecs bytes + blosc or bytes + zstd, then crc32c in stores since December 2026), so for
+that exact layout we read the shard index and the chunk ourselves, verify their checksums as
+zarr would (`ChecksumMismatch`), and decode straight into the output array. Any other layout
+returns None from `open_fast_reader`, and the caller falls back to zarr: correctness never
+depends on this module.
 """
 from __future__ import annotations
 
@@ -15,23 +16,37 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import google_crc32c  # zarr's own crc32c (a zarr dependency); the C implementation
 import numpy as np
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)  # the sharding spec's marker for a chunk never written
 _CRC32C_BYTES = 4
 
 
-def _layout(meta: dict) -> tuple[int, list[int], np.dtype, str, float, str] | None:
-    """(scans per shard, volume shape, dtype, key separator, fill, compressor name) when we can
-    read it."""
+class ChecksumMismatch(ValueError):
+    """A shard index or a chunk whose bytes no longer match their crc32c: changed at rest."""
+
+
+def _check_crc32c(data: bytes, what: str) -> bytes:
+    """`data` without its trailing little-endian crc32c, which must match the rest."""
+    body, stored = data[:-_CRC32C_BYTES], int.from_bytes(data[-_CRC32C_BYTES:], "little")
+    if len(data) < _CRC32C_BYTES or google_crc32c.value(body) != stored:
+        raise ChecksumMismatch(f"{what}: stored and computed crc32c differ")
+    return body
+
+
+def _layout(meta: dict) -> tuple[int, list[int], np.dtype, str, float, str, bool] | None:
+    """(scans per shard, volume shape, dtype, key separator, fill, compressor name, whether each
+    chunk carries a crc32c) when we can read it."""
     try:
         (codec,) = meta["codecs"]
         conf = codec["configuration"]
         inner = [c["name"] for c in conf["codecs"]]
         index = [c["name"] for c in conf["index_codecs"]]
+        checksummed = inner[2:] == ["crc32c"]
         if (codec["name"] != "sharding_indexed" or conf["index_location"] != "end"
-                or len(inner) != 2 or inner[0] != "bytes" or inner[1] not in _DECODERS
-                or index != ["bytes", "crc32c"]
+                or len(inner) != 2 + checksummed or inner[0] != "bytes"
+                or inner[1] not in _DECODERS or index != ["bytes", "crc32c"]
                 or meta["chunk_key_encoding"]["name"] != "default"):
             return None
         chunk = conf["chunk_shape"]
@@ -45,7 +60,7 @@ def _layout(meta: dict) -> tuple[int, list[int], np.dtype, str, float, str] | No
         per_shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         return (per_shard, list(shape[1:]), dtype, separator, float(meta.get("fill_value", 0)),
-                inner[1])
+                inner[1], checksummed)
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -76,7 +91,7 @@ def open_fast_reader(array_dir: Path) -> Callable[[int, Any], np.ndarray] | None
     layout = _layout(meta)
     if layout is None:
         return None
-    per_shard, volume_shape, dtype, separator, fill, compressor = layout
+    per_shard, volume_shape, dtype, separator, fill, compressor, checksummed = layout
     from hpcbrain.data.store import cast_volume
 
     decoder = _DECODERS[compressor]()
@@ -93,11 +108,20 @@ def open_fast_reader(array_dir: Path) -> Callable[[int, Any], np.ndarray] | None
             return np.full(volume_shape, fill, dtype=fill_dtype)
         with handle:
             handle.seek(-(index_bytes + _CRC32C_BYTES), os.SEEK_END)
-            offset, nbytes = np.frombuffer(handle.read(index_bytes), "<u8").reshape(-1, 2)[k]
+            index = _check_crc32c(handle.read(index_bytes + _CRC32C_BYTES),
+                                  f"the index of shard file {path}")
+            offset, nbytes = np.frombuffer(index, "<u8").reshape(-1, 2)[k]
             if offset == _EMPTY:
                 return np.full(volume_shape, fill, dtype=fill_dtype)
             handle.seek(int(offset))
-            encoded = handle.read(int(nbytes))
+            if not checksummed:
+                encoded = handle.read(int(nbytes))
+            else:   # body and crc read apart: no copy of the chunk to strip its last 4 bytes
+                encoded = handle.read(int(nbytes) - _CRC32C_BYTES)
+                stored = int.from_bytes(handle.read(_CRC32C_BYTES), "little")
+                if google_crc32c.value(encoded) != stored:
+                    raise ChecksumMismatch(f"chunk {k} of shard file {path}: stored and "
+                                           f"computed crc32c differ")
         volume = np.empty(volume_shape, dtype)
         decoder.decode(encoded, out=volume)
         return volume if out_dtype is None else cast_volume(volume, out_dtype)

@@ -51,6 +51,10 @@ class StoreError(ValueError):
     """A cohort store is missing, incomplete or of an unknown schema."""
 
 
+class CorruptScanError(StoreError):
+    """A scan's bytes changed at rest: its chunk (or its shard's index) fails its checksum."""
+
+
 # The images array's compressor. Both are in zarr v3's core codecs, so a store stays readable
 # with plain zarr. blosc-lz4 with byte shuffle (float16's high bytes, which vary slowly, grouped
 # before lz4) decodes several times faster than zstd for 15-30 % more bytes (bench/io_bench.py):
@@ -94,7 +98,12 @@ class ImageLayout:
 
 
 def create_images_array(group, n_scans: int, layout: ImageLayout):
-    """Create the (N, S, S, S) images array: one chunk per scan, `scans_per_shard` per shard file."""
+    """Create the (N, S, S, S) images array: one chunk per scan, `scans_per_shard` per shard file,
+    each chunk compressed and then checksummed (zarr v3's crc32c codec, last in the chunk's
+    chain: every reader, zarr's and `shard_reader`'s, verifies it, so a byte flipped at rest
+    stops the read instead of training on garbage)."""
+    import zarr.codecs
+
     per_shard = max(1, min(layout.scans_per_shard, n_scans))
     return group.create_array(
         IMAGES,
@@ -102,7 +111,7 @@ def create_images_array(group, n_scans: int, layout: ImageLayout):
         dtype=layout.dtype,
         chunks=(1, *layout.shape),
         shards=(per_shard, *layout.shape),
-        compressors=layout.compressor(),
+        compressors=[layout.compressor(), zarr.codecs.Crc32cCodec()],
         fill_value=0,
         overwrite=True,
     )
@@ -227,10 +236,32 @@ class CohortStore:
 
             self._fast_read = open_fast_reader(self.path / IMAGES) or False
         row = self.image_row(index)
-        if self._fast_read:
-            return self._fast_read(row, dtype)
-        volume = self.images[row]
+        try:
+            if self._fast_read:
+                return self._fast_read(row, dtype)
+            volume = self.images[row]
+        except ValueError as exc:
+            if "checksum" not in str(exc) and "crc32c" not in str(exc):
+                raise
+            raise self._corrupt(index, row, exc) from None
         return volume if dtype is None else cast_volume(volume, dtype)
+
+    def shard_file(self, index: int) -> Path:
+        """The shard file that holds scan `index`'s chunk."""
+        images = self.images
+        per_shard = int(images.shards[0]) if images.shards else 1
+        rest = "/".join("0" * len(images.shape[1:]))
+        return self.path / IMAGES / "c" / str(self.image_row(index) // per_shard) / rest
+
+    def _corrupt(self, index: int, row: int, exc: Exception) -> CorruptScanError:
+        try:
+            who = f"{self.column('subject')[index]} {self.column('session')[index]}"
+        except Exception:  # noqa: BLE001 - the message must not fail on a broken column
+            who = "subject and session unreadable"
+        return CorruptScanError(
+            f"{self.path}: scan {index} ({who}) is corrupt: its bytes in shard file "
+            f"{self.shard_file(index)} changed at rest ({exc}). Check the whole store with "
+            f"`hpcbrain verify {self.path}`; reconvert the scan from its source.")
 
     def column(self, name: str) -> np.ndarray:
         group = self._open()

@@ -53,7 +53,8 @@ def test_store_reads_back_with_plain_zarr(tmp_path):
     assert images.chunks == (1, S, S, S)
     assert images.shards == (4, S, S, S)
     assert images.dtype == np.float16
-    (blosc,) = images.compressors                 # the default codec, readable by plain zarr
+    blosc, crc = images.compressors               # the default codec, readable by plain zarr,
+    assert type(crc).__name__ == "Crc32cCodec"    # then each chunk's checksum
     assert type(blosc).__name__ == "BloscCodec"
     assert (blosc.cname.value, blosc.clevel, blosc.shuffle.value, blosc.typesize) == \
         ("lz4", 5, "shuffle", 2)
@@ -102,7 +103,7 @@ def test_zstd_on_request_stores_the_same_voxels(tmp_path):
     zstd = convert_cohort(src, tmp_path / "zstd.zarr", S, codec="zstd", codec_level=7,
                           progress=False).out
     images = zarr.open_group(str(zstd), mode="r")["images"]
-    assert [type(c).__name__ for c in images.compressors] == ["ZstdCodec"]
+    assert [type(c).__name__ for c in images.compressors] == ["ZstdCodec", "Crc32cCodec"]
     assert images.compressors[0].level == 7
     assert CohortStore(zstd).info["codec"] == {"name": "zstd", "level": 7}
     np.testing.assert_array_equal(images[...],
