@@ -21,6 +21,7 @@ class CollectiveFailed(RuntimeError):
 
 
 _timeout_minutes: Optional[float] = None    # what `set_timeout` last set (None: the group's own)
+_phase: Optional[str] = None                # what the ranks are doing (`timeout(..., phase)`)
 
 
 def set_timeout(minutes: float) -> None:
@@ -33,16 +34,27 @@ def set_timeout(minutes: float) -> None:
     _timeout_minutes = float(minutes)
 
 
+def set_phase(phase: Optional[str]) -> None:
+    """What the ranks are doing, for the message of a collective that fails (e.g. "training
+    steps")."""
+    global _phase
+    _phase = phase
+
+
 @contextlib.contextmanager
-def timeout(minutes: float) -> Iterator[None]:
-    """`set_timeout(minutes)` for the block, the previous timeout afterwards."""
-    previous = _timeout_minutes
+def timeout(minutes: float, phase: Optional[str] = None) -> Iterator[None]:
+    """`set_timeout(minutes)` (and `set_phase(phase)` when given) for the block, the previous
+    ones afterwards."""
+    previous, previous_phase = _timeout_minutes, _phase
     set_timeout(minutes)
+    if phase is not None:
+        set_phase(phase)
     try:
         yield
     finally:
         if previous is not None:
             set_timeout(previous)
+        set_phase(previous_phase)
 
 
 _PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
@@ -63,8 +75,9 @@ def named_collective(what: str) -> Iterator[None]:
         if not is_peer_failure(exc) or isinstance(exc, CollectiveFailed):
             raise
         waited = f"{_timeout_minutes:g} min" if _timeout_minutes is not None else "its timeout"
+        during = f" during {_phase}" if _phase else ""
         raise CollectiveFailed(
-            f"rank {rank()} of {world_size()}: {what} did not complete within {waited}: another "
+            f"rank {rank()} of {world_size()}: {what}{during} did not complete within {waited}: another "
             f"rank stopped, hung or is far behind (see its log); engine.step_timeout_minutes / "
             f"engine.timeout_minutes set the waits ({str(exc).splitlines()[0]})") from exc
 

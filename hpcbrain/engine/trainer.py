@@ -191,19 +191,23 @@ class Trainer:
     def fit(self) -> Progress:
         """Every epoch: the method's epoch start (e.g. LSOR's k-means), the training steps,
         its epoch end, validation, a checkpoint. Collectives wait engine.timeout_minutes in the
-        long phases and engine.step_timeout_minutes between training steps, once one step has
-        run (so a rank that dies mid-epoch is noticed in minutes, not half an hour)."""
+        long phases (the method's epoch start and end, e.g. LSOR's k-means; checkpoints) and
+        engine.step_timeout_minutes in training and validation steps, once one step has run (so
+        a rank that dies or hangs mid-epoch or in validation is noticed in minutes, not half an
+        hour); a failed collective names the phase."""
         epochs = self.settings.epochs
         while self.progress.epoch < epochs:
             epoch = self.progress.epoch
             self._set_epoch(epoch)
             self._apply_lr_schedule(epoch)
-            with dist.timeout(self.long_timeout):
+            with dist.timeout(self.long_timeout, "the method's epoch start"):
                 self.method.on_epoch_start(epoch, self.encode_batches())
             train_means = self._train_epoch(epoch)
-            with dist.timeout(self.long_timeout):
+            with dist.timeout(self.long_timeout, "the method's epoch end"):
                 with self.engine.full_parameters():
                     health = self.method.on_epoch_end(epoch, self.encode_batches())
+            # validation steps are steps: a rank that hangs in them is noticed as fast
+            with dist.timeout(self.step_timeout, "validation"):
                 val_means = self.validate()
             self.progress = Progress(epoch=epoch + 1, global_step=self.progress.global_step)
             metrics = {f"epoch/train_{k}": v for k, v in train_means.items()}
@@ -211,7 +215,7 @@ class Trainer:
             metrics["epoch/epoch"] = epoch
             metrics.update(health)
             self.tracker.log_metrics(metrics, step=self.progress.global_step)
-            with dist.timeout(self.long_timeout):
+            with dist.timeout(self.long_timeout, "a checkpoint"):
                 saved = self.save_checkpoint()
             if self.rank == 0:
                 summary = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()
@@ -223,6 +227,7 @@ class Trainer:
             if self._stop_agreed():
                 self._stopped(saved)
         dist.set_timeout(self.long_timeout)   # export and evaluation on rank 0 take a while
+        dist.set_phase("the export and evaluation after training")
         return self.progress
 
     def _apply_lr_schedule(self, epoch: int) -> None:
@@ -256,6 +261,7 @@ class Trainer:
                 losses = self._step(batch, epoch, step_in_epoch)
             if step_in_epoch == first:     # the first step compiled and allocated: now short
                 dist.set_timeout(self.step_timeout)
+                dist.set_phase("training steps")
             metrics.add_step(losses, data_wait)
             self.progress.global_step += 1
             self.progress.step_in_epoch = done = step_in_epoch + 1
@@ -267,7 +273,7 @@ class Trainer:
             stopping = self._stop_agreed()
             if periodic or stopping:
                 self.progress.epoch_sums = metrics.epoch_sums()
-                with dist.timeout(self.long_timeout):
+                with dist.timeout(self.long_timeout, "a checkpoint"):
                     saved = self.save_checkpoint()   # the epoch-end one follows validation
                 if stopping:
                     bar.close()

@@ -39,3 +39,50 @@ def test_the_surviving_rank_fails_fast_naming_the_collective(tmp_path, rank1_doe
     assert "all_reduce_sum" in survivor["message"] and "within 0.05 min" in survivor["message"]
     assert "another rank stopped, hung or is far behind" in survivor["message"]
     assert survivor["seconds"] < 10         # the step timeout (3 s), not the 5-minute start-up one
+
+
+def _validation_worker(rank: int, store: str, root: str) -> dict:
+    """Two DDP ranks train; rank 1 hangs for 25 s as validation starts."""
+    import time as clock
+
+    from conftest import lsor_run_config
+
+    from hpcbrain import dist, process_group
+    from hpcbrain.engine.trainer import Trainer
+    from hpcbrain.job import run_training
+
+    process_group.setup_distributed(require_group=True, timeout_minutes=5)
+    real_validate = Trainer.validate
+    started: dict = {}
+
+    def validate(self):
+        started.setdefault("at", clock.perf_counter())
+        if rank == 1:
+            clock.sleep(25)                      # alive but not joining: a hung rank
+        return real_validate(self)
+
+    Trainer.validate = validate
+    try:
+        run_training(lsor_run_config(store, root, "hung", "engine.name=ddp",
+                                     "train.channels_last=false", "engine.timeout_minutes=5",
+                                     "engine.step_timeout_minutes=0.05"))
+        return {"message": None}
+    except dist.CollectiveFailed as exc:
+        return {"message": str(exc), "seconds": clock.perf_counter() - started["at"]}
+    except Exception as exc:  # noqa: BLE001 - rank 1 finds rank 0 gone, however it says so
+        return {"message": f"{type(exc).__name__}: {exc}", "seconds": None}
+    finally:
+        Trainer.validate = real_validate
+        process_group.teardown()
+
+
+def test_a_rank_hung_in_validation_is_noticed_within_the_step_timeout(age_contrast_store,
+                                                                     tmp_path):
+    """Validation runs under the step timeout (3 s here), not the 5-minute long one, and the
+    failure names the phase."""
+    survivor = run_on_ranks(_validation_worker, tmp_path, str(age_contrast_store),
+                            str(tmp_path / "runs"), world=2)[0]
+    assert survivor["message"] is not None, "rank 0 waited instead of failing"
+    assert "during validation" in survivor["message"]
+    assert "within 0.05 min" in survivor["message"]
+    assert survivor["seconds"] < 20         # the step timeout, not the 5-minute one
