@@ -115,19 +115,16 @@ def _cmd_bids_app(args) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from hpcbrain.data.convert import ConversionError, convert_cohort
+    from hpcbrain.data.convert import convert_cohort
 
-    try:
-        report = convert_cohort(args.source, args.out, args.shape, workers=args.workers,
-                                skip_bad=args.skip_bad, dtype=args.dtype,
-                                scans_per_shard=args.scans_per_shard, codec=args.codec,
-                                codec_level=args.codec_level, register=args.register,
-                                bids_filter=args.bids_filter,
-                                progress=not args.quiet, qc_report=not args.no_qc_report,
-                                append=args.append)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # a ConversionError (nothing written) is a user error: main reports it, exit 2
+    report = convert_cohort(args.source, args.out, args.shape, workers=args.workers,
+                            skip_bad=args.skip_bad, dtype=args.dtype,
+                            scans_per_shard=args.scans_per_shard, codec=args.codec,
+                            codec_level=args.codec_level, register=args.register,
+                            bids_filter=args.bids_filter,
+                            progress=not args.quiet, qc_report=not args.no_qc_report,
+                            append=args.append)
     print(f"converted {report.n_converted} scans into {report.out} in {report.seconds:.1f} s"
           + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
     if report.qc_folder is not None:

@@ -131,7 +131,6 @@ def trainer_settings(cfg: DictConfig, world: int):
     """The loop's settings from the job's config sections (the trainer reads none itself)."""
     from hpcbrain.config_checks import check_global_batch
     from hpcbrain.engine.trainer import TrainerSettings
-    from hpcbrain.redact import redacted
 
     train = cfg.train
     return TrainerSettings(

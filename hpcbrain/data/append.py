@@ -192,7 +192,8 @@ def merge_wave(out: Path, wave: Path, source: Path) -> MergeReport:
         stop = min(start + per_shard, len(new))
         images[first + start:first + stop] = new.images[start:stop]
 
-    old_rows = np.array([old.image_row(i) for i in range(len(old))], dtype=np.int64)
+    old_rows = (np.asarray(group[IMAGE_ROW][...], dtype=np.int64) if IMAGE_ROW in group
+                else np.arange(len(old), dtype=np.int64))      # a first append: scan = row
     columns, types = _merged_columns(old, new)
     columns[IMAGE_ROW] = np.concatenate([old_rows, first + np.arange(len(new), dtype=np.int64)])
     types[IMAGE_ROW] = "int64"

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcbrain.atomic import atomic_write, write_text_atomic
+from hpcbrain.data.append import NothingToAppend, prepare_append, stored_sessions, wave_path
 from hpcbrain.data.convert_records import (
     build_columns,
     describe_bad,
@@ -83,8 +84,6 @@ class BlockPlan:
         """The (subject, session) pairs the conversion leaves out: an append's store's."""
         if self.append_to is None:
             return frozenset()
-        from hpcbrain.data.append import stored_sessions
-
         return frozenset(stored_sessions(Path(self.append_to)))
 
     @property
@@ -108,8 +107,6 @@ def _discover(source: Path, bids_filter: str | None,
     scans = [s for s in scans if (s.subject, s.session) not in exclude]
     if not scans:
         if exclude:
-            from hpcbrain.data.append import NothingToAppend
-
             raise NothingToAppend(f"the store already holds every session of {source}; "
                                   f"nothing to append")
         raise ConversionError(f"no T1w images found in {source}")
@@ -130,20 +127,17 @@ def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: i
     source = Path(os.path.abspath(Path(source).expanduser()))
     append_to, exclude = None, frozenset()
     if append:
-        from hpcbrain.data.append import NothingToAppend, prepare_append, wave_path
-
         layout = ImageLayout((int(shape),) * 3, dtype=np.dtype(dtype).name, codec=codec,
                              level=codec_level)
         exclude = prepare_append(out, layout, preprocessing_attrs(register), bids_filter)
         append_to, out = str(out), wave_path(out)
-        try:
-            _discover(source, bids_filter, exclude)
-        except NothingToAppend:
-            # a merge that ended before its wave's staging was removed leaves it behind
-            shutil.rmtree(Path(str(out) + ".partial"), ignore_errors=True)
-            raise
     refuse_existing(out)
-    scans, _, candidates = _discover(source, bids_filter, exclude)
+    try:
+        scans, _, candidates = _discover(source, bids_filter, exclude)
+    except NothingToAppend:
+        # a merge that ended before its wave's staging was removed leaves it behind
+        shutil.rmtree(Path(str(out) + ".partial"), ignore_errors=True)
+        raise
     bad = [(str(s.path), s.subject, s.session, "; ".join(s.problems))
            for s in scans if s.problems]
     if bad and not skip_bad:

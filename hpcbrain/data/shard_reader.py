@@ -27,10 +27,12 @@ class ChecksumMismatch(ValueError):
     """A shard index or a chunk whose bytes no longer match their crc32c: changed at rest."""
 
 
-def _check_crc32c(data: bytes, what: str) -> bytes:
-    """`data` without its trailing little-endian crc32c, which must match the rest."""
-    body, stored = data[:-_CRC32C_BYTES], int.from_bytes(data[-_CRC32C_BYTES:], "little")
-    if len(data) < _CRC32C_BYTES or google_crc32c.value(body) != stored:
+def _read_checked(handle, nbytes: int, what: str) -> bytes:
+    """The next `nbytes` of `handle`, whose last 4 are the little-endian crc32c of the rest;
+    the rest, read apart from the checksum (no copy of a chunk to strip it)."""
+    body = handle.read(nbytes - _CRC32C_BYTES)
+    stored = int.from_bytes(handle.read(_CRC32C_BYTES), "little")
+    if google_crc32c.value(body) != stored:
         raise ChecksumMismatch(f"{what}: stored and computed crc32c differ")
     return body
 
@@ -108,20 +110,14 @@ def open_fast_reader(array_dir: Path) -> Callable[[int, Any], np.ndarray] | None
             return np.full(volume_shape, fill, dtype=fill_dtype)
         with handle:
             handle.seek(-(index_bytes + _CRC32C_BYTES), os.SEEK_END)
-            index = _check_crc32c(handle.read(index_bytes + _CRC32C_BYTES),
+            index = _read_checked(handle, index_bytes + _CRC32C_BYTES,
                                   f"the index of shard file {path}")
             offset, nbytes = np.frombuffer(index, "<u8").reshape(-1, 2)[k]
             if offset == _EMPTY:
                 return np.full(volume_shape, fill, dtype=fill_dtype)
             handle.seek(int(offset))
-            if not checksummed:
-                encoded = handle.read(int(nbytes))
-            else:   # body and crc read apart: no copy of the chunk to strip its last 4 bytes
-                encoded = handle.read(int(nbytes) - _CRC32C_BYTES)
-                stored = int.from_bytes(handle.read(_CRC32C_BYTES), "little")
-                if google_crc32c.value(encoded) != stored:
-                    raise ChecksumMismatch(f"chunk {k} of shard file {path}: stored and "
-                                           f"computed crc32c differ")
+            encoded = (_read_checked(handle, int(nbytes), f"chunk {k} of shard file {path}")
+                       if checksummed else handle.read(int(nbytes)))
         volume = np.empty(volume_shape, dtype)
         decoder.decode(encoded, out=volume)
         return volume if out_dtype is None else cast_volume(volume, out_dtype)

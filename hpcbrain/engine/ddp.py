@@ -28,7 +28,6 @@ from hpcbrain.engine.single import SingleEngine
 
 @register_engine("ddp")
 class DDPEngine(SingleEngine):
-    name = "ddp"
     needs_process_group = True
     multi_process = True
 

@@ -188,7 +188,6 @@ def weights_only_checkpoint_engine(config: Any):
 
 @register_engine("deepspeed")
 class DeepSpeedEngine:
-    name = "deepspeed"
     needs_process_group = True           # its comm layer wraps a torch group, even of one
     multi_process = True
     # DeepSpeed's bf16 casts the parameters themselves, fixed when the engine is built

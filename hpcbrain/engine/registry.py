@@ -13,7 +13,8 @@ from its name:
                           of one kind resume each other's run folders
     find_checkpoint(run_dir)        its kind's newest checkpoint in a run folder, or None
     process_group_initializer()     what starts its process group (None: torch's default)
-    build(cfg, method, device, bf16)  the engine around `method`
+    build(engine, train, method, device, bf16)  the engine around `method`, from the
+                          `engine` and `train` config sections
 
 Adding an engine: one module in hpcbrain/engine/ with a registered class, and its config keys
 in the `engine` section. `auto` is a policy, not an engine: `single` for one process, `ddp` for

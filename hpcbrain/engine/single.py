@@ -126,8 +126,7 @@ class ParameterWriter:
 class SingleEngine:
     """One process: forward, finite check, backward, (clip), optimizer step."""
 
-    name = "single"
-    # what the registry asks of an engine (hpcbrain/engine/registry.py)
+    # `name` is set by register_engine; what the registry asks of an engine (hpcbrain/engine/registry.py)
     needs_process_group = False
     multi_process = False
     bf16_is_autocast = True
