@@ -24,6 +24,8 @@ intervals, and the gap against age before and after the age-bias correction.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -110,17 +112,28 @@ def dataset_description(bids_dir: Path, model_uri: str) -> dict:
 
 
 def _claim_output(output_dir: Path, description: dict) -> None:
-    """Write dataset_description.json, or check that the one there is this model's."""
+    """Write dataset_description.json, or check that the one there is this model's.
+
+    Array tasks start together on one output folder: the file is made complete beside its name
+    and linked to it (`os.link` fails when the name exists), so exactly one task's file lands
+    whole and every other task, of this model or another, checks it like a later run would."""
     path = output_dir / "dataset_description.json"
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        made_by = [g.get("Description") for g in existing.get("GeneratedBy", [])]
-        if made_by != [g["Description"] for g in description["GeneratedBy"]]:
-            raise BidsAppError(f"{output_dir} holds derivatives of {made_by}; write "
-                               f"{description['GeneratedBy'][0]['Description']}'s elsewhere")
-        return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(description, indent=2) + "\n")
+    if not path.is_file():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        draft = output_dir / f".dataset_description.{uuid.uuid4().hex}.json"   # tasks on
+        # several hosts: a pid is not unique
+        write_text_atomic(draft, json.dumps(description, indent=2) + "\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass                     # another task claimed it first: check theirs below
+        finally:
+            draft.unlink(missing_ok=True)
+    existing = json.loads(path.read_text())
+    made_by = [g.get("Description") for g in existing.get("GeneratedBy", [])]
+    if made_by != [g["Description"] for g in description["GeneratedBy"]]:
+        raise BidsAppError(f"{output_dir} holds derivatives of {made_by}; write "
+                           f"{description['GeneratedBy'][0]['Description']}'s elsewhere")
 
 
 def _derivative_base(scan: SelectedScan, bids_dir: Path, output_dir: Path) -> Path:

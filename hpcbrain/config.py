@@ -183,6 +183,8 @@ class TrackingConfig:
     health_timeout_s: float = 5.0    # how long the start-up health check waits
     retry_s: float = 5.0             # metrics wait in the run folder's spool; retried this often
     finish_timeout_s: float = 30.0   # the end of a run waits at most this for metrics to leave
+    outage_wait_s: float = 60.0      # the finishing phase waits at most this for a server that
+                                     # stopped answering, then defers its uploads (exit 75)
     queue_size: int = 1000           # metric batches queued in memory before they spool to disk
 
 

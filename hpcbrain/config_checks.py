@@ -66,6 +66,7 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("tracking.health_timeout_s", 0, math.inf, False),
     ("tracking.retry_s", 0, math.inf, False),
     ("tracking.finish_timeout_s", 0, math.inf, True),
+    ("tracking.outage_wait_s", 0, math.inf, True),
     ("tracking.queue_size", 1, math.inf, True),
     ("contrastive.temperature", 0, math.inf, False),
     ("contrastive.sigma", 0, math.inf, False),

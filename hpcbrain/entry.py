@@ -12,9 +12,13 @@ from __future__ import annotations
 import sys
 from typing import Iterable
 
-__all__ = ["user_errors", "report", "train_here", "print_summary", "EXIT_USER_ERROR"]
+__all__ = ["user_errors", "report", "train_here", "print_summary", "deferred_line",
+           "EXIT_USER_ERROR", "EXIT_DEFERRED"]
 
 EXIT_USER_ERROR = 2
+#: Trained, but the tracking server stopped answering before the models (or figures) reached it:
+#: sysexits' EX_TEMPFAIL, "try again later" — rerunning the same command sends them.
+EXIT_DEFERRED = 75
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -54,10 +58,11 @@ def report(error: BaseException) -> int:
 def train_here(configs: Iterable) -> int:
     """Train each config in this process, one after the other, printing each run's summary.
     A stop by signal returns its exit status (128 + the signal) at once; user errors propagate
-    (the caller reports them)."""
+    (the caller reports them). EXIT_DEFERRED when a run's finishing phase deferred uploads."""
     from hpcbrain.engine.stop import TrainingStopped
     from hpcbrain.job import run_training
 
+    status = 0
     for cfg in configs:
         try:
             result = run_training(cfg)
@@ -65,7 +70,23 @@ def train_here(configs: Iterable) -> int:
             print(f"stopped: {stopped}", file=sys.stderr)
             return stopped.exit_code
         print_summary(result)
-    return 0
+        if result.deferred:
+            print(deferred_line(result), file=sys.stderr)
+            status = EXIT_DEFERRED
+    return status
+
+
+def deferred_line(result) -> str:
+    """One line on what a finished run could not send, and what to do."""
+    from hpcbrain.redact import redact_text
+
+    models = [i for i in result.deferred if i.startswith(("model ", "registration ", "alias "))]
+    others = len(result.deferred) - len(models)
+    listed = "; ".join(models + ([f"{others} figure(s) and table(s)"] if others else []))
+    return (f"deferred: trained, but the tracking server {redact_text(result.tracking_uri or '')} "
+            f"stopped answering before these were sent: {listed}. Everything is kept in "
+            f"{result.run_dir}; rerun the same command when the server is back to send and "
+            f"register them (nothing is retrained) — exit status {EXIT_DEFERRED}")
 
 
 def print_summary(result) -> None:

@@ -44,6 +44,9 @@ class TrainingResult:
     run_id: str | None = None
     figures: list[Path] | None = None
     metrics: dict[str, float] | None = None
+    # what the finishing phase could not send to a tracking server that stopped answering
+    # (models, registrations, figures, tables): the next run of the same command sends them
+    deferred: list[str] | None = None
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -225,11 +228,12 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
     try:
         done = load_result(run_dir)
         complete = done is not None and trainer.progress.epoch >= cfg.train.epochs
-        # A run that finished while the tracking server was away registers its encoder on the
-        # first rerun that reaches it (its final checkpoint is loaded: nothing is retrained).
+        # A run that finished while the tracking server was away sends what it deferred (its
+        # models, their registration, figures) on the first rerun that reaches the server: its
+        # final checkpoint is loaded, nothing is retrained, and what was sent is not sent again.
         register_late = dist.broadcast_object(bool(
-            complete and done.model_uri is None and cfg.tracking.registered_model
-            and tracker.online))
+            complete and tracker.online
+            and (done.deferred or (done.model_uri is None and cfg.tracking.registered_model))))
         if complete and not register_late:
             # A finished run rerun (the demo twice, a requeue after the end): keep its model
             # version instead of registering the same weights again.
@@ -280,9 +284,12 @@ def load_result(run_dir: Path) -> TrainingResult | None:
 
 def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
                     result: TrainingResult) -> None:
-    """Interpretability figures and metrics, then the encoder into the model registry."""
+    """Interpretability figures and metrics, then the encoder into the model registry. What
+    the tracking server does not take (it stopped answering for `tracking.outage_wait_s`) is
+    listed in `result.deferred`; the run folder keeps all of it."""
     from hpcbrain.evaluate.interpretability import evaluate_som
 
+    tracker.begin_finishing(run_dir, result.global_step)
     # The grid is described over every scan of the store (what `hpcbrain embed` of the cohort
     # gives): its quality is a property of the map, not a prediction scored on held-out data.
     report = evaluate_som(method, store, np.arange(len(store)), run_dir / "figures")
@@ -318,6 +325,7 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
                                                "age_model": age.calibration.card()}}
             result.age_model_uri = tracker.log_model(age.predictor, example, "age_predictor",
                                                      name, extra_files=card, metadata=metadata)
+    result.deferred = tracker.deferred or None
 
 
 class TrainingJob(submitit.helpers.Checkpointable):

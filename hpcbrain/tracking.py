@@ -13,21 +13,27 @@ goes on offline (`offline`). Metrics go through a background sender and a spool 
 folder (`hpcbrain.metric_sender`), so a server that disappears mid-run never stalls training;
 what it missed is sent when it is back, or by the next run of the same command, each value
 once. MLflow's own HTTP retries are bounded (`_bound_http_retries`), and so is `finish`.
+The finishing phase (`begin_finishing`: figures, tables, models, registrations) sends each item
+once over every run of the folder and waits at most `tracking.outage_wait_s` for a server that
+stopped answering; what it could not send is *deferred* (`deferred`) to the next run of the same
+command (`hpcbrain.publish_ledger`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig
 
 from hpcbrain.config import PROJECT_ROOT
 from hpcbrain.metric_sender import MetricSender
 from hpcbrain.metric_spool import MetricRecord, MetricSpool
+from hpcbrain.publish_ledger import PublishLedger
 from hpcbrain.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,25 @@ def _artifact_root_for(uri: str) -> str | None:
     return None  # a tracking server decides for itself
 
 
+@contextlib.contextmanager
+def store_creation_lock(uri: str) -> Iterator[None]:
+    """Held while a process first opens a local sqlite tracking store. MLflow creates the file
+    and runs its schema migrations on first use; two processes doing that at once (two runs
+    started together on a fresh project) break it: "table _alembic_tmp_params already exists",
+    and the migration of one fails. A blocking flock on `STORE.lock` makes them take turns;
+    a tracking server migrates its own store."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield                       # closing the handle releases it
+
+
 def experiment_id(name: str, uri: str) -> str:
     """The id of experiment `name` in the store at `uri`, created (artifacts beside a local
     sqlite store, not in the working folder) when it does not exist yet."""
@@ -91,7 +116,15 @@ def experiment_id(name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_root_for(uri))
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root_for(uri))
+    except Exception:
+        # two runs starting together both found no experiment and both create it: the
+        # second is refused (RESOURCE_ALREADY_EXISTS) and uses the first one's
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 class NullTracker:
@@ -110,6 +143,18 @@ class NullTracker:
                   extra_files: list[Path] | None = None,
                   metadata: dict | None = None) -> str | None: return None
     def finish(self, status: str = "FINISHED") -> None: ...
+
+    def begin_finishing(self, run_dir: Path, step: int) -> None:
+        """From now on every upload is the finishing phase's of `step` (see the module doc)."""
+
+    @property
+    def deferred(self) -> list[str]:
+        """The finishing phase's items that did not reach the server (sent by the next run)."""
+        return []
+
+    def server_answers(self) -> bool:
+        """Whether the tracking store answers now (a failed request then is a real error)."""
+        return True
 
     def health_note(self) -> str | None:
         """None while metrics reach the server; else a short note for the progress line."""
@@ -134,6 +179,7 @@ class MlflowTracker(NullTracker):
         self.spool = MetricSpool(run_dir)
         self.sender: MetricSender | None = None
         self.run_id = None
+        self._ledger: PublishLedger | None = None
         problem = server_health(self.uri, float(tracking.health_timeout_s))
         if problem is not None:
             where = redact_text(self.uri)
@@ -152,6 +198,8 @@ class MlflowTracker(NullTracker):
     def _start_run(self, params: dict[str, Any], run_dir: Path, run_id: str | None) -> None:
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.uri)
+        with store_creation_lock(self.uri):
+            mlflow.MlflowClient(self.uri).search_experiments(max_results=1)
         id_file = Path(run_dir) / RUN_ID_FILE
         run_id = run_id or (id_file.read_text().strip() if id_file.exists() else None)
         if run_id:
@@ -191,26 +239,55 @@ class MlflowTracker(NullTracker):
         now = int(time.time() * 1000)
         records = [MetricRecord(k, float(v), now, int(step)) for k, v in metrics.items()
                    if math.isfinite(float(v))]
+        if self._ledger is not None:
+            # the finishing phase's metrics: the spool delivers them, so they are sent once
+            # they are handed over; a rerun that finishes again must not log them twice
+            item = f"metrics {', '.join(sorted(r.key for r in records))} at step {step}"
+            if self._ledger.already_sent(item):
+                return
+            self._hand_over(records)
+            self._ledger.record_sent(item)
+            return
+        self._hand_over(records)
+
+    def _hand_over(self, records: list[MetricRecord]) -> None:
         if self.sender is None:
             self.spool.append(records)
         else:
             self.sender.submit(records)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self._skipped_offline(f"artifact {path}"):
-            return
-        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        where = f"{artifact_path}/{Path(path).name}" if artifact_path else Path(path).name
+        self._publish(f"artifact {where}", lambda: self._mlflow.log_artifact(
+            str(path), artifact_path=artifact_path))
 
     def log_figure(self, figure: Any, name: str) -> None:
-        if self._skipped_offline(f"figure {name}"):
-            return
-        self._mlflow.log_figure(figure, name)
+        self._publish(f"figure {name}", lambda: self._mlflow.log_figure(figure, name))
 
-    def _skipped_offline(self, what: str) -> bool:
-        if self.online:
-            return False
-        log.warning("tracking offline: %s not logged (it stays in the run folder)", what)
-        return True
+    def begin_finishing(self, run_dir: Path, step: int) -> None:
+        self._ledger = PublishLedger(run_dir, step, patience_s=float(self.tracking.outage_wait_s),
+                                     retry_s=float(self.tracking.retry_s),
+                                     server_down=lambda: not self.server_answers(),
+                                     where=f"tracking server {redact_text(self.uri)}")
+
+    @property
+    def deferred(self) -> list[str]:
+        return list(self._ledger.deferred) if self._ledger is not None else []
+
+    def server_answers(self) -> bool:
+        return server_health(self.uri, float(self.tracking.health_timeout_s)) is None
+
+    def _publish(self, item: str, upload):
+        """`upload()` now, or (finishing phase) once per folder, outage-proof; None when the
+        item could not be sent (offline: it stays in the run folder)."""
+        if not self.online:
+            log.warning("tracking offline: %s not sent (it stays in the run folder)", item)
+            if self._ledger is not None:
+                self._ledger.defer(item)
+            return None
+        if self._ledger is None:
+            return upload()
+        return self._ledger.send(item, upload)
 
     def log_encoder(self, encoder: Any, example: Any, extra_files: list[Path] | None = None,
                     metadata: dict | None = None) -> str | None:
@@ -232,8 +309,6 @@ class MlflowTracker(NullTracker):
         empty. `example` must hold at least 2 volumes: torch.export freezes a batch dimension
         of 1.
         """
-        if self._skipped_offline(f"model {artifact}"):
-            return None
         import copy
 
         import mlflow.pytorch
@@ -244,17 +319,37 @@ class MlflowTracker(NullTracker):
         with torch.no_grad():
             outputs = module(example)
         signature = infer_signature(example.numpy(), outputs.numpy())
-        info = mlflow.pytorch.log_model(module, name=artifact, signature=signature,
-                                        input_example=example.numpy(),
-                                        registered_model_name=registered_name or None,
-                                        extra_files=[str(f) for f in extra_files or []] or None,
-                                        metadata=metadata)
-        if not registered_name:
-            return info.model_uri
+        # Three steps, each sent once (a rerun after an outage between them goes on from the
+        # last one that landed): log the model, register that logged model, move the alias.
+        item = f"model {artifact}" + (f" for {registered_name}" if registered_name else "")
+        model_uri = self._publish(item, lambda: mlflow.pytorch.log_model(
+            module, name=artifact, signature=signature, input_example=example.numpy(),
+            extra_files=[str(f) for f in extra_files or []] or None,
+            metadata=metadata).model_uri)
+        if model_uri is None or not registered_name:
+            return model_uri
+        version = self._publish(f"registration of {artifact} as {registered_name}",
+                                lambda: self._register(model_uri, registered_name))
+        if version is None:
+            return None
         alias = self.tracking.alias
-        self._mlflow.MlflowClient().set_registered_model_alias(
-            registered_name, alias, str(info.registered_model_version))
-        return f"models:/{registered_name}@{alias}"
+        moved = self._publish(f"alias {registered_name}@{alias}",
+                              lambda: self._mlflow.MlflowClient().set_registered_model_alias(
+                                  registered_name, alias, version) or version)
+        return f"models:/{registered_name}@{alias}" if moved is not None else None
+
+    def _register(self, model_uri: str, name: str) -> str:
+        """The version of `name` made from `model_uri`: an existing one (a registration whose
+        answer was lost to an outage) or a new one."""
+        client = self._mlflow.MlflowClient()
+        try:
+            versions = client.search_model_versions(f"name='{name}'")
+        except Exception:           # no such model yet (the store says so in its own ways)
+            versions = []
+        for version in versions:
+            if version.source == model_uri:
+                return str(version.version)
+        return str(self._mlflow.register_model(model_uri, name).version)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is left (at most tracking.finish_timeout_s; the rest stays spooled), then

@@ -126,7 +126,7 @@ def run_local(args: argparse.Namespace, overrides: list[str]) -> int:
 def submit(args: argparse.Namespace, overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from hpcbrain import launcher
+    from hpcbrain import entry, launcher
 
     plan = launcher.plan_launch(args.cfg, overrides, folds=args.folds, sweeps=args.sweep)
     if args.dry_run:
@@ -140,7 +140,7 @@ def submit(args: argparse.Namespace, overrides: list[str]) -> int:
     print_submitted(plan, jobs)
     if not args.wait:
         return 0
-    failed = 0
+    failed = deferred = 0
     for job, result, error in launcher.wait(jobs):
         out, err = launcher.task_log_paths(job)
         if error is None:
@@ -151,11 +151,14 @@ def submit(args: argparse.Namespace, overrides: list[str]) -> int:
                 print(f"  registered model:  {result.model_uri}")
             if result.age_model_uri:
                 print(f"  age predictor:     {result.age_model_uri}")
+            if result.deferred:
+                print(entry.deferred_line(result), file=sys.stderr)
+                deferred += 1
         else:
             failed += 1
             print(f"job {job.job_id} FAILED: {headline(error)}\n  logs: {out}\n        {err}\n"
                   f"{str(error).strip()}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed else entry.EXIT_DEFERRED if deferred else 0
 
 
 def submit_bids_app(args: argparse.Namespace, overrides: list[str]) -> int:

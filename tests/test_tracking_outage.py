@@ -3,16 +3,12 @@ that is not there at start (fail fast, or go on offline and send later), and a r
 server killed mid-run and back 20 s later (every step logged exactly once)."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from conftest import lsor_run_config
+from mlflow_server import MlflowServer, free_port
 
 from hpcbrain.metric_sender import MetricSender
 from hpcbrain.metric_spool import MetricRecord, MetricSpool
@@ -108,48 +104,6 @@ def test_close_is_bounded_when_a_send_hangs_and_the_rest_waits_for_the_next_run(
 # ---------------------------------------------------------------------------------------------
 # a real MLflow server
 # ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    from hpcbrain.process_group import free_port as pick
-
-    return pick()
-
-
-class MlflowServer:
-    """`mlflow server` on loopback with a sqlite store, started and stopped for real."""
-
-    def __init__(self, folder: Path, port: int):
-        self.folder, self.port = folder, port
-        self.uri = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 90.0) -> None:
-        import requests
-
-        mlflow = Path(sys.executable).with_name("mlflow")
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts")],
-            cwd=self.folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if requests.get(self.uri + "/health", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            assert self.proc.poll() is None, "mlflow server exited at start"
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)     # the server and its workers
-            self.proc.wait(30)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     folder = tmp_path / "server"
@@ -255,3 +209,122 @@ def test_a_server_killed_mid_run_and_back_20_s_later_misses_no_step(age_contrast
     assert sorted(epochs) == [4, 8, 12, 16]
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert not (tmp_path / "outage" / "tracking-spool.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the finishing phase: models, registrations and figures when the server is gone at the end
+# ---------------------------------------------------------------------------------------------
+def finishing_config(store, root, uri, name="finish"):
+    """The tiny LSOR run (4 epochs × 4 steps), its encoder registered as `finish-encoder`; the
+    server may be gone at its end for 3 s before the uploads are deferred."""
+    return lsor_run_config(store, root, name, *tracked(
+        uri, "tracking.registered_model=finish-encoder", "tracking.outage_wait_s=3",
+        "tracking.finish_timeout_s=2"))
+
+
+def kill_server_after_step(server, step: int):
+    """Patch the trainer so that the server is killed after `step` steps; returns the undo."""
+    from hpcbrain.engine.trainer import Trainer
+
+    real_step = Trainer._step
+
+    def patched(self, batch, epoch, step_in_epoch):
+        if self.progress.global_step == step:
+            server.stop()
+        return real_step(self, batch, epoch, step_in_epoch)
+
+    Trainer._step = patched
+    return lambda: setattr(Trainer, "_step", real_step)
+
+
+def registered_versions(uri: str, name: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri).search_model_versions(f"name='{name}'")
+
+
+@pytest.mark.slow
+def test_a_server_gone_before_the_end_defers_the_model_and_the_rerun_registers_it_once(
+        age_contrast_store, tmp_path, mlflow_server, capsys):
+    """Killed after epoch 2 and not back: training ends, the finishing phase waits its 3 s,
+    then says in one line what is deferred and exits 75, no traceback; the next run of the same
+    command (server back) registers the encoder once, logs the figures once and each of the
+    finishing phase's metrics once; a third run changes nothing."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from hpcbrain import entry
+    from hpcbrain.publish_ledger import LEDGER_FILE
+
+    mlflow_server.start()
+    cfg = finishing_config(age_contrast_store, tmp_path, mlflow_server.uri)
+    undo = kill_server_after_step(mlflow_server, 8)
+    try:
+        status = entry.train_here([cfg])
+    finally:
+        undo()
+    err = capsys.readouterr().err
+    assert status == entry.EXIT_DEFERRED == 75
+    deferred_lines = [line for line in err.splitlines() if line.startswith("deferred:")]
+    assert len(deferred_lines) == 1 and "Traceback" not in err
+    assert "model encoder for finish-encoder" in deferred_lines[0]
+    assert str(tmp_path / "finish") in deferred_lines[0]
+    result = json.loads((tmp_path / "finish" / "result.json").read_text())
+    assert result["model_uri"] is None and "model encoder for finish-encoder" in result["deferred"]
+    assert (tmp_path / "finish" / LEDGER_FILE).exists()
+
+    mlflow_server.start()                           # back; the same command again
+    assert entry.train_here([cfg]) == 0
+    out = capsys.readouterr()
+    assert "registered model:  models:/finish-encoder@current" in out.out
+    assert "deferred:" not in out.err
+    versions = registered_versions(mlflow_server.uri, "finish-encoder")
+    assert len(versions) == 1
+    client = MlflowClient(mlflow_server.uri)
+    assert client.get_model_version_by_alias("finish-encoder", "current").version == \
+        versions[0].version
+    run_id = json.loads((tmp_path / "finish" / "result.json").read_text())["run_id"]
+    assert json.loads((tmp_path / "finish" / "result.json").read_text())["deferred"] is None
+    figures = [a.path for a in client.list_artifacts(run_id, "figures")]
+    assert figures, "the SOM figures were not sent"
+    occupied = client.get_metric_history(run_id, "som/occupied_nodes")
+    assert [m.step for m in occupied] == [16]       # the finishing metrics once, not per run
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 17))      # the spool sent what the outage held
+
+    assert entry.train_here([cfg]) == 0             # complete: nothing sent again
+    assert len(registered_versions(mlflow_server.uri, "finish-encoder")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.minutes
+def test_a_server_back_20_s_into_the_finishing_phase_gets_everything_in_the_same_run(
+        age_contrast_store, tmp_path, mlflow_server, capsys):
+    """Killed as the finishing phase starts and back 20 s later, inside tracking.outage_wait_s
+    (60 s): the same run registers the encoder (one version) and exits 0."""
+    from hpcbrain import entry, job
+
+    mlflow_server.start()
+    cfg = lsor_run_config(age_contrast_store, tmp_path, "back", *tracked(
+        mlflow_server.uri, "tracking.registered_model=back-encoder", "tracking.outage_wait_s=60"))
+    real_finish = job.finish_on_rank0
+
+    def restart_later():
+        time.sleep(20)
+        mlflow_server.start()
+
+    def finish(*args, **kwargs):
+        mlflow_server.stop()
+        threading.Thread(target=restart_later, daemon=True).start()
+        return real_finish(*args, **kwargs)
+
+    job.finish_on_rank0 = finish
+    try:
+        started = time.monotonic()
+        status = entry.train_here([cfg])
+    finally:
+        job.finish_on_rank0 = real_finish
+    assert status == 0, capsys.readouterr().err
+    assert time.monotonic() - started < 120
+    assert len(registered_versions(mlflow_server.uri, "back-encoder")) == 1

@@ -354,7 +354,8 @@ def _score_held_out(context: EvaluationContext, encoder, store, split, test, tra
     if tracker.enabled:
         # this run's row from its own figures: its metrics are still on their way to the
         # tracking store (sent in the background), the other runs' are there
-        rows = [r for r in _experiment_rows(context.tracking) if r["run_id"] != tracker.run_id]
+        rows = [r for r in _other_runs_rows(context.tracking, tracker)
+                if r["run_id"] != tracker.run_id]
         rows.append(_comparison_row(run_dir.name, tracker.run_id, context.method_name,
                                     context.backbone, result.mae_mean, result.mae_std,
                                     result.n_test))
@@ -367,6 +368,19 @@ def _score_held_out(context: EvaluationContext, encoder, store, split, test, tra
                      PREDICTIONS_FILE):
             tracker.log_artifact(run_dir / name)
     return metrics
+
+
+def _other_runs_rows(tracking, tracker) -> list[dict[str, Any]]:
+    """The experiment's other runs for the comparison table; none (this run's row alone) when
+    the tracking server does not answer now: the table is for reading, not worth a failed run."""
+    try:
+        return _experiment_rows(tracking)
+    except Exception as exc:
+        if tracker.server_answers():
+            raise
+        log.warning("the tracking server does not answer (%s): ridge_comparison lists this run "
+                    "only", type(exc).__name__)
+        return []
 
 
 def _calibrate(context: EvaluationContext, method, encoder, store, split, train_x, ages,

@@ -198,7 +198,9 @@ class LSOR(Method):
             metrics["node_movement"] = float((nodes - previous[1]).norm(dim=1).mean())
         self._previous_epoch_state = (health["latent_mean"], nodes.clone())
         if self.som_active():
-            metrics.update(occupied_nodes=float(health["occupied_nodes"]),
+            # "train_": the final evaluation logs som/occupied_nodes over every scan of the
+            # store at the last step; one key must not carry two values at one step
+            metrics.update(train_occupied_nodes=float(health["occupied_nodes"]),
                            quantisation_error=health["quantisation_error"],
                            topographic_error=health["topographic_error"],
                            centroid_gap=float((nodes.mean(0) - health["latent_mean"]).norm()))

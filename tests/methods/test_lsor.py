@@ -534,10 +534,10 @@ def test_som_health_warns_about_a_collapsed_grid_only_once_tau_has_shrunk(caplog
     batches = make_batches(8, 3)
     with caplog.at_level("WARNING", logger="hpcbrain.methods.lsor"):
         early = m.on_epoch_end(1, lambda: iter(batches))
-    assert early["som/occupied_nodes"] == 1 and not caplog.records
+    assert early["som/train_occupied_nodes"] == 1 and not caplog.records
     with caplog.at_level("WARNING", logger="hpcbrain.methods.lsor"):
         late = m.on_epoch_end(2, lambda: iter(batches))
-    assert late["som/occupied_nodes"] == 1
+    assert late["som/train_occupied_nodes"] == 1
     assert late["som/latent_drift"] == pytest.approx(0.0, abs=1e-9)   # nothing trained between
     assert late["som/node_movement"] == 0.0
     (record,) = caplog.records

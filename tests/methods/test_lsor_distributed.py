@@ -113,7 +113,7 @@ def _single_process():
 def test_som_health_is_the_single_process_value_on_every_rank(results):
     single = _single_process()
     expected = single.on_epoch_end(single.warmup_epochs, lambda: iter(_ranks_batches()))
-    assert {"som/occupied_nodes", "som/quantisation_error", "som/topographic_error",
+    assert {"som/train_occupied_nodes", "som/quantisation_error", "som/topographic_error",
             "som/latent_spread"} <= set(expected)
     for r in range(WORLD):
         assert results[r]["health"].keys() == expected.keys()
