@@ -7,6 +7,10 @@ the next run of the same command — sends exactly the lines not yet accepted. (
 the server accepting a batch and the count being written resends that one batch: the window is
 one batch, not the outage.)
 
+`logged_steps()` is the newest step of every key ever handed to the spool in this run folder —
+the spool's lines, and a small file of marks written before a fully sent spool is removed — so a
+run resumed after a kill knows which of the steps it retrains were logged already.
+
     spool = MetricSpool(run_dir)
     spool.append([MetricRecord("train/loss", 0.3, 1733212800000, 5)])
     records, lines = spool.pending()     # oldest first
@@ -22,10 +26,11 @@ from typing import NamedTuple
 
 from hpcbrain.atomic import write_text_atomic
 
-__all__ = ["MetricRecord", "MetricSpool", "SPOOL_FILE", "SENT_FILE"]
+__all__ = ["MetricRecord", "MetricSpool", "SPOOL_FILE", "SENT_FILE", "LOGGED_STEPS_FILE"]
 
 SPOOL_FILE = "tracking-spool.jsonl"
 SENT_FILE = "tracking-spool.sent"
+LOGGED_STEPS_FILE = "tracking-logged-steps.json"
 
 
 class MetricRecord(NamedTuple):
@@ -43,6 +48,7 @@ class MetricSpool:
         folder = Path(run_dir)
         self.path = folder / SPOOL_FILE
         self.sent_path = folder / SENT_FILE
+        self.logged_path = folder / LOGGED_STEPS_FILE
         self._lock = threading.Lock()
 
     def append(self, records: list[MetricRecord]) -> None:
@@ -94,10 +100,30 @@ class MetricSpool:
                 return
             sent = min(self._sent() + int(count), total)
             if sent >= total:
+                # the marks first: a kill between the two leaves both saying the same
+                write_text_atomic(self.logged_path, json.dumps(self._logged_steps()))
                 self.path.unlink(missing_ok=True)
                 self.sent_path.unlink(missing_ok=True)
             else:
                 write_text_atomic(self.sent_path, f"{sent}\n")
+
+    def logged_steps(self) -> dict[str, int]:
+        """{key: the newest step ever handed to this spool} (see the module doc)."""
+        with self._lock:
+            return self._logged_steps()
+
+    def _logged_steps(self) -> dict[str, int]:
+        try:
+            marks = {str(k): int(v) for k, v in json.loads(self.logged_path.read_text()).items()}
+        except (FileNotFoundError, ValueError, AttributeError):
+            marks = {}
+        for line in self._lines():
+            try:
+                key, _, _, step = json.loads(line)
+            except (ValueError, TypeError):
+                continue                 # a line torn by a crash
+            marks[str(key)] = max(marks.get(str(key), int(step)), int(step))
+        return marks
 
     def __len__(self) -> int:
         with self._lock:

@@ -177,6 +177,10 @@ class MlflowTracker(NullTracker):
         self.tracking = tracking
         self.uri = tracking_uri(tracking)
         self.spool = MetricSpool(run_dir)
+        # A run resumed after a kill retrains the steps after its last checkpoint; their values
+        # were logged before the kill (same values on a CPU with fixed seeds, not always on a
+        # GPU): one value per step, the first, so a key's retrained steps are not logged again.
+        self._logged_steps = self.spool.logged_steps()
         self.sender: MetricSender | None = None
         self.run_id = None
         self._ledger: PublishLedger | None = None
@@ -238,7 +242,7 @@ class MlflowTracker(NullTracker):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         records = [MetricRecord(k, float(v), now, int(step)) for k, v in metrics.items()
-                   if math.isfinite(float(v))]
+                   if math.isfinite(float(v)) and int(step) > self._logged_steps.get(k, -1)]
         if self._ledger is not None:
             # the finishing phase's metrics: the spool delivers them, so they are sent once
             # they are handed over; a rerun that finishes again must not log them twice

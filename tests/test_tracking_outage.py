@@ -36,6 +36,10 @@ def test_the_spool_gives_back_what_was_not_sent_and_survives_a_torn_line(tmp_pat
     assert [r.step for r in got] == [3, 4] and lines == 3   # the torn line is skipped, counted
     spool.mark_sent(lines)
     assert not spool.path.exists() and not spool.sent_path.exists()   # all sent: files gone
+    # what was ever handed over is remembered per key, spooled or sent
+    assert spool.logged_steps() == {"train/loss": 4}
+    spool.append(records([5, 6], key="val/loss") + records([2], key="train/loss"))
+    assert spool.logged_steps() == {"train/loss": 4, "val/loss": 6}
 
 
 class FlakyServer:
