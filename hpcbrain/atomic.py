@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import IO, Iterator
 
+from hpcbrain.disk_space import OutOfSpace, no_space_error
+
 __all__ = ["atomic_write", "write_text_atomic"]
 
 
@@ -32,8 +34,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """A handle on a temporary file that replaces `path` when the block ends without error."""
+def atomic_write(path: str | Path, mode: str = "w", what: str = "a file",
+                 **open_kwargs) -> Iterator[IO]:
+    """A handle on a temporary file that replaces `path` when the block ends without error.
+    A full file system raises `OutOfSpace` naming `path` and `what` it is."""
     if not mode.startswith("w"):
         raise ValueError(f"atomic_write writes whole files: mode must start with 'w', not {mode!r}")
     path = Path(path)
@@ -45,13 +49,16 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if no_space_error(exc) is not None:
+            raise OutOfSpace.from_error(exc, path, what) from exc
         raise
     _fsync_dir(path.parent)
 
 
-def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
-    with atomic_write(path, "w", encoding=encoding) as handle:
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8",
+                      what: str = "a file") -> Path:
+    with atomic_write(path, "w", what=what, encoding=encoding) as handle:
         handle.write(text)
     return Path(path)

@@ -380,9 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from hpcbrain import entry
 
-    # Errors about the user's input get one clear line; anything else is a bug: traceback.
+    # Errors about the user's input (or a full disk) get one clear line; anything else is a
+    # bug: traceback.
     try:
-        return args.func(args)
+        with entry.full_disk_said():
+            return args.func(args)
     except entry.user_errors() as exc:
         return entry.report(exc)
 

@@ -9,10 +9,12 @@ Anything else that escapes is a bug, and its traceback is the report.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 __all__ = ["user_errors", "report", "train_here", "print_summary", "deferred_line",
+           "full_disk_said",
            "EXIT_USER_ERROR", "EXIT_DEFERRED"]
 
 EXIT_USER_ERROR = 2
@@ -23,7 +25,8 @@ EXIT_DEFERRED = 75
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Every exception that says the user's input (config, store, scans, model, cluster
-    request, run folder, tracking server) is wrong, with what to do in its message."""
+    request, run folder, tracking server) or place (a full disk) is wrong, with what to do in
+    its message."""
     from omegaconf.errors import OmegaConfBaseException
 
     from hpcbrain.bids_app import BidsAppError
@@ -31,6 +34,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from hpcbrain.data.discover import ConversionError
     from hpcbrain.data.preprocess import BadScanError
     from hpcbrain.data.store import StoreError
+    from hpcbrain.disk_space import OutOfSpace
     from hpcbrain.evaluate.downstream import DownstreamTaskError
     from hpcbrain.evaluate.encoder_folds import FoldPredictionsError
     from hpcbrain.evaluate.model_inputs import ModelInputError
@@ -40,13 +44,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, StoreError, FileExistsError, RunFolderLocked, TrackingUnavailable,
             LaunchError, ConversionError, BadScanError, ModelInputError, BidsAppError,
-            DownstreamTaskError, FoldPredictionsError, OmegaConfBaseException)
+            DownstreamTaskError, FoldPredictionsError, OutOfSpace, OmegaConfBaseException)
 
 
 def report(error: BaseException) -> int:
     """Print a user error as one line on stderr; the exit status for it."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from hpcbrain.disk_space import EXIT_NO_SPACE, OutOfSpace
+
+    if isinstance(error, OutOfSpace):
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NO_SPACE
     if isinstance(error, OmegaConfBaseException):
         print(f"error: config: {str(error).splitlines()[0]} (a shell ${{VAR}} in a config value "
               f"is an OmegaConf interpolation: write $VAR or \\${{VAR}})", file=sys.stderr)
@@ -65,7 +74,8 @@ def train_here(configs: Iterable) -> int:
     status = 0
     for cfg in configs:
         try:
-            result = run_training(cfg)
+            with full_disk_said():
+                result = run_training(cfg)
         except TrainingStopped as stopped:
             print(f"stopped: {stopped}", file=sys.stderr)
             return stopped.exit_code
@@ -74,6 +84,21 @@ def train_here(configs: Iterable) -> int:
             print(deferred_line(result), file=sys.stderr)
             status = EXIT_DEFERRED
     return status
+
+
+@contextlib.contextmanager
+def full_disk_said() -> Iterator[None]:
+    """Any error with a full file system behind it (a library's wrapper of ENOSPC included)
+    leaves the block as `OutOfSpace`, which `report` says in one line."""
+    from hpcbrain.disk_space import out_of_space
+
+    try:
+        yield
+    except Exception as exc:
+        full = out_of_space(exc)
+        if full is None or full is exc:
+            raise
+        raise full from exc
 
 
 def deferred_line(result) -> str:

@@ -39,12 +39,19 @@ class MetricSender:
         # set when `close` gave up on a send that hangs: whatever that send does later, this
         # sender touches the spool no more (the next run sends what is left)
         self._abandoned = False
+        # a failure of the sender thread's own writes (the spool's file system full): raised
+        # in the training thread by the next `submit`, so the run stops instead of logging on
+        # into nothing
+        self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="hpcbrain-metrics", daemon=True)
         self._thread.start()
 
     # --- the training thread's side ---------------------------------------------------------
     def submit(self, records: list[MetricRecord]) -> None:
-        """Queue `records` for sending; never blocks (a full queue writes them to the spool)."""
+        """Queue `records` for sending; never blocks (a full queue writes them to the spool).
+        Raises the sender thread's failure, if it had one."""
+        if self.failure is not None:
+            raise self.failure
         if not records:
             return
         try:
@@ -74,6 +81,8 @@ class MetricSender:
         except queue.Full:
             pass
         self._thread.join(max(deadline - time.monotonic(), 0.0))
+        if self.failure is not None:       # nothing more can be kept: what was, stays
+            return False
         if self._thread.is_alive():
             self._abandoned = True
             # the sender is stuck in a send: what is still queued goes to the spool
@@ -93,6 +102,12 @@ class MetricSender:
 
     # --- the sender thread ------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except OSError as exc:     # the spool cannot be written: the training thread is told
+            self.failure = exc
+
+    def _serve(self) -> None:
         self._flush()            # what an earlier run of this folder left in the spool
         closing = False
         while True:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hpcbrain.atomic import write_text_atomic
+from hpcbrain.disk_space import OutOfSpace, no_space_error
 
 __all__ = ["MetricRecord", "MetricSpool", "SPOOL_FILE", "SENT_FILE", "LOGGED_STEPS_FILE"]
 
@@ -57,15 +58,21 @@ class MetricSpool:
         text = "".join(json.dumps(list(r)) + "\n" for r in records)
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a+", encoding="utf-8") as handle:
-                handle.seek(0, os.SEEK_END)
-                if handle.tell() > 0:
-                    handle.seek(handle.tell() - 1)
-                    if handle.read(1) != "\n":    # a line torn by a crash: end it first
-                        text = "\n" + text
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
+            try:
+                with open(self.path, "a+", encoding="utf-8") as handle:
+                    handle.seek(0, os.SEEK_END)
+                    if handle.tell() > 0:
+                        handle.seek(handle.tell() - 1)
+                        if handle.read(1) != "\n":    # a line torn by a crash: end it first
+                            text = "\n" + text
+                    handle.write(text)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as exc:
+                if no_space_error(exc) is None:
+                    raise
+                # a torn last line is skipped by `pending` and ended by the next append
+                raise OutOfSpace(self.path, "the metric spool", len(text.encode())) from exc
 
     def _sent(self) -> int:
         try:

@@ -333,13 +333,15 @@ class MlflowTracker(NullTracker):
         if model_uri is None or not registered_name:
             return model_uri
         version = self._publish(f"registration of {artifact} as {registered_name}",
-                                lambda: self._register(model_uri, registered_name))
+                                lambda: _retry_conflicts(
+                                    lambda: self._register(model_uri, registered_name)))
         if version is None:
             return None
         alias = self.tracking.alias
-        moved = self._publish(f"alias {registered_name}@{alias}",
-                              lambda: self._mlflow.MlflowClient().set_registered_model_alias(
-                                  registered_name, alias, version) or version)
+        client = self._mlflow.MlflowClient()
+        moved = self._publish(f"alias {registered_name}@{alias}", lambda: _retry_conflicts(
+            lambda: client.set_registered_model_alias(registered_name, alias, version)
+            or version))
         return f"models:/{registered_name}@{alias}" if moved is not None else None
 
     def _register(self, model_uri: str, name: str) -> str:
@@ -360,13 +362,38 @@ class MlflowTracker(NullTracker):
         end the MLflow run with `status`. Never raises: the run's outcome is already decided."""
         if self.sender is None:
             return
-        self.sender.close(float(self.tracking.finish_timeout_s))
+        try:
+            self.sender.close(float(self.tracking.finish_timeout_s))
+        except OSError as exc:       # the spool's file system is full: what it holds stays
+            log.warning("metrics still queued could not be kept: %s", exc)
         try:
             self._mlflow.end_run(status=status)
         except Exception as exc:   # the server went away again: the next run reopens the run
             log.warning("could not mark MLflow run %s %s (%s: %s); it stays RUNNING until the "
                         "next run of the same command", self.run_id, status, type(exc).__name__,
                         str(exc).splitlines()[0] if str(exc) else "")
+
+
+def _retry_conflicts(call, attempts: int = 5):
+    """`call()`, tried again after a short random pause when the store refuses it as a
+    conflict with a writer racing it: a sqlite store checks, then inserts, so two runs that
+    register one name or move one alias at the same moment collide ("UNIQUE constraint failed",
+    "database is locked") though each request alone is fine; the next try sees the other's row.
+    Anything else, or the last conflict, is raised."""
+    import random
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as exc:
+            text = str(exc)
+            conflict = any(s in text for s in ("UNIQUE constraint", "database is locked",
+                                               "RESOURCE_ALREADY_EXISTS"))
+            if not conflict or attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
 
 
 def _param(value: Any) -> Any:

@@ -60,6 +60,7 @@ from hpcbrain.data.ledger import (
 from hpcbrain.data.preprocess import preprocessing_attrs
 from hpcbrain.data.qc_report import DRAWN_FIGURES
 from hpcbrain.data.store import DEFAULT_CODEC, PROGRESS_FILE, CohortStoreWriter, ImageLayout
+from hpcbrain.disk_space import OutOfSpace, no_space_error
 from hpcbrain.run_lock import RunFolderLocked, file_lock
 
 PARTIAL_SUFFIX = ".partial"
@@ -160,6 +161,15 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
         raise ConversionError(str(exc)) from None
 
 
+def _space_still_needed(partial: Path, written: int, total: int) -> int | None:
+    """About how many bytes the scans not yet written will take, at the size per scan of those
+    written so far."""
+    if written <= 0:
+        return None
+    size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    return int(size / written * max(total - written, 1))
+
+
 def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layout: ImageLayout,
                     workers: int, skip_bad: bool, progress: bool, started: float,
                     bids_filter: str | None = None, qc_report: bool = True,
@@ -249,6 +259,12 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
             writer.flush(done=consumed)
             if pending:              # scans that failed after the last shard
                 stage_ledger({"done": consumed})
+    except Exception as exc:
+        if no_space_error(exc) is None:
+            raise
+        # the shards written so far stay in OUT.partial (the rerun resumes after them)
+        raise OutOfSpace(partial, "the store being converted", _space_still_needed(
+            partial, state["written"], len(candidates))) from exc
     finally:
         bar.close()
     if reasons and not skip_bad:

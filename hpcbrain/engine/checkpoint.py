@@ -131,9 +131,14 @@ def save_atomic(payload: dict[str, Any], path: Path, keep_last: int = 2) -> Path
     """torch.save atomically (`hpcbrain.atomic`), then its checksum beside it; then drop all
     but the newest `keep_last` (with their checksums)."""
     path = Path(path)
-    with atomic_write(path, "wb") as handle:
+    with atomic_write(path, "wb", what="a checkpoint") as handle:
         torch.save(payload, handle)
-    write_text_atomic(checksum_path(path), f"{file_sha256(path)}  {path.name}\n")
+    try:
+        write_text_atomic(checksum_path(path), f"{file_sha256(path)}  {path.name}\n",
+                          what="a checkpoint's checksum")
+    except BaseException:
+        path.unlink(missing_ok=True)   # without its checksum it is not complete: the previous
+        raise                          # one stays the newest
     for old in list_checkpoints(path.parent.parent)[:-keep_last]:
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
