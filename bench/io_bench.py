@@ -102,6 +102,25 @@ def read_rate(read_one, n: int, repeats: int, seed: int) -> tuple[float, list[fl
     return statistics.median(rates), rates
 
 
+def alternating_rates(readers, n: int, repeats: int, seed: int) -> list[list[float]]:
+    """Volumes/s of each reader over `repeats` passes, the readers taking turns within every
+    pass, first and last swapped from pass to pass (A B, B A, …: whoever runs first after the
+    other is not favoured); each pass reads all `n` scans in a fresh random order, the same for
+    every reader."""
+    rng = np.random.default_rng(seed)
+    for read_one in readers:                       # warm-up
+        for i in range(n):
+            read_one(i)
+    rates: list[list[float]] = [[] for _ in readers]
+    for repeat in range(repeats):
+        order = rng.permutation(n)
+        turns = list(enumerate(readers))
+        for k, read_one in (turns if repeat % 2 == 0 else turns[::-1]):
+            rates[k].append(n / timed(lambda order=order, read_one=read_one:
+                                      [read_one(int(i)) for i in order]))
+    return rates
+
+
 def write_store(path: Path, volumes: np.ndarray, dtype: str, per_shard: int,
                 codec: str = "blosc-lz4", checksums: bool = True) -> None:
     """Only the images array: enough for the write rate, zarr reads and the size on disk.
@@ -174,11 +193,21 @@ def bench_size(src: Path, work: Path, size: int, args) -> list[dict]:
         lambda i: store.read_image(i, None))
     row("store float16 blosc-lz4, read through zarr", store_path, write_s,
         read_store_image(store_path))
+    # the checksum's cost: the same reader on the same bytes, with and without chunk crc32c
+    # (the default row above goes through CohortStore, whose per-scan bookkeeping it adds)
+    row("store float16 blosc-lz4, fast reader (chunk checksums)", store_path, write_s,
+        fast_reader(store_path))
     unchecked = work / f"store{size}_no_checksums.zarr"
     write_s = timed(lambda: write_store(unchecked, volumes, "float16", args.scans_per_shard,
                                         checksums=False))
     row("store float16 blosc-lz4, no chunk checksums (before Dec 2026)", unchecked, write_s,
         fast_reader(unchecked))
+    # and measured in alternation, pass by pass, so that drift in the machine's speed (clock,
+    # neighbours) falls on both alike: the figure the cost is read from
+    checked_rates, unchecked_rates = alternating_rates(
+        [fast_reader(store_path), fast_reader(unchecked)], n, 2 * args.repeats + 1, args.seed)
+    rows[-1]["checksum_cost_alternating"] = (statistics.median(
+        c / u for c, u in zip(checked_rates, unchecked_rates)) - 1)
     for dtype, codec in (("float16", "zstd"), ("float32", "blosc-lz4"), ("float32", "zstd")):
         path = work / f"store{size}_{dtype}_{codec}.zarr"
         write_s = timed(lambda path=path, dtype=dtype, codec=codec:
@@ -263,12 +292,17 @@ def main(argv=None) -> int:
             "read_kept_float16_vs_nii":
                 by["store float16 blosc-lz4, kept float16"]["read_vol_per_s"] / nii["read_vol_per_s"],
             "bytes_vs_nii": store["mb_on_disk"] / nii["mb_on_disk"],
-            "read_vs_niigz": store["read_vol_per_s"] / by[".nii.gz float32"]["read_vol_per_s"]}
+            "read_vs_niigz": store["read_vol_per_s"] / by[".nii.gz float32"]["read_vol_per_s"],
+            "checksum_cost": by["store float16 blosc-lz4, no chunk checksums (before Dec "
+                                "2026)"]["checksum_cost_alternating"]}
     print(table)
     print("\nstore (float16 blosc-lz4, float32 out) vs .nii float32 read into memory, one "
           "thread: " + "; ".join(
               f"{s}³ {r['read_vs_nii']:.2f}× the speed ({r['read_kept_float16_vs_nii']:.2f}× kept "
               f"float16) in {100 * r['bytes_vs_nii']:.0f} % of the bytes" for s, r in ratios.items()))
+    print("chunk checksums, the same fast reader with and without, passes alternating (median "
+          "ratio): " + "; ".join(
+        f"{s}³ {100 * r['checksum_cost']:+.1f} % read rate" for s, r in ratios.items()))
     result = {
         "command": " ".join(["python", "bench/io_bench.py", *(argv or sys.argv[1:])]),
         "data": data, "subjects": args.subjects, "repeats": args.repeats,

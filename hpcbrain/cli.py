@@ -44,6 +44,21 @@ def _codec_arguments(parser) -> None:
                              ", ".join(f"{k} {v}" for k, v in DEFAULT_LEVELS.items()) + ")")
 
 
+def _repair(store: Path) -> int:
+    from hpcbrain.data.repair import repair_store
+
+    report = repair_store(store)         # RepairError (a StoreError): main reports it, exit 2
+    if not report.corrupt:
+        print(f"{report.store}: every scan reads intact; nothing to repair "
+              f"({report.seconds:.1f} s)")
+        return 0
+    print(f"repaired {len(report.repaired)} corrupt scan(s) of {report.store} from their "
+          f"sources in {report.seconds:.1f} s; shard files replaced:")
+    for shard in report.shards:
+        print(f"  {shard}")
+    return 0
+
+
 def _cmd_recompress(args) -> int:
     from hpcbrain.data.recompress import recompress_store
     from hpcbrain.data.store import StoreError
@@ -115,8 +130,16 @@ def _cmd_bids_app(args) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from hpcbrain.data.convert import convert_cohort
+    from hpcbrain.data.convert import ConversionError, convert_cohort
 
+    if args.repair is not None:
+        if args.source is not None or args.out is not None or args.shape is not None:
+            raise ConversionError("convert --repair STORE takes no SOURCE, --out or --shape: "
+                                  "the store records where its scans came from and how")
+        return _repair(args.repair)
+    if args.source is None or args.out is None or args.shape is None:
+        raise ConversionError("convert needs SOURCE, --out STORE and --shape S (or --repair "
+                              "STORE)")
     # a ConversionError (nothing written) is a user error: main reports it, exit 2
     report = convert_cohort(args.source, args.out, args.shape, workers=args.workers,
                             skip_bad=args.skip_bad, dtype=args.dtype,
@@ -269,10 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a BIDS folder or CSV manifest into a "
                                              "cohort store")
-    convert.add_argument("source", type=Path, help="BIDS folder or CSV manifest "
-                                                   "(path, subject, session, age, ...)")
-    convert.add_argument("--out", required=True, type=Path, help="the store, e.g. cohort.zarr")
-    convert.add_argument("--shape", required=True, type=int, help="S: volumes become S³")
+    convert.add_argument("source", type=Path, nargs="?",
+                         help="BIDS folder or CSV manifest (path, subject, session, age, ...)")
+    convert.add_argument("--out", type=Path, help="the store, e.g. cohort.zarr (required)")
+    convert.add_argument("--shape", type=int, help="S: volumes become S³ (required)")
+    convert.add_argument("--repair", type=Path, metavar="STORE",
+                         help="instead: re-convert the corrupt scans of STORE (those `hpcbrain "
+                              "verify` finds) from their sources, each shard replaced whole; "
+                              "no SOURCE, --out or --shape")
     convert.add_argument("--workers", type=int, default=1, help="reader processes")
     convert.add_argument("--skip-bad", action="store_true",
                          help="convert the good scans, record the bad ones in the store's "

@@ -49,6 +49,10 @@ class DataConfig:
     # where data.augment runs: device (a whole batch on the training device; the loader workers
     # only read) | workers (per item in the DataLoader workers, on their CPUs)
     augment_on: str = "device"
+    # a scan whose bytes fail their checksum (changed at rest): stop (the read fails naming it)
+    # | skip (its item is replaced by the next one, the scan counted and named at the epoch's
+    # end and in RUN_DIR/corrupt-scans.tsv)
+    on_corrupt_scan: str = "stop"
 
 
 @dataclass

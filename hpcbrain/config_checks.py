@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pairs": ("all", "consecutive"),
     "data.augment_on": ("device", "workers"),
+    "data.on_corrupt_scan": ("stop", "skip"),
     "model.backbone": ("resnet18", "resnet34", "lsor"),
     "model.features": ("projection", "backbone"),
     "train.precision": ("auto", "bf16", "fp32"),

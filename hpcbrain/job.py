@@ -123,6 +123,10 @@ def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
         val = ScanDataset(store, split.val) if len(split.val) else None
     else:
         raise ValueError(f"unknown batch kind {batch_kind!r}")
+    if cfg.data.on_corrupt_scan == "skip":
+        for dataset in (train, val):
+            if dataset is not None:
+                dataset.skip_corrupt_scans(run_dir_of(cfg) / CORRUPT_SCANS_FILE)
     if len(train) == 0:
         raise StoreError(f"{cfg.data.store}: the training split holds no {batch_kind} "
                          f"({len(split.train)} scans; pairs need two visits of a subject at "
@@ -262,6 +266,7 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
 
 
 RESULT_FILE = "result.json"
+CORRUPT_SCANS_FILE = "corrupt-scans.tsv"     # data.on_corrupt_scan=skip: the scans skipped
 
 
 def save_result(result: TrainingResult) -> Path:
@@ -290,9 +295,12 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
     from hpcbrain.evaluate.interpretability import evaluate_som
 
     tracker.begin_finishing(run_dir, result.global_step)
+    scans = np.arange(len(store))
+    if cfg.data.on_corrupt_scan == "skip":
+        split, scans = _without_corrupt_scans(store, split)
     # The grid is described over every scan of the store (what `hpcbrain embed` of the cohort
     # gives): its quality is a property of the map, not a prediction scored on held-out data.
-    report = evaluate_som(method, store, np.arange(len(store)), run_dir / "figures")
+    report = evaluate_som(method, store, scans, run_dir / "figures")
     if report is not None:
         tracker.log_metrics(report.metrics, step=result.global_step)
         for figure in report.figures:
@@ -326,6 +334,24 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
             result.age_model_uri = tracker.log_model(age.predictor, example, "age_predictor",
                                                      name, extra_files=card, metadata=metadata)
     result.deferred = tracker.deferred or None
+
+
+def _without_corrupt_scans(store: CohortStore, split):
+    """data.on_corrupt_scan=skip: the split and the store's scans less every scan that fails
+    its checksum (a scrub of the store: the evaluation reads every scan anyway)."""
+    import dataclasses
+
+    from hpcbrain.data.verify import unreadable_scans
+
+    bad = unreadable_scans(store)
+    if bad:
+        log.warning("the evaluation after training leaves out %d corrupt scan(s) "
+                    "(data.on_corrupt_scan=skip): %s", len(bad),
+                    "; ".join(list(bad.values())[:3]))
+    drop = np.fromiter(bad, dtype=np.int64, count=len(bad))
+    kept = {part: np.setdiff1d(getattr(split, part), drop)
+            for part in ("train", "val", "test")}
+    return dataclasses.replace(split, **kept), np.setdiff1d(np.arange(len(store)), drop)
 
 
 class TrainingJob(submitit.helpers.Checkpointable):

@@ -77,8 +77,9 @@ def test_three_registrations_of_one_name_at_the_same_moment_all_land(backend, tm
     else:
         uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     n = 3
+    procs: list[subprocess.Popen] = []
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", RACER, uri, "race-enc", str(tmp_path),
+        procs += [subprocess.Popen([sys.executable, "-c", RACER, uri, "race-enc", str(tmp_path),
                                    str(k), str(n)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for k in range(n)]
         release_when_all(tmp_path, "up", n, "start", procs)
@@ -99,6 +100,10 @@ def test_three_registrations_of_one_name_at_the_same_moment_all_land(backend, tm
         assert client.get_model_version_by_alias("race-enc", "current").run_id == \
             results[0]["run_id"]
     finally:
+        for proc in procs:                # a racer left waiting at a barrier by a failure
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
         if server is not None:
             server.stop()
 

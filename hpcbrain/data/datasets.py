@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hpcbrain.data.batch_augment import AUGMENT_KEY
-from hpcbrain.data.store import CohortStore
+from hpcbrain.data.store import CohortStore, CorruptScanError
 from hpcbrain.data.transforms import Transform
 
 __all__ = ["StoreDataset", "ScanDataset", "PairDataset", "item_generator", "longitudinal_pairs"]
@@ -61,7 +61,55 @@ def _check_indices(indices, n_scans: int, where: str) -> np.ndarray:
 
 
 class StoreDataset(Dataset):
-    """Lazy per-process store access, the epoch counter and per-item generators."""
+    """Lazy per-process store access, the epoch counter and per-item generators.
+
+    A scan whose bytes fail their checksum stops the read (`CorruptScanError`), unless
+    `skip_corrupt_scans(log)` was called (data.on_corrupt_scan=skip): then its item is replaced
+    by the next item whose scans read, and the scan is appended to `log` — one line per event,
+    from whichever worker process met it — for `corrupt_scans_met` to report at the epoch's end.
+    """
+
+    #: where skipped corrupt scans are written; None: a corrupt scan stops the read
+    corrupt_log: Path | None = None
+
+    def skip_corrupt_scans(self, log: str | Path) -> None:
+        self.corrupt_log = Path(log)
+
+    def corrupt_scans_met(self) -> dict[int, str]:
+        """{scan index: the error} of every corrupt scan skipped so far (any process)."""
+        if self.corrupt_log is None or not self.corrupt_log.exists():
+            return {}
+        met = {}
+        for line in self.corrupt_log.read_text(encoding="utf-8").splitlines():
+            scan, _, message = line.partition("\t")
+            if scan.isdigit():
+                met[int(scan)] = message
+        return met
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = self._check_item(index)
+        if self.corrupt_log is None:
+            return self._item(index)
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                return self._item(candidate)
+            except CorruptScanError as exc:
+                self._note_corrupt(exc)
+        raise CorruptScanError(f"{self.store.path}: every item of this {type(self).__name__} "
+                               f"holds a corrupt scan (see {self.corrupt_log})")
+
+    def _item(self, index: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _note_corrupt(self, exc: CorruptScanError) -> None:
+        line = f"{exc.scan if exc.scan is not None else '?'}\t{str(exc).splitlines()[0]}\n"
+        # O_APPEND: a line this short lands whole even when several workers write at once
+        fd = os.open(self.corrupt_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
 
     def __init__(self, store: CohortStore | str | Path, transform: Augmentation | None,
                  seed: int, augment_on_device: bool = False):
@@ -135,8 +183,7 @@ class ScanDataset(StoreDataset):
     def __len__(self) -> int:
         return int(self.indices.size)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = self._check_item(index)
+    def _item(self, index: int) -> dict[str, torch.Tensor]:
         scan = int(self.indices[index])
         x = self._read(scan)
         if self._augments_here():
@@ -222,8 +269,7 @@ class PairDataset(StoreDataset):
         generator.set_state(state)
         return x_u, self.transform(x_v, generator)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = self._check_item(index)
+    def _item(self, index: int) -> dict[str, torch.Tensor]:
         u, v = (int(s) for s in self.pairs[index])
         x_u, x_v = self._read(u), self._read(v)
         if self._augments_here():

@@ -27,14 +27,18 @@ class ChecksumMismatch(ValueError):
     """A shard index or a chunk whose bytes no longer match their crc32c: changed at rest."""
 
 
-def _read_checked(handle, nbytes: int, what: str) -> bytes:
+#: crc32c of any message followed by its own crc32c (little-endian): the check needs no slicing
+_CRC32C_RESIDUE = 0x48674BC7
+
+
+def _read_checked(handle, nbytes: int, what: str) -> memoryview:
     """The next `nbytes` of `handle`, whose last 4 are the little-endian crc32c of the rest;
-    the rest, read apart from the checksum (no copy of a chunk to strip it)."""
-    body = handle.read(nbytes - _CRC32C_BYTES)
-    stored = int.from_bytes(handle.read(_CRC32C_BYTES), "little")
-    if google_crc32c.value(body) != stored:
+    the rest, as a view: one read, one crc over all of it (a message with its crc appended
+    checks to `_CRC32C_RESIDUE`), no copy of a chunk to strip its checksum."""
+    data = handle.read(nbytes)
+    if google_crc32c.value(data) != _CRC32C_RESIDUE:
         raise ChecksumMismatch(f"{what}: stored and computed crc32c differ")
-    return body
+    return memoryview(data)[:-_CRC32C_BYTES]
 
 
 def _layout(meta: dict) -> tuple[int, list[int], np.dtype, str, float, str, bool] | None:

@@ -52,7 +52,12 @@ class StoreError(ValueError):
 
 
 class CorruptScanError(StoreError):
-    """A scan's bytes changed at rest: its chunk (or its shard's index) fails its checksum."""
+    """A scan's bytes changed at rest: its chunk (or its shard's index) fails its checksum.
+    `scan`: its index in the store (None when not known)."""
+
+    def __init__(self, message: str, scan: int | None = None):
+        super().__init__(message)
+        self.scan = scan
 
 
 # The images array's compressor. Both are in zarr v3's core codecs, so a store stays readable
@@ -261,7 +266,9 @@ class CohortStore:
         return CorruptScanError(
             f"{self.path}: scan {index} ({who}) is corrupt: its bytes in shard file "
             f"{self.shard_file(index)} changed at rest ({exc}). Check the whole store with "
-            f"`hpcbrain verify {self.path}`; reconvert the scan from its source.")
+            f"`hpcbrain verify {self.path}` and repair it from the sources with `hpcbrain "
+            f"convert --repair {self.path}`, or train on without the bad scans with "
+            f"data.on_corrupt_scan=skip", scan=int(index))
 
     def column(self, name: str) -> np.ndarray:
         group = self._open()

@@ -81,14 +81,31 @@ def verify_store(path: str | Path) -> VerifyReport:
                                    f"at one")
     elif rows != n:
         report.problems.append(f"{IMAGES} holds {rows} rows for {n} scans")
-    for index in range(n):
-        try:
-            volume = store.read_image(index, dtype=None)
-            report.bytes_read += volume.nbytes
-        except CorruptScanError as exc:
-            report.corrupt.append(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a chunk that does not decode is bad too
-            report.corrupt.append(f"scan {index}: unreadable ({type(exc).__name__}: {exc}); "
-                                  f"shard file {store.shard_file(index)}")
+    bad, report.bytes_read = _scrub_images(store, range(n))
+    report.corrupt.extend(bad.values())
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _scrub_images(store: CohortStore, indices) -> tuple[dict[int, str], int]:
+    """{scan index: why} of the scans among `indices` whose image does not read back intact,
+    and the bytes read."""
+    bad: dict[int, str] = {}
+    nbytes = 0
+    for index in indices:
+        index = int(index)
+        try:
+            nbytes += store.read_image(index, dtype=None).nbytes
+        except CorruptScanError as exc:
+            bad[index] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a chunk that does not decode is bad too
+            bad[index] = (f"scan {index}: unreadable ({type(exc).__name__}: {exc}); "
+                          f"shard file {store.shard_file(index)}")
+    return bad, nbytes
+
+
+def unreadable_scans(store: CohortStore, indices=None) -> dict[int, str]:
+    """{scan index: why} of every scan (of `indices`, default all) whose image fails its
+    checksum or does not decode: what a run with data.on_corrupt_scan=skip leaves out of its
+    evaluation, and what `hpcbrain convert --repair` re-converts."""
+    return _scrub_images(store, range(len(store)) if indices is None else indices)[0]

@@ -99,6 +99,7 @@ class Trainer:
         # set by a signal handler (hpcbrain.engine.stop); honoured at the next step boundary
         self.stop = stop or StopRequest()
         self.progress = Progress()
+        self._corrupt_named: set[int] = set()   # corrupt scans already named in the log
         # FLOPs of one step, counted on this process's first step; the peak they compare with
         self.flops_per_step: float | None = None
         self.peak_tflops: float | None = None
@@ -214,6 +215,7 @@ class Trainer:
             metrics.update({f"epoch/val_{k}": v for k, v in val_means.items()})
             metrics["epoch/epoch"] = epoch
             metrics.update(health)
+            metrics.update(self._corrupt_scans_report(epoch))
             self.tracker.log_metrics(metrics, step=self.progress.global_step)
             with dist.timeout(self.long_timeout, "a checkpoint"):
                 saved = self.save_checkpoint()
@@ -229,6 +231,25 @@ class Trainer:
         dist.set_timeout(self.long_timeout)   # export and evaluation on rank 0 take a while
         dist.set_phase("the export and evaluation after training")
         return self.progress
+
+    def _corrupt_scans_report(self, epoch: int) -> dict[str, float]:
+        """data.on_corrupt_scan=skip: the corrupt scans skipped so far (on any rank or loader
+        worker), named once each by rank 0 when first met; their count as a metric."""
+        met: dict[int, str] = {}
+        for dataset in (self.train_set, self.val_set):
+            if dataset is not None and dataset.corrupt_log is not None:
+                met.update(dataset.corrupt_scans_met())
+        if not met and not any(d is not None and d.corrupt_log is not None
+                               for d in (self.train_set, self.val_set)):
+            return {}
+        new = sorted(set(met) - self._corrupt_named)
+        if new and self.rank == 0:
+            log.warning("epoch %d: %d corrupt scan(s) skipped (%d in all; data.on_corrupt_scan="
+                        "skip): %s. Repair them with `hpcbrain convert --repair`", epoch + 1,
+                        len(new), len(met), "; ".join(met[i] for i in new[:5])
+                        + (f"; and {len(new) - 5} more" if len(new) > 5 else ""))
+        self._corrupt_named.update(new)
+        return {"data/corrupt_scans_skipped": float(len(met))}
 
     def _apply_lr_schedule(self, epoch: int) -> None:
         """train.lr_step_every_epochs / train.lr_gamma: set this epoch's lr through the engine.

@@ -101,3 +101,97 @@ def test_a_store_without_chunk_checksums_still_reads_and_recompress_adds_them(st
     assert main(["recompress", str(store)]) == 0
     assert has_chunk_checksums(CohortStore(store))
     np.testing.assert_array_equal(CohortStore(store).read_image(3, None), volumes[3])
+
+
+def test_skipping_corrupt_scans_replaces_their_items_and_names_them_once(store):
+    """data.on_corrupt_scan=skip at the dataset: the item with the corrupt scan is replaced by
+    the next readable one, in the main process and in loader workers alike, and the scan is
+    written to the log once per meeting."""
+    import torch
+
+    from hpcbrain.data.datasets import PairDataset, ScanDataset
+
+    flip_a_byte_of(store, 5)
+    scans = ScanDataset(store)
+    with pytest.raises(CorruptScanError, match="data.on_corrupt_scan=skip"):
+        scans[5]                                           # the default: the read stops
+    log = store.parent / "corrupt-scans.tsv"
+    scans.skip_corrupt_scans(log)
+    assert int(scans[5]["index"]) == 0                     # the next item, wrapping around
+    loader = torch.utils.data.DataLoader(scans, batch_size=2, num_workers=2)
+    indices = torch.cat([batch["index"] for batch in loader]).tolist()
+    assert indices == [0, 1, 2, 3, 4, 0]                   # every batch whole, scan 5 not in it
+    met = scans.corrupt_scans_met()
+    assert list(met) == [5] and "scan 5" in met[5]
+    assert len(log.read_text().splitlines()) == 2          # met twice (here, in a worker)
+    pairs = PairDataset(store)
+    pairs.skip_corrupt_scans(log)
+    assert all(5 not in (int(p["index_u"]), int(p["index_v"])) for p in pairs)
+
+
+@pytest.mark.slow
+def test_training_skips_a_corrupt_scan_when_asked_and_stops_naming_it_otherwise(
+        age_contrast_store, tmp_path, caplog):
+    from conftest import lsor_run_config
+
+    from hpcbrain.job import CORRUPT_SCANS_FILE, run_training
+
+    flip_a_byte_of(age_contrast_store, 7)
+    with pytest.raises(CorruptScanError, match=r"scan 7 \("):
+        run_training(lsor_run_config(age_contrast_store, tmp_path, "stops"))
+    with caplog.at_level("WARNING", logger="hpcbrain.engine.trainer"):
+        result = run_training(lsor_run_config(age_contrast_store, tmp_path, "skips",
+                                              "data.on_corrupt_scan=skip"))
+    assert result.global_step == 16
+    named = [r.getMessage() for r in caplog.records if "corrupt scan(s) skipped" in r.getMessage()]
+    assert len(named) == 1 and "scan 7 (" in named[0]      # once, at the first epoch's end
+    assert {line.split("\t")[0] for line in
+            (tmp_path / "skips" / CORRUPT_SCANS_FILE).read_text().splitlines()} == {"7"}
+
+
+def test_repair_reconverts_the_corrupt_scans_from_their_sources(store, capsys):
+    """Two scans of one shard and one of another flipped: `convert --repair` re-converts them,
+    the store then equals what it was before, byte for byte, verify passes, the intact scans'
+    shard files are untouched, and a second repair has nothing to do."""
+    import hashlib
+
+    before = zarr.open_group(str(store), mode="r")["images"][...]
+    cohort = CohortStore(store)
+    untouched = {p: hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in {cohort.shard_file(i) for i in range(len(cohort))}
+                 - {cohort.shard_file(i) for i in (1, 2, 5)}}
+    for scan in (1, 2, 5):
+        flip_a_byte_of(store, scan)
+    assert main(["convert", "--repair", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "repaired 3 corrupt scan(s)" in out
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["images"][...], before)
+    assert verify_store(store).ok
+    for path, digest in untouched.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert not list(store.parent.glob("*.repair*"))
+    assert main(["convert", "--repair", str(store)]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+
+
+def test_repair_refuses_when_the_sources_changed_or_are_gone(store, capsys):
+    cohort = CohortStore(store)
+    flip_a_byte_of(store, 1)
+    shard = cohort.shard_file(1)
+    corrupt = shard.read_bytes()
+    witness = Path(cohort.column("source_path")[0])        # an intact scan of that shard
+    import nibabel as nib
+
+    original = witness.read_bytes()
+    image = nib.load(witness)
+    nib.save(nib.Nifti1Image(np.roll(np.asarray(image.dataobj), 2, axis=0), image.affine),
+             witness)                                       # not what was converted
+    assert main(["convert", "--repair", str(store)]) == 2
+    assert "converts today to other voxels" in capsys.readouterr().err
+    assert shard.read_bytes() == corrupt                   # nothing replaced
+    witness.write_bytes(original)
+    Path(cohort.column("source_path")[1]).unlink()
+    assert main(["convert", "--repair", str(store)]) == 2
+    assert "its source" in capsys.readouterr().err and shard.read_bytes() == corrupt
+    assert main(["convert", str(store), "--repair", str(store)]) == 2
+    assert "takes no SOURCE" in capsys.readouterr().err
