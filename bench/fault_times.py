@@ -13,6 +13,13 @@ runs (`hpcbrain train`, `torchrun`) and prints one table row:
   from the one before it and finishes;
 * preemption: SIGTERM to a local run mid-epoch; the time to stop (checkpoint of that step
   written) and the rerun's time to resume.
+* SIGKILL: a local run killed mid-epoch (checkpoints every 2 steps); the rerun's time to resume
+  and how many steps it trains again;
+* full disk: the run folder on a 16 MB tmpfs that a ballast file fills mid-run (root only); the
+  time to the one-line error, then to resume once the ballast is gone;
+* tracking gone at the end: a real `mlflow server` killed mid-run and not back; the time the
+  finishing phase waits (tracking.outage_wait_s, 60 s by default) before exit 75, and the
+  rerun's time (server back) to register the encoder.
 
 Tests assert the behaviour (tests/engine/test_preemption.py, test_hung_rank.py, test_run_lock.py,
 test_checkpoint.py, test_tracking_outage.py); this prints the times for docs/fault-tolerance.md.
@@ -152,11 +159,101 @@ def preemption(store: Path, out: Path) -> tuple[str, str]:
             f"stopped after global step {stopped.group(1) if stopped else '?'}")
 
 
+def sigkill(store: Path, out: Path) -> tuple[str, str]:
+    log = out / "kill1.log"
+    proc = start(train_cmd(store, out, "kill", "train.epochs=6",
+                           "train.checkpoint_every_steps=2"), log)
+    wait_for_text(log, r"epoch 3/6:.*\d+/\d+", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    started = time.monotonic()
+    again = start(train_cmd(store, out, "kill", "train.epochs=6",
+                            "train.checkpoint_every_steps=2"), out / "kill2.log")
+    wait_for_text(out / "kill2.log", r"resumed from", again)
+    to_resume = time.monotonic() - started
+    assert again.wait(900) == 0
+    resumed = re.search(r"resumed from \S+step-0*(\d+)\.pt", (out / "kill2.log").read_text())
+    return (f"{to_resume:.1f} s from the rerun's start to resuming (process start included)",
+            f"resumed at step {resumed.group(1) if resumed else '?'} (checkpoints every 2 steps)")
+
+
+def full_disk(store: Path, out: Path) -> tuple[str, str]:
+    import shutil
+    import uuid
+
+    mount = Path(f"/tmp/hpcbrain-bench-full-{uuid.uuid4().hex[:8]}")
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)]).returncode:
+        mount.rmdir()
+        return "not measured (mounting a tmpfs needs root)", ""
+    try:
+        log = mount / "disk1.log"
+        cmd = train_cmd(store, mount, "disk", "train.epochs=8", "train.checkpoint_every_steps=2")
+        proc = start(cmd, out / "disk1.log")
+        wait_for_text(out / "disk1.log", r"epoch 3/8:.*\d+/\d+", proc)
+        ballast = mount / "ballast"
+        with open(ballast, "wb") as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        filled = time.monotonic()
+        code = proc.wait(300)
+        to_stop = time.monotonic() - filled
+        line = next((x[x.index("error:"):] for x in (out / "disk1.log").read_text().splitlines()
+                     if "error: out of disk space" in x), "")
+        ballast.unlink()
+        started = time.monotonic()
+        again = start(cmd, out / "disk2.log")
+        wait_for_text(out / "disk2.log", r"resumed from", again)
+        to_resume = time.monotonic() - started
+        assert again.wait(900) == 0
+        del log
+        return (f"{to_stop:.1f} s from the disk filling to exit {code}; {to_resume:.1f} s to "
+                f"resume once freed", line[:200])
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+        shutil.rmtree(mount, ignore_errors=True)
+
+
+def tracking_gone_at_the_end(store: Path, out: Path) -> tuple[str, str]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from mlflow_server import MlflowServer, free_port
+
+    folder = out / "server"
+    folder.mkdir(exist_ok=True)
+    server = MlflowServer(folder, free_port())
+    server.start()
+    cmd = train_cmd(store, out, "gone", "train.epochs=8", "tracking.enabled=true",
+                    f"tracking.uri={server.uri}", "tracking.registered_model=gone-encoder")
+    try:
+        proc = start(cmd, out / "gone1.log")
+        wait_for_text(out / "gone1.log", r"epoch 3/8:.*\d+/\d+", proc)
+        server.stop()
+        code = proc.wait(900)
+        text = (out / "gone1.log").read_text()
+        waited = re.search(r"retrying every .* for at most (\S+) s", text)
+        line = next((x for x in text.splitlines() if x.startswith("deferred:")), "")
+        server.start()
+        started = time.monotonic()
+        again = start(cmd, out / "gone2.log")
+        code2 = again.wait(900)
+        registered = "registered model:  models:/gone-encoder@current" in \
+            (out / "gone2.log").read_text()
+        return (f"exit {code} after waiting {waited.group(1) if waited else '?'} s; the rerun "
+                f"(server back) {time.monotonic() - started:.1f} s to exit {code2}, registered: "
+                f"{registered}", line[:200])
+    finally:
+        server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "faults")
     parser.add_argument("--cases", nargs="+", default=["tracking", "folder", "truncated",
-                                                        "preemption", "hung"])
+                                                        "preemption", "hung", "sigkill", "disk",
+                                                        "gone"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     store = make_cohort(args.out, seed=11, subjects=12, synth_args=[])
@@ -164,7 +261,10 @@ def main() -> int:
              "folder": ("same run folder twice", same_folder_twice),
              "truncated": ("newest checkpoint truncated", truncated_checkpoint),
              "preemption": ("SIGTERM mid-epoch (local run)", preemption),
-             "hung": ("one of two DDP ranks SIGSTOPped", hung_rank)}
+             "hung": ("one of two DDP ranks SIGSTOPped", hung_rank),
+             "sigkill": ("SIGKILL mid-epoch (local run)", sigkill),
+             "disk": ("run folder's file system full mid-run", full_disk),
+             "gone": ("tracking server gone before the end, not back", tracking_gone_at_the_end)}
     print("| fault | time | what was said |\n|---|---|---|", flush=True)
     for key in args.cases:
         title, run = cases[key]

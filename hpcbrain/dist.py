@@ -146,7 +146,8 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not is_initialized():
         return [obj]
     out: list[Any] = [None] * world_size()
-    torch_dist.all_gather_object(out, obj)
+    with named_collective("all_gather_object (an object from every rank)"):
+        torch_dist.all_gather_object(out, obj)
     return out
 
 
@@ -160,7 +161,8 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         by_dtype.setdefault(buf.dtype, []).append(buf)
     for bufs in by_dtype.values():
         flat = torch.cat([b.detach().reshape(-1) for b in bufs])
-        torch_dist.broadcast(flat, src=src)
+        with named_collective(f"broadcast of the buffers from rank {src}"):
+            torch_dist.broadcast(flat, src=src)
         offset = 0
         with torch.no_grad():
             for buf in bufs:
@@ -176,15 +178,17 @@ def gather_rows_to_rank0(local: torch.Tensor) -> Optional[torch.Tensor]:
         return local
     n = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
     sizes_t = [torch.zeros_like(n) for _ in range(world_size())]
-    torch_dist.all_gather(sizes_t, n)
+    with named_collective("all_gather of row counts"):
+        torch_dist.all_gather(sizes_t, n)
     sizes = [int(s.item()) for s in sizes_t]
     padded = local.new_zeros((max(max(sizes), 1), local.shape[1]))
     padded[: local.shape[0]] = local
-    if rank() == 0:
-        bufs = [torch.empty_like(padded) for _ in range(world_size())]
-        torch_dist.gather(padded, bufs, dst=0)
-        return torch.cat([b[:s] for b, s in zip(bufs, sizes)], dim=0)
-    torch_dist.gather(padded, None, dst=0)
+    with named_collective("gather of rows to rank 0"):
+        if rank() == 0:
+            bufs = [torch.empty_like(padded) for _ in range(world_size())]
+            torch_dist.gather(padded, bufs, dst=0)
+            return torch.cat([b[:s] for b, s in zip(bufs, sizes)], dim=0)
+        torch_dist.gather(padded, None, dst=0)
     return None
 
 
@@ -203,12 +207,14 @@ def compute_on_rank0(compute: Callable[[], torch.Tensor], like: torch.Tensor) ->
             status.fill_(1.0)
         except Exception as exc:  # every rank must learn about it, or they hang
             error = exc
-    torch_dist.broadcast(status, src=0)
+    with named_collective("broadcast of a result computed on rank 0"):
+        torch_dist.broadcast(status, src=0)
     if status.item() != 1.0:
         if error is not None:
             raise error
         raise RuntimeError("a computation on rank 0 failed (see rank 0's log)")
-    torch_dist.broadcast(out, src=0)
+    with named_collective("broadcast of a result computed on rank 0"):
+        torch_dist.broadcast(out, src=0)
     return out
 
 
@@ -234,7 +240,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         shape[0] = x.dim()
         shape[1:x.dim() + 1] = torch.tensor(x.shape, dtype=torch.long)
         shapes_t = [torch.empty_like(shape) for _ in range(world)]
-        torch_dist.all_gather(shapes_t, shape)
+        with named_collective("all_gather_with_grad (shapes)"):
+            torch_dist.all_gather(shapes_t, shape)
         shapes = [tuple(s[1:int(s[0]) + 1].tolist()) for s in shapes_t]
         if any(s[1:] != shapes[me][1:] for s in shapes):
             raise ValueError("all_gather_with_grad: every rank must pass the same shape apart "
@@ -248,7 +255,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         else:
             padded = x
         parts = [torch.empty_like(padded) for _ in range(world)]
-        torch_dist.all_gather(parts, padded)
+        with named_collective("all_gather_with_grad (embeddings)"):
+            torch_dist.all_gather(parts, padded)
         ctx.start = sum(counts[:me])
         ctx.stop = ctx.start + counts[me]
         return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
@@ -256,7 +264,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()   # all_reduce works in place; autograd owns `grad`
-        torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)
+        with named_collective("all_gather_with_grad (the gradient's sum over ranks)"):
+            torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)
         return grad[ctx.start:ctx.stop]
 
 

@@ -34,8 +34,7 @@ def one_pair(seed: int, n_subjects: int) -> tuple[float, float]:
     """(Spearman(corrected gap, age), MAE / constant MAE) of the ceiling on B."""
     from scipy.stats import spearmanr
 
-    from hpcbrain.evaluate.age_calibration import (apply_calibration,
-                                                   cross_fitted_predictions, fit_calibration)
+    from hpcbrain.evaluate.age_calibration import apply_calibration, cross_fitted_predictions, fit_calibration
     from hpcbrain.evaluate.ridge import fit_ridge
 
     age_a, truth_a, subjects_a = cohort_visits(seed, n_subjects)

@@ -191,11 +191,14 @@ class Trainer:
     # --- loop ----------------------------------------------------------------------------
     def fit(self) -> Progress:
         """Every epoch: the method's epoch start (e.g. LSOR's k-means), the training steps,
-        its epoch end, validation, a checkpoint. Collectives wait engine.timeout_minutes in the
-        long phases (the method's epoch start and end, e.g. LSOR's k-means; checkpoints) and
-        engine.step_timeout_minutes in training and validation steps, once one step has run (so
-        a rank that dies or hangs mid-epoch or in validation is noticed in minutes, not half an
-        hour); a failed collective names the phase."""
+        its epoch end, validation, a checkpoint. Collectives wait engine.timeout_minutes only
+        in the method's epoch start (LSOR's k-means initialisation runs there, on rank 0, while
+        the others wait) and engine.step_timeout_minutes everywhere else — training steps,
+        the method's epoch end (every rank encodes its share, then one all-reduce), validation
+        and checkpoints — as torchtitan does after the first step: a rank that dies or hangs
+        anywhere in an epoch is noticed in minutes, not half an hour; a failed collective
+        names the phase. (Checkpoints larger than the step timeout's worth of disk writing need
+        a larger engine.step_timeout_minutes.)"""
         epochs = self.settings.epochs
         while self.progress.epoch < epochs:
             epoch = self.progress.epoch
@@ -204,7 +207,7 @@ class Trainer:
             with dist.timeout(self.long_timeout, "the method's epoch start"):
                 self.method.on_epoch_start(epoch, self.encode_batches())
             train_means = self._train_epoch(epoch)
-            with dist.timeout(self.long_timeout, "the method's epoch end"):
+            with dist.timeout(self.step_timeout, "the method's epoch end"):
                 with self.engine.full_parameters():
                     health = self.method.on_epoch_end(epoch, self.encode_batches())
             # validation steps are steps: a rank that hangs in them is noticed as fast
@@ -217,7 +220,7 @@ class Trainer:
             metrics.update(health)
             metrics.update(self._corrupt_scans_report(epoch))
             self.tracker.log_metrics(metrics, step=self.progress.global_step)
-            with dist.timeout(self.long_timeout, "a checkpoint"):
+            with dist.timeout(self.step_timeout, "a checkpoint"):
                 saved = self.save_checkpoint()
             if self.rank == 0:
                 summary = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()
@@ -294,7 +297,7 @@ class Trainer:
             stopping = self._stop_agreed()
             if periodic or stopping:
                 self.progress.epoch_sums = metrics.epoch_sums()
-                with dist.timeout(self.long_timeout, "a checkpoint"):
+                with dist.timeout(self.step_timeout, "a checkpoint"):
                     saved = self.save_checkpoint()   # the epoch-end one follows validation
                 if stopping:
                     bar.close()

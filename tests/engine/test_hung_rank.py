@@ -41,27 +41,39 @@ def test_the_surviving_rank_fails_fast_naming_the_collective(tmp_path, rank1_doe
     assert survivor["seconds"] < 10         # the step timeout (3 s), not the 5-minute start-up one
 
 
-def _validation_worker(rank: int, store: str, root: str) -> dict:
-    """Two DDP ranks train; rank 1 hangs for 25 s as validation starts."""
+#: where a rank hangs: (the class, its method that rank 1 enters 25 s late, the phase named)
+PHASES = {
+    "validation": ("hpcbrain.engine.trainer:Trainer", "validate", "during validation"),
+    "checkpoint": ("hpcbrain.engine.trainer:Trainer", "save_checkpoint", "during a checkpoint"),
+    "epoch end": ("hpcbrain.methods.lsor:LSOR", "on_epoch_end", "during the method's epoch end"),
+}
+
+
+def _hung_phase_worker(rank: int, store: str, root: str, phase: str) -> dict:
+    """Two DDP ranks train; rank 1 hangs for 25 s as `phase` starts (the first time)."""
+    import importlib
     import time as clock
 
     from conftest import lsor_run_config
 
     from hpcbrain import dist, process_group
-    from hpcbrain.engine.trainer import Trainer
     from hpcbrain.job import run_training
 
+    module, owner = PHASES[phase][0].split(":")
+    cls = getattr(importlib.import_module(module), owner)
+    name = PHASES[phase][1]
     process_group.setup_distributed(require_group=True, timeout_minutes=5)
-    real_validate = Trainer.validate
+    real = getattr(cls, name)
     started: dict = {}
 
-    def validate(self):
-        started.setdefault("at", clock.perf_counter())
-        if rank == 1:
-            clock.sleep(25)                      # alive but not joining: a hung rank
-        return real_validate(self)
+    def late(self, *args, **kwargs):
+        if "at" not in started:
+            started["at"] = clock.perf_counter()
+            if rank == 1:
+                clock.sleep(25)                  # alive but not joining: a hung rank
+        return real(self, *args, **kwargs)
 
-    Trainer.validate = validate
+    setattr(cls, name, late)
     try:
         run_training(lsor_run_config(store, root, "hung", "engine.name=ddp",
                                      "train.channels_last=false", "engine.timeout_minutes=5",
@@ -72,17 +84,18 @@ def _validation_worker(rank: int, store: str, root: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - rank 1 finds rank 0 gone, however it says so
         return {"message": f"{type(exc).__name__}: {exc}", "seconds": None}
     finally:
-        Trainer.validate = real_validate
+        setattr(cls, name, real)
         process_group.teardown()
 
 
-def test_a_rank_hung_in_validation_is_noticed_within_the_step_timeout(age_contrast_store,
-                                                                     tmp_path):
-    """Validation runs under the step timeout (3 s here), not the 5-minute long one, and the
-    failure names the phase."""
-    survivor = run_on_ranks(_validation_worker, tmp_path, str(age_contrast_store),
-                            str(tmp_path / "runs"), world=2)[0]
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_a_rank_hung_after_the_first_step_is_noticed_within_the_step_timeout(
+        age_contrast_store, tmp_path, phase):
+    """Validation, the method's epoch end and checkpoints run under the step timeout (3 s
+    here), not the 5-minute long one, and the failure names the phase."""
+    survivor = run_on_ranks(_hung_phase_worker, tmp_path, str(age_contrast_store),
+                            str(tmp_path / "runs"), phase, world=2)[0]
     assert survivor["message"] is not None, "rank 0 waited instead of failing"
-    assert "during validation" in survivor["message"]
+    assert PHASES[phase][2] in survivor["message"]
     assert "within 0.05 min" in survivor["message"]
     assert survivor["seconds"] < 20         # the step timeout, not the 5-minute one
