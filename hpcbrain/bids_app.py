@@ -145,12 +145,13 @@ def _derivative_base(scan: SelectedScan, bids_dir: Path, output_dir: Path) -> Pa
 
 def _write_tsv(path: Path, header: list[str], rows: list[list], sidecar: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w") as handle:
+    with atomic_write(path, "w", what="a BIDS derivative") as handle:
         handle.write("\t".join(header) + "\n")
         for row in rows:
             handle.write("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v)
                                    for v in row) + "\n")
-    write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n",
+                      what="a BIDS derivative's sidecar")
     return path
 
 

@@ -14,8 +14,7 @@ import sys
 from typing import Iterable, Iterator
 
 __all__ = ["user_errors", "report", "train_here", "print_summary", "deferred_line",
-           "full_disk_said",
-           "EXIT_USER_ERROR", "EXIT_DEFERRED"]
+           "full_disk_said", "EXIT_USER_ERROR", "EXIT_DEFERRED"]
 
 EXIT_USER_ERROR = 2
 #: Trained, but the tracking server stopped answering before the models (or figures) reached it:

@@ -63,14 +63,6 @@ class PublishLedger:
         write_text_atomic(self.path, json.dumps(
             {"step": self.step, "sent": self.sent, "deferred": self.deferred}, indent=1))
 
-    def already_sent(self, item: str) -> bool:
-        return item in self.sent
-
-    def record_sent(self, item: str, value: Any = True) -> None:
-        """`item` went by another way that delivers it (metrics: the spool)."""
-        self.sent[item] = value
-        self._write()
-
     def defer(self, item: str) -> None:
         """`item` is not sent now (the tracker is offline): the next run sends it."""
         self.deferred.append(item)

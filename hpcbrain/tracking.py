@@ -243,18 +243,8 @@ class MlflowTracker(NullTracker):
         now = int(time.time() * 1000)
         records = [MetricRecord(k, float(v), now, int(step)) for k, v in metrics.items()
                    if math.isfinite(float(v)) and int(step) > self._logged_steps.get(k, -1)]
-        if self._ledger is not None:
-            # the finishing phase's metrics: the spool delivers them, so they are sent once
-            # they are handed over; a rerun that finishes again must not log them twice
-            item = f"metrics {', '.join(sorted(r.key for r in records))} at step {step}"
-            if self._ledger.already_sent(item):
-                return
-            self._hand_over(records)
-            self._ledger.record_sent(item)
-            return
-        self._hand_over(records)
-
-    def _hand_over(self, records: list[MetricRecord]) -> None:
+        # (a rerun that finishes again logs its finishing metrics at the same step: dropped
+        # here like a retrained step's)
         if self.sender is None:
             self.spool.append(records)
         else:

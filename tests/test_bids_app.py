@@ -100,3 +100,28 @@ def test_bad_requests_are_refused_by_name(trained, tmp_path, capsys):
     assert main(["bids-app", str(bids), str(out), "participant", "--model", result.model_uri,
                  "--tracking-uri", uri]) == 2
     assert "holds derivatives of ['model models:/other@x']" in capsys.readouterr().err
+
+
+def test_a_full_output_disk_stops_naming_the_derivative_and_the_rerun_completes(trained,
+                                                                               capsys):
+    """The derivatives folder on a 1 MB tmpfs with 8 KB left: the participant level stops with
+    one line naming the file it was writing (exit 74), leaves no half-written file, and the same
+    command completes once space is freed."""
+    from small_fs import fill, small_file_system
+
+    from hpcbrain.disk_space import EXIT_NO_SPACE
+
+    bids, uri, result = trained
+    with small_file_system(1) as fs:
+        out = fs / "derivatives"
+        ballast = fill(fs, leave_bytes=8 * 1024)
+        args = ["bids-app", str(bids), str(out), "participant", "--model", result.model_uri,
+                "--tracking-uri", uri]
+        assert main(args) == EXIT_NO_SPACE
+        err = capsys.readouterr().err
+        assert err.count("error: out of disk space writing a BIDS derivative") == 1, err
+        assert str(out) in err and "Traceback" not in err
+        assert not [p for p in out.rglob(".*tmp-*")]
+        ballast.unlink()
+        assert main(args) == 0
+        assert len(list(out.rglob("*_latent.tsv"))) == 8      # 4 participants × 2 sessions

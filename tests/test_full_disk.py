@@ -6,58 +6,21 @@ the newest and nothing half-written is left; once space is freed the same comman
 Needs root to mount (CI runs as root; elsewhere the test is skipped, under CI it fails)."""
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import lsor_run_config
+from small_fs import fill, small_file_system
 from sources import phantom, save
 
 from hpcbrain import entry
 from hpcbrain.disk_space import EXIT_NO_SPACE
 from hpcbrain.engine import checkpoint
 
-pytestmark = pytest.mark.slow
-
-
-@contextlib.contextmanager
-def small_file_system(size_mb: int):
-    folder = Path(f"/tmp/hpcbrain-full-{uuid.uuid4().hex[:8]}")
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
-                              str(folder)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        folder.rmdir()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot mount a tmpfs under CI: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here (root needed): {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-        folder.rmdir()
-
-
-def fill(folder: Path, leave_bytes: int = 0) -> Path:
-    """A ballast file that takes all the free space of `folder`'s file system but
-    `leave_bytes`."""
-    ballast = folder / "ballast"
-    free = shutil.disk_usage(folder).free - leave_bytes
-    with open(ballast, "wb") as handle:
-        chunk = b"\0" * (1 << 20)
-        while free > 0:
-            try:
-                free -= handle.write(chunk[:min(len(chunk), free)])
-            except OSError:
-                break
-    return ballast
+pytestmark = [pytest.mark.slow, pytest.mark.minutes]   # ~30 s: the full tier
 
 
 def temporary_files(folder: Path) -> list[Path]:

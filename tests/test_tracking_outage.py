@@ -248,6 +248,7 @@ def registered_versions(uri: str, name: str):
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 def test_a_server_gone_before_the_end_defers_the_model_and_the_rerun_registers_it_once(
         age_contrast_store, tmp_path, mlflow_server, capsys):
     """Killed after epoch 2 and not back: training ends, the finishing phase waits its 3 s,
