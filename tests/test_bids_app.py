@@ -125,3 +125,61 @@ def test_a_full_output_disk_stops_naming_the_derivative_and_the_rerun_completes(
         ballast.unlink()
         assert main(args) == 0
         assert len(list(out.rglob("*_latent.tsv"))) == 8      # 4 participants × 2 sessions
+
+
+KILLED_BIDS_APP = r"""
+import os, signal, sys
+kind, nth = sys.argv[1], int(sys.argv[2])
+seen = {"fsync": 0, "replace": 0}
+real_fsync, real_replace = os.fsync, os.replace
+def event(k):
+    seen[k] += 1
+    if k == kind and seen[k] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+def fsync(fd):
+    event("fsync")
+    return real_fsync(fd)
+def replace(src, dst, **kwargs):
+    event("replace")
+    return real_replace(src, dst, **kwargs)
+os.fsync, os.replace = fsync, replace
+from hpcbrain.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.minutes
+def test_sigkill_at_seeded_points_then_the_same_command_writes_the_uninterrupted_derivatives(
+        trained, tmp_path):
+    """The participant level killed (SIGKILL) 10 times at seeded points — before an fsync or a
+    rename of a derivative, its sidecar or dataset_description.json — then run again: the
+    folder holds exactly the files of an uninterrupted run, byte for byte."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    bids, uri, result = trained
+    args = lambda out: ["bids-app", str(bids), str(out), "participant",  # noqa: E731
+                        "--model", result.model_uri, "--tracking-uri", uri]
+    assert main(args(tmp_path / "straight")) == 0
+    rng = random.Random(2614)
+    killed = 0
+    for _ in range(10):
+        kind = rng.choice(["fsync", "replace"])
+        life = subprocess.run([sys.executable, "-c", KILLED_BIDS_APP, kind,
+                               str(rng.randint(1, 30)), *args(tmp_path / "killed")],
+                              capture_output=True, text=True, timeout=300)
+        assert life.returncode in (0, -signal.SIGKILL), life.stderr[-2000:]
+        killed += life.returncode == -signal.SIGKILL
+    assert killed >= 8
+    assert main(args(tmp_path / "killed")) == 0
+
+    def contents(folder):
+        return {str(p.relative_to(folder)): p.read_bytes()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    expected, got = contents(tmp_path / "straight"), contents(tmp_path / "killed")
+    assert got.keys() == expected.keys()        # no temporary or half-written file left
+    for name in expected:
+        assert got[name] == expected[name], name

@@ -115,5 +115,6 @@ def test_sigkill_at_seeded_points_then_the_same_command_gives_the_uninterrupted_
             assert got[name] == expected[name], name
     beside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("killed"))
     assert beside == ["killed.zarr", "killed_qc"]  # no .partial, no lock, no temporary file
+    assert [p.name for p in out.rglob(".*.tmp-*")] == []   # nor inside the store
     assert sorted(p.name for p in (tmp_path / "killed_qc").iterdir()) == \
         sorted(p.name for p in (tmp_path / "clean_qc").iterdir())

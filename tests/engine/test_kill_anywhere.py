@@ -125,9 +125,10 @@ def test_sigkill_at_seeded_points_everywhere_then_the_same_command_equals_an_uni
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key          # bit for bit
-    # no half-written file looks complete: every checkpoint left verifies
+    # no half-written file looks complete: every checkpoint left verifies; and none is left
     for path in sorted((tmp_path / "killed" / "checkpoints").glob("*.pt")):
         checkpoint.load(path)
+    assert [p.name for p in (tmp_path / "killed").rglob(".*.tmp-*")] == []
 
     client = MlflowClient(uri)
     run_id = (tmp_path / "killed" / "mlflow_run_id").read_text().strip()
