@@ -24,6 +24,7 @@ intervals, and the gap against age before and after the age-bias correction.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from hpcbrain.atomic import atomic_write, write_text_atomic
 from hpcbrain.data.bids_filter import entities
 
 BIDS_VERSION = "1.9.0"
+log = logging.getLogger(__name__)
+
 DESC = "hpcbrain"
 SUFFIXES = {"latent": "latent", "somnode": "somnode", "similarity": "similarity",
             "brainage": "brainage"}
@@ -172,6 +175,7 @@ def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str
     outputs = apply_to_scans(module, [s.path for s in scans], preparation, batch_size)
     som = som_of(model_dir)
     brain_ages = _brain_age_rows(scans, outputs, model_dir) if outputs.ndim == 1 else None
+    ages = _known_ages(scans) if som is not None else None
     written = []
     for k, (scan, out) in enumerate(zip(scans, outputs)):
         base = _derivative_base(scan, bids_dir, output_dir)
@@ -194,16 +198,44 @@ def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str
             rows, cols = som["grid"]
             node = int(squared_distances(z, nodes).argmin(dim=1))
             rho = similarity_grid(z, nodes).numpy().reshape(rows, cols)
-            written.append(_write_tsv(Path(f"{base}_{SUFFIXES['somnode']}.tsv"),
-                                      ["som_row", "som_col"], [[node // cols, node % cols]],
-                                      {**common, "Description": "the best-matching node of the "
-                                       "model's SOM grid (row-major, 0-based)"}))
+            header, cells = (["som_row", "som_col", "som_rows", "som_cols"],
+                             [node // cols, node % cols, rows, cols])
+            if ages is not None:
+                header, cells = header + ["age"], cells + [float(ages[k])]
+            written.append(_write_tsv(Path(f"{base}_{SUFFIXES['somnode']}.tsv"), header,
+                                      [cells], {**common, **SOM_NODE_COLUMNS,
+                                                "Description": "the best-matching node of the "
+                                                "model's SOM grid (row-major, 0-based)"}))
             written.append(_write_tsv(Path(f"{base}_{SUFFIXES['similarity']}.tsv"),
                                       [f"col{c}" for c in range(cols)],
                                       [[float(v) for v in row] for row in rho],
                                       {**common, "Description": "similarity ρ of the latent to "
                                        "every node, one row per grid row"}))
     return written
+
+
+#: What each SOM-node column means (the sidecar of every _somnode.tsv).
+SOM_NODE_COLUMNS = {
+    "som_row": {"Description": "row of the best-matching node, 0-based"},
+    "som_col": {"Description": "column of the best-matching node, 0-based"},
+    "som_rows": {"Description": "rows of the model's SOM grid (its shape, whatever nodes the "
+                                "scans occupy)"},
+    "som_cols": {"Description": "columns of the model's SOM grid"},
+    "age": {"Description": "chronological age at the scan (sessions.tsv / participants.tsv)",
+            "Units": "year"},
+}
+
+
+def _known_ages(scans: list[SelectedScan]) -> np.ndarray | None:
+    """The scans' ages from their BIDS tables, or None (with a warning when some are missing):
+    for the SOM outputs an age is a label for the figures, not something to stop for."""
+    from hpcbrain.evaluate.scan_ages import AgeLookupError, ages_from_bids
+
+    try:
+        return ages_from_bids([s.path for s in scans])
+    except AgeLookupError as exc:
+        log.warning("SOM outputs without ages: %s", exc)
+        return None
 
 
 #: What each brain-age column means (the sidecar of every _brainage.tsv).
@@ -308,6 +340,33 @@ def _save(figure, path: Path, plt) -> Path:
     return path
 
 
+def _som_outputs(output_dir: Path, header: list[str], rows: list[list[str]], group: Path,
+                 plt) -> list[Path]:
+    """The SOM node table's figures and tables (`bids_app_som`), on the model's grid."""
+    from hpcbrain.bids_app_som import NodeRow, grid_shape, som_group_outputs
+
+    def cell(row: list[str], name: str) -> str | None:
+        return row[3 + header.index(name)] if name in header else None
+
+    nodes, shapes = [], set()
+    for row in rows:
+        if cell(row, "som_rows") is not None:
+            shapes.add((int(cell(row, "som_rows")), int(cell(row, "som_cols"))))
+        age = cell(row, "age")
+        similarity_file = output_dir / row[2].replace(f"_{SUFFIXES['somnode']}.tsv",
+                                                      f"_{SUFFIXES['similarity']}.tsv")
+        similarity = (np.array(_read_tsv(similarity_file)[1], dtype=np.float64)
+                      if similarity_file.is_file() else None)
+        nodes.append(NodeRow(row[0], row[1], int(cell(row, "som_row")),
+                             int(cell(row, "som_col")),
+                             None if age in (None, "n/a") else float(age), similarity))
+    try:
+        shape = grid_shape(nodes, shapes)
+    except ValueError as exc:
+        raise BidsAppError(f"{output_dir}: {exc}") from None
+    return som_group_outputs(nodes, shape, group, plt)
+
+
 def run_group(output_dir: str | Path) -> list[Path]:
     """Group level: tables (and figures) over every participant's files in `output_dir`."""
     import matplotlib
@@ -339,22 +398,10 @@ def run_group(output_dir: str | Path) -> list[Path]:
             handle.write("\t".join(["participant_id", "session_id", "source", *header]) + "\n")
             handle.writelines("\t".join(row) + "\n" for row in rows)
         written.append(path)
-        figure = None
         if what == "somnode":
-            cells = np.array([[int(r[3]), int(r[4])] for r in rows])
-            counts = np.zeros((cells[:, 0].max() + 1, cells[:, 1].max() + 1))
-            np.add.at(counts, (cells[:, 0], cells[:, 1]), 1)
-            figure, axis = plt.subplots(figsize=(6, 3.5))
-            image = axis.imshow(counts, cmap="viridis")
-            axis.set_title("scans per SOM node")
-            figure.colorbar(image, ax=axis)
+            written += _som_outputs(output_dir, header, rows, group, plt)
         elif what == "brainage":
             written += _brain_age_figures(header, rows, group, plt)
-        if figure is not None:
-            png = group / f"{table}.png"
-            figure.savefig(png, dpi=100, bbox_inches="tight")
-            plt.close(figure)
-            written.append(png)
     if not written:
         raise BidsAppError(f"no participant outputs under {output_dir}")
     return written

@@ -183,3 +183,61 @@ def test_sigkill_at_seeded_points_then_the_same_command_writes_the_uninterrupted
     assert got.keys() == expected.keys()        # no temporary or half-written file left
     for name in expected:
         assert got[name] == expected[name], name
+
+
+@pytest.fixture(scope="module")
+def trained_4x8(tmp_path_factory):
+    """LSOR with the paper's 4 × 8 grid on the 4 × 2 scans of a BIDS dataset: at most 8 of its
+    32 nodes can hold a scan."""
+    root = tmp_path_factory.mktemp("bids_app_4x8")
+    bids = make_bids(root / "bids", n_subjects=4, n_sessions=2, shape=(18, 16, 14))
+    (bids / "dataset_description.json").write_text(json.dumps(
+        {"Name": "phantoms", "BIDSVersion": "1.9.0", "Version": "1.0"}))
+    store = convert_cohort(bids, root / "cohort.zarr", 16, progress=False).out
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    result = run_training(lsor_run_config(
+        store, root / "runs", "grid", "tracking.enabled=true", f"tracking.uri={uri}",
+        "tracking.registered_model=grid-encoder", "train.epochs=2", "data.val_fraction=0",
+        "lsor.grid_rows=4", "lsor.grid_cols=8", "lsor.init=longitudinal"))
+    return bids, uri, result
+
+
+def test_group_outputs_show_the_models_grid_and_each_participants_path(trained_4x8, tmp_path):
+    """Two participants (4 scans) of a 4 × 8 model: the counts table and figure are 4 × 8 —
+    the model's grid from its som.npz, not the nodes occupied —, each participant's visits are
+    listed in age order on their nodes, and the trajectory and similarity-by-age figures are
+    drawn."""
+    import mlflow
+
+    from hpcbrain.evaluate.embed import load_registered, som_of
+
+    bids, uri, result = trained_4x8
+    out = tmp_path / "derivatives"
+    assert main(["bids-app", str(bids), str(out), "participant", "--model", result.model_uri,
+                 "--tracking-uri", uri, "--participant-label", "01", "03"]) == 0
+    mlflow.set_tracking_uri(uri)
+    assert som_of(load_registered(result.model_uri)[1])["grid"] == (4, 8)
+    node_file = out / "sub-01" / "ses-02" / "anat" / "sub-01_ses-02_desc-hpcbrain_somnode.tsv"
+    header, (cells,) = node_file.read_text().splitlines()[0].split("\t"), [
+        line.split("\t") for line in node_file.read_text().splitlines()[1:]]
+    assert header == ["som_row", "som_col", "som_rows", "som_cols", "age"]
+    assert cells[2:4] == ["4", "8"]
+    assert main(["bids-app", str(bids), str(out), "group"]) == 0
+
+    counts = np.loadtxt(out / "group" / "somnode_counts.tsv", skiprows=1, ndmin=2)
+    assert counts.shape == (4, 8) and counts.sum() == 4
+    nodes = {}
+    for path in sorted(out.glob("sub-*/ses-*/anat/*_somnode.tsv")):
+        row = path.read_text().splitlines()[1].split("\t")
+        nodes[path.name[:13]] = (f"({row[0]},{row[1]})", float(row[4]))
+        assert counts[int(row[0]), int(row[1])] >= 1
+    lines = (out / "group" / "som_trajectories.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["participant_id", "visits", "nodes", "ages"]
+    for line in lines[1:]:
+        participant, visits, path, ages = line.split("\t")
+        visits_of = sorted((v for k, v in nodes.items() if k.startswith(participant)),
+                           key=lambda v: v[1])                # age order
+        assert visits == "2" and path == " → ".join(v[0] for v in visits_of)
+        assert ages == ", ".join(f"{v[1]:g}" for v in visits_of)
+    for name in ("somnodes.png", "som_trajectories.png", "som_similarity_by_age.png"):
+        assert (out / "group" / name).stat().st_size > 1000, name

@@ -109,8 +109,9 @@ def write_latents(path: Path, scans: Sequence[str | Path], embedding: Embedding,
     """CSV or .npy by the file's suffix; written atomically.
 
     CSV columns: path, z0…z{D-1}; with a SOM grid som_row, som_col (row-major grid, the
-    best-matching node) and, with `similarity`, rho_<row>_<col> for every node. A .npy holds the
-    latents only."""
+    best-matching node), som_rows, som_cols (the model's grid shape, whatever nodes the scans
+    occupy) and, with `similarity`, rho_<row>_<col> for every node. A .npy holds the latents
+    only."""
     path = Path(path)
     latents = embedding.latents
     if similarity and embedding.similarity is None:
@@ -123,7 +124,7 @@ def write_latents(path: Path, scans: Sequence[str | Path], embedding: Embedding,
         header = ["path", *(f"z{k}" for k in range(latents.shape[1]))]
         has_som = embedding.grid is not None
         if has_som:
-            header += ["som_row", "som_col"]
+            header += ["som_row", "som_col", "som_rows", "som_cols"]
             rows, cols = embedding.grid
             if similarity:
                 header += [f"rho_{r}_{c}" for r in range(rows) for c in range(cols)]
@@ -133,7 +134,7 @@ def write_latents(path: Path, scans: Sequence[str | Path], embedding: Embedding,
             for i, (scan, row) in enumerate(zip(scans, latents)):
                 cells = [str(scan), *(f"{v:.6g}" for v in row)]
                 if has_som:
-                    cells += [int(embedding.som_row[i]), int(embedding.som_col[i])]
+                    cells += [int(embedding.som_row[i]), int(embedding.som_col[i]), rows, cols]
                     if similarity:
                         cells += [f"{v:.6g}" for v in embedding.similarity[i]]
                 writer.writerow(cells)

@@ -222,7 +222,9 @@ def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path
         header, rows = reader.fieldnames, list(reader)
     latent_columns = [c for c in header if c.startswith("z")]
     rho_columns = [f"rho_{r}_{c}" for r in range(2) for c in range(2)]
-    assert header == ["path", *latent_columns, "som_row", "som_col", *rho_columns]
+    assert header == ["path", *latent_columns, "som_row", "som_col", "som_rows", "som_cols",
+                      *rho_columns]
+    assert {(r["som_rows"], r["som_cols"]) for r in rows} == {("2", "2")}   # the model's grid
     assert len(rows) == 3 and [r["path"] for r in rows] == list(map(str, scans))
 
     from hpcbrain.methods.lsor import LSOR
@@ -243,7 +245,7 @@ def test_embed_command_preprocesses_new_scans_like_the_converter(store, tmp_path
 
     plain = tmp_path / "plain.csv"
     assert main(["embed", result.model_uri, str(scans[0]), "--out", str(plain)]) == 0
-    assert plain.read_text().splitlines()[0].endswith("som_row,som_col")
+    assert plain.read_text().splitlines()[0].endswith("som_row,som_col,som_rows,som_cols")
 
     bad = tmp_path / "bad.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), bad)
