@@ -32,6 +32,18 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def phantom_manifest(folder: Path, n: int, shape=(12, 12, 12)) -> Path:
+    """`n` phantom scans s00.nii… (one session each, ages 50, 51, …) in `folder` and the CSV
+    manifest `folder/m.csv` that lists them."""
+    rows = []
+    for i in range(n):
+        save(folder / f"s{i:02d}.nii", phantom(shape, seed=i))
+        rows.append(f"{folder}/s{i:02d}.nii,s{i:02d},ses-01,{50 + i}")
+    manifest = folder / "m.csv"
+    manifest.write_text("path,subject,session,age\n" + "\n".join(rows) + "\n")
+    return manifest
+
+
 def make_bids(root: Path, n_subjects=3, n_sessions=2, shape=(14, 12, 10)) -> Path:
     """participants.tsv (sex, group) + sessions.tsv (age, diagnosis, adas_cog) + T1w images."""
     groups = ["CN", "MCI", "AD"]

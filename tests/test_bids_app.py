@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import lsor_run_config
+from kill_points import KILL_HOOKS
 from sources import make_bids
 
 from hpcbrain.cli import main
@@ -17,20 +18,26 @@ from hpcbrain.job import run_training
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A BIDS dataset of 4 participants × 2 sessions, its 16³ store, LSOR trained on it and
-    registered in a local MLflow store."""
-    root = tmp_path_factory.mktemp("bids_app")
+def train_on_bids(root, name: str, *extra: str):
+    """A BIDS dataset of 4 participants × 2 sessions under `root`, its 16³ store, LSOR trained
+    on it (`extra` overrides last) and registered as `NAME-encoder` in a local MLflow store:
+    (the BIDS folder, the tracking URI, the training result)."""
     bids = make_bids(root / "bids", n_subjects=4, n_sessions=2, shape=(18, 16, 14))
     (bids / "dataset_description.json").write_text(json.dumps(
         {"Name": "phantoms", "BIDSVersion": "1.9.0", "Version": "1.0"}))
     store = convert_cohort(bids, root / "cohort.zarr", 16, progress=False).out
     uri = f"sqlite:///{root / 'mlflow.db'}"
     result = run_training(lsor_run_config(
-        store, root / "runs", "app", "tracking.enabled=true", f"tracking.uri={uri}",
-        "tracking.registered_model=app-encoder", "train.epochs=2", "data.val_fraction=0"))
+        store, root / "runs", name, "tracking.enabled=true", f"tracking.uri={uri}",
+        f"tracking.registered_model={name}-encoder", "train.epochs=2", "data.val_fraction=0",
+        *extra))
     return bids, uri, result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """LSOR (its test-sized 2 × 2 grid) trained and registered on a 4 × 2-scan BIDS dataset."""
+    return train_on_bids(tmp_path_factory.mktemp("bids_app"), "app")
 
 
 def test_participant_level_writes_derivatives_for_exactly_those_participants(trained,
@@ -128,21 +135,9 @@ def test_a_full_output_disk_stops_naming_the_derivative_and_the_rerun_completes(
 
 
 KILLED_BIDS_APP = r"""
-import os, signal, sys
+import sys
 kind, nth = sys.argv[1], int(sys.argv[2])
-seen = {"fsync": 0, "replace": 0}
-real_fsync, real_replace = os.fsync, os.replace
-def event(k):
-    seen[k] += 1
-    if k == kind and seen[k] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-def fsync(fd):
-    event("fsync")
-    return real_fsync(fd)
-def replace(src, dst, **kwargs):
-    event("replace")
-    return real_replace(src, dst, **kwargs)
-os.fsync, os.replace = fsync, replace
+""" + KILL_HOOKS + r"""
 from hpcbrain.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -189,17 +184,8 @@ def test_sigkill_at_seeded_points_then_the_same_command_writes_the_uninterrupted
 def trained_4x8(tmp_path_factory):
     """LSOR with the paper's 4 × 8 grid on the 4 × 2 scans of a BIDS dataset: at most 8 of its
     32 nodes can hold a scan."""
-    root = tmp_path_factory.mktemp("bids_app_4x8")
-    bids = make_bids(root / "bids", n_subjects=4, n_sessions=2, shape=(18, 16, 14))
-    (bids / "dataset_description.json").write_text(json.dumps(
-        {"Name": "phantoms", "BIDSVersion": "1.9.0", "Version": "1.0"}))
-    store = convert_cohort(bids, root / "cohort.zarr", 16, progress=False).out
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    result = run_training(lsor_run_config(
-        store, root / "runs", "grid", "tracking.enabled=true", f"tracking.uri={uri}",
-        "tracking.registered_model=grid-encoder", "train.epochs=2", "data.val_fraction=0",
-        "lsor.grid_rows=4", "lsor.grid_cols=8", "lsor.init=longitudinal"))
-    return bids, uri, result
+    return train_on_bids(tmp_path_factory.mktemp("bids_app_4x8"), "grid", "lsor.grid_rows=4",
+                         "lsor.grid_cols=8", "lsor.init=longitudinal")
 
 
 def test_group_outputs_show_the_models_grid_and_each_participants_path(trained_4x8, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import lsor_run_config
 from small_fs import fill, small_file_system
-from sources import phantom, save
+from sources import phantom_manifest
 
 from hpcbrain import entry
 from hpcbrain.disk_space import EXIT_NO_SPACE
@@ -96,12 +96,7 @@ def test_conversion_on_a_full_disk_stops_naming_the_store_and_resumes_once_freed
     from hpcbrain.cli import main
     from hpcbrain.data import convert_workers
 
-    rows = []
-    for i in range(12):
-        save(tmp_path / f"s{i:02d}.nii", phantom((24, 24, 24), seed=i))
-        rows.append(f"{tmp_path}/s{i:02d}.nii,s{i:02d},ses-01,{50 + i}")
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("path,subject,session,age\n" + "\n".join(rows) + "\n")
+    manifest = phantom_manifest(tmp_path, 12, (24, 24, 24))
     args = ["convert", str(manifest), "--shape", "24", "--scans-per-shard", "2"]
     assert main([*args, "--out", str(tmp_path / "clean.zarr")]) == 0
     capsys.readouterr()

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from sources import phantom, save
+from kill_points import KILL_HOOKS
+from sources import phantom_manifest
 
 from hpcbrain.data.convert import convert_cohort
 from hpcbrain.data.store import CohortStore
@@ -25,24 +26,9 @@ KILLS = 12
 EVENTS = {"scan": 4, "shard": 3, "fsync": 10, "replace": 6}
 
 KILLED_CONVERSION = r"""
-import asyncio, json, os, signal, sys
+import json, sys
 kind, nth, manifest, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-seen = {k: 0 for k in ("scan", "shard", "fsync", "replace")}
-
-def event(k):
-    seen[k] += 1
-    if k == kind and seen[k] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-real_fsync, real_replace = os.fsync, os.replace
-def fsync(fd):
-    event("fsync")
-    return real_fsync(fd)
-def replace(src, dst, **kwargs):
-    event("replace")
-    return real_replace(src, dst, **kwargs)
-os.fsync, os.replace = fsync, replace
-
+""" + KILL_HOOKS + r"""
 import zarr.storage
 from hpcbrain.data import convert, convert_workers
 real_set, real_one = zarr.storage.LocalStore.set, convert_workers._convert_one
@@ -82,12 +68,7 @@ def store_contents(path: Path) -> dict:
 @pytest.mark.minutes
 def test_sigkill_at_seeded_points_then_the_same_command_gives_the_uninterrupted_store(
         tmp_path):
-    rows = []
-    for i in range(12):
-        save(tmp_path / f"s{i:02d}.nii", phantom((12, 12, 12), seed=i))
-        rows.append(f"s{i:02d}.nii,s{i:02d},ses-01,{50 + i}")
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("path,subject,session,age\n" + "\n".join(rows) + "\n")
+    manifest = phantom_manifest(tmp_path, 12, (12, 12, 12))
     clean = convert_cohort(manifest, tmp_path / "clean.zarr", 8, scans_per_shard=2,
                            progress=False).out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import lsor_run_config
+from kill_points import KILL_HOOKS
 
 from hpcbrain.engine import checkpoint
 from hpcbrain.job import run_training
@@ -39,25 +40,10 @@ TRAINING_KILLS = 10
 UPLOAD_KILLS = 3
 
 KILLED_RUN = r"""
-import json, os, signal, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 kind, nth, overrides = sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-seen = {k: 0 for k in ("step", "fsync", "replace", "upload")}
-
-def event(k):
-    seen[k] += 1
-    if k == kind and seen[k] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-real_fsync, real_replace = os.fsync, os.replace
-def fsync(fd):
-    event("fsync")                # dies with the bytes written, not yet on disk
-    return real_fsync(fd)
-def replace(src, dst, **kwargs):
-    event("replace")              # dies with the temporary file complete, not renamed
-    return real_replace(src, dst, **kwargs)
-os.fsync, os.replace = fsync, replace
-
+""" + KILL_HOOKS + r"""
 from hpcbrain.engine.trainer import Trainer
 from hpcbrain.publish_ledger import PublishLedger
 real_step, real_send = Trainer._step, PublishLedger.send
