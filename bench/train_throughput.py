@@ -43,8 +43,8 @@ def build(method: str, size: int, batch: int, precision: str, device: torch.devi
 
     overrides = [f"data.input_size={size}", f"train.batch_size={batch}",
                  f"train.precision={precision}", "engine.name=single"]
-    if method == "lsor":
-        overrides.append("lsor.kmeans_n_init=1")
+    if method == "lsor":   # the paper's grid (lsor.yaml's auto needs a training set)
+        overrides += ["lsor.kmeans_n_init=1", "lsor.grid_rows=4", "lsor.grid_cols=8"]
     cfg = load_config([f"{method}.yaml"], overrides)
     model = build_method(cfg).to(device)
     if cfg.train.channels_last:

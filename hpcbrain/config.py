@@ -86,8 +86,10 @@ class TrainConfig:
 
 @dataclass
 class LSORConfig:
-    grid_rows: int = 4
-    grid_cols: int = 8
+    # the SOM grid; "auto": sized to the training subjects (`methods.som_grid.auto_grid`: at
+    # least 2 subjects a node, the paper's 1:2 aspect, its 4 × 8 from 64 training subjects up)
+    grid_rows: Any = "auto"
+    grid_cols: Any = "auto"
     warmup_epochs: int = 10          # reconstruction-only epochs before the SOM phase
     lambda_recon: float = 1.0
     lambda_commit: float = 0.5

@@ -55,8 +55,6 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("train.num_threads", 1, math.inf, True),
     ("train.lr_step_every_epochs", 1, math.inf, True),
     ("train.lr_gamma", 0, math.inf, False),
-    ("lsor.grid_rows", 1, math.inf, True),
-    ("lsor.grid_cols", 1, math.inf, True),
     ("lsor.warmup_epochs", 0, math.inf, True),
     ("lsor.tau_max", 0, math.inf, False),
     ("lsor.tau_min", 0, math.inf, False),
@@ -95,6 +93,21 @@ RANGES: tuple[tuple[str, float, float, bool], ...] = (
 )
 
 
+def _check_grid(cfg: DictConfig) -> None:
+    """lsor.grid_rows / grid_cols: both "auto" or both positive integers."""
+    values = {key: OmegaConf.select(cfg, f"lsor.{key}") for key in ("grid_rows", "grid_cols")}
+    autos = [v == "auto" for v in values.values()]
+    if all(autos):
+        return
+    for key, value in values.items():
+        if value == "auto":
+            raise ConfigError(f"bad value for 'lsor.{key}': 'auto' with the other side given; "
+                              f"set both to auto or both to a number of nodes")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"bad value for 'lsor.{key}': {value!r}; it must be auto or an "
+                              f"integer ≥ 1")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Values the schema's types cannot rule out: choices, ranges and the relations between
     keys. Raises ConfigError naming the key, its value and what it may be."""
@@ -105,6 +118,7 @@ def check_config(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"bad value for '{key}': {value!r}; choose one of "
                               f"{', '.join(allowed)}")
+    _check_grid(cfg)
     for key, low, high, low_ok in RANGES:
         value = OmegaConf.select(cfg, key)
         if value is None:

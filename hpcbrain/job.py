@@ -205,7 +205,11 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
     store = open_store(cfg)
     method_class = get_method_class(cfg.method)
     split, train_set, val_set = build_datasets(cfg, store, method_class.batch_kind)
-    method_class.resolve_config(cfg[method_class.config_section], len(train_set))
+    from hpcbrain.methods.base import TrainingSetSize
+
+    subjects = np.unique(np.asarray(store.column("subject"))[split.train].astype(str)).size
+    method_class.resolve_config(cfg[method_class.config_section],
+                                TrainingSetSize(len(train_set), len(split.train), int(subjects)))
     if dist.is_global_rank0():
         save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg)

@@ -155,20 +155,25 @@ def test_sigkill_at_seeded_points_then_the_same_command_writes_the_uninterrupted
     import sys
 
     bids, uri, result = trained
-    args = lambda out: ["bids-app", str(bids), str(out), "participant",  # noqa: E731
-                        "--model", result.model_uri, "--tracking-uri", uri]
-    assert main(args(tmp_path / "straight")) == 0
+
+    def life(out, kind="none", nth=0):
+        # every run a process of its own, the uninterrupted one too: the same torch threads
+        return subprocess.run([sys.executable, "-c", KILLED_BIDS_APP, kind, str(nth),
+                               "bids-app", str(bids), str(out), "participant",
+                               "--model", result.model_uri, "--tracking-uri", uri],
+                              capture_output=True, text=True, timeout=300)
+
+    assert life(tmp_path / "straight").returncode == 0
     rng = random.Random(2614)
     killed = 0
     for _ in range(10):
         kind = rng.choice(["fsync", "replace"])
-        life = subprocess.run([sys.executable, "-c", KILLED_BIDS_APP, kind,
-                               str(rng.randint(1, 30)), *args(tmp_path / "killed")],
-                              capture_output=True, text=True, timeout=300)
-        assert life.returncode in (0, -signal.SIGKILL), life.stderr[-2000:]
-        killed += life.returncode == -signal.SIGKILL
+        ended = life(tmp_path / "killed", kind, rng.randint(1, 30))
+        assert ended.returncode in (0, -signal.SIGKILL), ended.stderr[-2000:]
+        killed += ended.returncode == -signal.SIGKILL
     assert killed >= 8
-    assert main(args(tmp_path / "killed")) == 0
+    final = life(tmp_path / "killed")
+    assert final.returncode == 0, final.stderr[-2000:]
 
     def contents(folder):
         return {str(p.relative_to(folder)): p.read_bytes()

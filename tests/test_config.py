@@ -17,7 +17,7 @@ def test_defaults_without_files():
     cfg = load_config()
     assert cfg.method == "lsor"
     assert cfg.train.epochs == 50
-    assert cfg.lsor.grid_rows * cfg.lsor.grid_cols == 32
+    assert (cfg.lsor.grid_rows, cfg.lsor.grid_cols) == ("auto", "auto")   # sized at training
 
 
 def test_files_merge_in_order_then_overrides(tmp_path):

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Method", "register_method", "build_method", "available_methods", "get_method_class"]
+__all__ = ["Method", "TrainingSetSize", "register_method", "build_method", "available_methods",
+           "get_method_class"]
 
 
 class Method(torch.nn.Module):
@@ -127,11 +129,11 @@ class Method(torch.nn.Module):
         return cls(method_sections(cfg, cls.config_section))
 
     @classmethod
-    def resolve_config(cls, own: Any, n_train_items: int) -> None:
+    def resolve_config(cls, own: Any, training: "TrainingSetSize") -> None:
         """Settle values of the method's own config section `own` that depend on the training
-        set (`n_train_items` items of ``batch_kind``) in place, before the method is built, so
-        every later `build_method(cfg)` (export, evaluation) builds the same shapes. Default:
-        nothing to settle."""
+        set (its size: items of ``batch_kind``, scans, subjects) in place, before the method is
+        built, so every later `build_method(cfg)` (export, evaluation) builds the same shapes.
+        Default: nothing to settle."""
 
     def registry_files(self, folder: Path) -> list[Path]:
         """Files (written into `folder`) that travel with the registered encoder, for what
@@ -140,6 +142,15 @@ class Method(torch.nn.Module):
 
     def encoder(self) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TrainingSetSize:
+    """What `Method.resolve_config` may size things by."""
+
+    items: int          # what a batch is made of (``batch_kind``: pairs or scans)
+    scans: int
+    subjects: int
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -37,7 +37,7 @@ from hpcbrain import dist
 from hpcbrain.config import MethodSections
 from hpcbrain.data.transforms import build_augmentation
 from hpcbrain.methods import contrastive_losses as losses
-from hpcbrain.methods.base import Method, register_method
+from hpcbrain.methods.base import Method, TrainingSetSize, register_method
 from hpcbrain.models.autoencoder import LSOREncoder
 from hpcbrain.models.heads import FEATURE_MODES, FeatureExtractor, ProjectionHead
 from hpcbrain.models.resnet3d import build_resnet3d
@@ -373,10 +373,10 @@ class NNCLR(ContrastiveMethod):
     learns_from_age = False
 
     @classmethod
-    def resolve_config(cls, own: Any, n_train_items: int) -> None:
+    def resolve_config(cls, own: Any, training: TrainingSetSize) -> None:
         """A support queue larger than the training set holds stale copies of the same scans
         (the audit: 1,024 slots for ~114 scans), so it is capped at the training set."""
-        if int(own.nnclr_queue) > n_train_items:
+        if int(own.nnclr_queue) > training.items:
             log.info("contrastive.nnclr_queue %d capped at the %d training scans",
-                     int(own.nnclr_queue), n_train_items)
-            own.nnclr_queue = int(n_train_items)
+                     int(own.nnclr_queue), training.items)
+            own.nnclr_queue = int(training.items)

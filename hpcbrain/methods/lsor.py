@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from hpcbrain import dist
 from hpcbrain.config import MethodSections
-from hpcbrain.methods.base import Method, register_method
+from hpcbrain.methods.base import Method, TrainingSetSize, register_method
 from hpcbrain.methods.som import (
     centre_update,
     ema_update,
@@ -97,6 +97,10 @@ class LSOR(Method):
         self.epochs = sections.epochs
         self.seed = sections.seed
         c = sections.own
+        if "auto" in (c.grid_rows, c.grid_cols):
+            raise ValueError("lsor.grid_rows / grid_cols are still 'auto': the training set "
+                             "settles them (LSOR.resolve_config) before the method is built; "
+                             "give numbers to build it without one")
         self.grid = (int(c.grid_rows), int(c.grid_cols))
         self.warmup_epochs = int(c.warmup_epochs)
         self.lambda_recon = float(c.lambda_recon)
@@ -162,6 +166,31 @@ class LSOR(Method):
     def scalars(self) -> dict[str, float]:
         return {"tau": float(self._tau), "phase": 1.0 if self.som_active() else 0.0,
                 "som_weight": float(self._som_weight)}
+
+    @classmethod
+    def resolve_config(cls, own: Any, training: TrainingSetSize) -> None:
+        """lsor.grid_rows / grid_cols "auto": the grid `som_grid.auto_grid` sizes to the
+        training subjects (logged; the resolved numbers go into the run's config, MLflow
+        params and the model's som.npz). Explicit numbers stay, with a warning when they leave
+        fewer subjects a node than the rule's minimum."""
+        from hpcbrain.methods.som_grid import MIN_SUBJECTS_PER_NODE, auto_grid, subjects_per_node
+
+        if own.grid_rows == "auto" and own.grid_cols == "auto":
+            own.grid_rows, own.grid_cols = auto_grid(training.subjects)
+            log.info("lsor grid auto: %d × %d for %d training subjects (%.1f a node)",
+                     own.grid_rows, own.grid_cols, training.subjects,
+                     subjects_per_node(training.subjects, (own.grid_rows, own.grid_cols)))
+            return
+        grid = (int(own.grid_rows), int(own.grid_cols))
+        per_node = subjects_per_node(training.subjects, grid)
+        if per_node < MIN_SUBJECTS_PER_NODE:
+            suggested = auto_grid(training.subjects)
+            log.warning("lsor grid %d × %d leaves %.1f training subjects a node (fewer than "
+                        "%.1f): a node's mean age then carries its few subjects' brain-age "
+                        "gaps and the grid orders age poorly (docs/lsor-decisions.md, "
+                        "\"Subjects per node\"); lsor.grid_rows=auto lsor.grid_cols=auto "
+                        "would give %d × %d", *grid, per_node, MIN_SUBJECTS_PER_NODE,
+                        *suggested)
 
     def on_epoch_start(self, epoch: int, encode_batches: Callable[[], Iterable[dict]]) -> None:
         super().on_epoch_start(epoch, encode_batches)

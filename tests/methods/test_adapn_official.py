@@ -220,8 +220,11 @@ def test_nnclr_queue_is_capped_at_the_training_set(tmp_path):
     cfg = load_config(["nnclr.yaml"], ["model.backbone=lsor", "model.widths=[2,2]",
                                        "data.input_size=8"])
     assert cfg.contrastive.nnclr_queue == 1024
-    get_method_class("nnclr").resolve_config(cfg.contrastive, 114)
+    from hpcbrain.methods.base import TrainingSetSize
+
+    get_method_class("nnclr").resolve_config(cfg.contrastive, TrainingSetSize(114, 114, 40))
     assert cfg.contrastive.nnclr_queue == 114
     assert build_method(cfg).queue.shape[0] == 114
-    get_method_class("adapn").resolve_config(cfg.contrastive, 10)      # other methods change nothing
+    get_method_class("adapn").resolve_config(cfg.contrastive,           # other methods change
+                                             TrainingSetSize(10, 10, 4))  # nothing
     assert cfg.contrastive.nnclr_queue == 114

@@ -196,7 +196,8 @@ def test_build_from_project_config():
     pytest.importorskip("hpcbrain.config")
     from hpcbrain.config import load_config
 
-    cfg = load_config(overrides=["data.input_size=16", "model.widths=[4,8]"])
+    cfg = load_config(overrides=["data.input_size=16", "model.widths=[4,8]",
+                                 "lsor.grid_rows=4", "lsor.grid_cols=8"])
     m = build_method(cfg)
     assert isinstance(m, LSOR) and m.grid == (4, 8) and m.warmup_epochs == 10
     assert m.tau_max == 1.0 and m.tau_min == 0.1
