@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from hpcbrain.atomic import atomic_write, write_text_atomic
+from hpcbrain.bids_app_som import save_figure, write_table
 from hpcbrain.data.bids_filter import entities
 
 BIDS_VERSION = "1.9.0"
@@ -312,7 +313,7 @@ def _brain_age_figures(header: list[str], rows: list[list[str]], group: Path, pl
         axis.set_xlabel("chronological age (years)")
         axis.set_ylabel("predicted age (years)")
         axis.legend(loc="upper left")
-    written.append(_save(figure, group / "brainage.png", plt))
+    written.append(save_figure(figure, group / "brainage.png", plt))
     if "brain_age_gap" in header:
         age = column("age")
         figure, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
@@ -330,14 +331,8 @@ def _brain_age_figures(header: list[str], rows: list[list[str]], group: Path, pl
             axis.set_title(f"gap, {title}")
             axis.set_xlabel("chronological age (years)")
         axes[0].set_ylabel("predicted − chronological age (years)")
-        written.append(_save(figure, group / "brainage_gap.png", plt))
+        written.append(save_figure(figure, group / "brainage_gap.png", plt))
     return written
-
-
-def _save(figure, path: Path, plt) -> Path:
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return path
 
 
 def _som_outputs(output_dir: Path, header: list[str], rows: list[list[str]], group: Path,
@@ -392,12 +387,8 @@ def run_group(output_dir: str | Path) -> list[Path]:
             labels = entities(path)
             rows.append([f"sub-{labels['sub']}", f"ses-{labels.get('ses', '01')}",
                          str(path.relative_to(output_dir)), *body[0]])
-        path = group / f"{table}.tsv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "w") as handle:
-            handle.write("\t".join(["participant_id", "session_id", "source", *header]) + "\n")
-            handle.writelines("\t".join(row) + "\n" for row in rows)
-        written.append(path)
+        written.append(write_table(group / f"{table}.tsv",
+                                   ["participant_id", "session_id", "source", *header], rows))
         if what == "somnode":
             written += _som_outputs(output_dir, header, rows, group, plt)
         elif what == "brainage":

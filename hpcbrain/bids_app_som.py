@@ -18,7 +18,7 @@ import numpy as np
 
 from hpcbrain.atomic import atomic_write
 
-__all__ = ["NodeRow", "grid_shape", "som_group_outputs"]
+__all__ = ["NodeRow", "grid_shape", "som_group_outputs", "save_figure", "write_table"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,17 @@ def _visit_order(visits: list[NodeRow]) -> list[NodeRow]:
     return sorted(visits, key=lambda v: v.session)
 
 
-def _write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
+def write_table(path: Path, header: list[str], rows: list[list]) -> Path:
+    """A group-level TSV, written atomically (the BIDS-App's group tables use it too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w", what="a group table") as handle:
         handle.write("\t".join(header) + "\n")
         handle.writelines("\t".join(str(c) for c in row) + "\n" for row in rows)
     return path
 
 
-def _save(figure, path: Path, plt) -> Path:
+def save_figure(figure, path: Path, plt) -> Path:
+    """A group-level figure as PNG, then closed (the BIDS-App's brain-age figures use it too)."""
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return path
@@ -79,7 +82,7 @@ def som_group_outputs(rows: list[NodeRow], shape: tuple[int, int], group: Path,
     counts = np.zeros(shape, dtype=np.int64)
     for r in rows:
         counts[r.row, r.col] += 1
-    written = [_write_tsv(group / "somnode_counts.tsv", [f"col{c}" for c in range(n_cols)],
+    written = [write_table(group / "somnode_counts.tsv", [f"col{c}" for c in range(n_cols)],
                           counts.tolist())]
     aspect = max(2.5, 6 * n_rows / max(n_cols, 1))
     figure, axis = plt.subplots(figsize=(6, aspect))
@@ -88,13 +91,13 @@ def som_group_outputs(rows: list[NodeRow], shape: tuple[int, int], group: Path,
     axis.set_xticks(range(n_cols))
     axis.set_yticks(range(n_rows))
     figure.colorbar(image, ax=axis)
-    written.append(_save(figure, group / "somnodes.png", plt))
+    written.append(save_figure(figure, group / "somnodes.png", plt))
 
     by_participant: dict[str, list[NodeRow]] = {}
     for r in rows:
         by_participant.setdefault(r.participant, []).append(r)
     paths = {p: _visit_order(v) for p, v in sorted(by_participant.items())}
-    written.append(_write_tsv(
+    written.append(write_table(
         group / "som_trajectories.tsv", ["participant_id", "visits", "nodes", "ages"],
         [[p, len(v), " → ".join(f"({x.row},{x.col})" for x in v),
           ", ".join("n/a" if x.age is None else f"{x.age:g}" for x in v)]
@@ -134,7 +137,7 @@ def _trajectory_figure(paths: dict[str, list[NodeRow]], counts: np.ndarray, grou
                    + ("coloured by age" if colour_by_age else "coloured by visit order"))
     mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(low, high))
     figure.colorbar(mappable, ax=axis, label="age (years)" if colour_by_age else "visit order")
-    return _save(figure, group / "som_trajectories.png", plt)
+    return save_figure(figure, group / "som_trajectories.png", plt)
 
 
 def _similarity_by_age(rows: list[NodeRow], shape: tuple[int, int], group: Path, plt) -> Path:
@@ -154,4 +157,4 @@ def _similarity_by_age(rows: list[NodeRow], shape: tuple[int, int], group: Path,
         axis.set_xticks([])
         axis.set_yticks([])
     figure.suptitle("mean similarity ρ to every node, by age")
-    return _save(figure, group / "som_similarity_by_age.png", plt)
+    return save_figure(figure, group / "som_similarity_by_age.png", plt)

@@ -2,7 +2,8 @@
 line and exit status 2, never a traceback), and training in this process — what `hpcbrain train`
 and `launch/submit.py --local` both do.
 
-    return entry.train_here(configs)                  # one or several (folds, sweeps) configs
+    with entry.full_disk_said():                       # a full disk: OutOfSpace, one line
+        return entry.train_here(configs)              # one or several (folds, sweeps) configs
     except entry.user_errors() as exc: return entry.report(exc)
 
 Anything else that escapes is a bug, and its traceback is the report.
@@ -73,8 +74,7 @@ def train_here(configs: Iterable) -> int:
     status = 0
     for cfg in configs:
         try:
-            with full_disk_said():
-                result = run_training(cfg)
+            result = run_training(cfg)
         except TrainingStopped as stopped:
             print(f"stopped: {stopped}", file=sys.stderr)
             return stopped.exit_code
@@ -88,7 +88,8 @@ def train_here(configs: Iterable) -> int:
 @contextlib.contextmanager
 def full_disk_said() -> Iterator[None]:
     """Any error with a full file system behind it (a library's wrapper of ENOSPC included)
-    leaves the block as `OutOfSpace`, which `report` says in one line."""
+    leaves the block as `OutOfSpace`, which `report` says in one line. Each command-line entry
+    point (`hpcbrain`'s main, `launch/submit.py`'s) runs its command inside it."""
     from hpcbrain.disk_space import out_of_space
 
     try:

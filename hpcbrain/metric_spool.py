@@ -91,24 +91,23 @@ class MetricSpool:
             if limit is not None and len(out) >= limit:
                 break
             consumed += 1
-            try:
-                key, value, timestamp, step = json.loads(line)
-            except (ValueError, TypeError):
-                continue
-            out.append(MetricRecord(str(key), float(value), int(timestamp), int(step)))
+            record = _parse(line)
+            if record is not None:
+                out.append(record)
         return out, consumed
 
     def mark_sent(self, count: int) -> None:
         """`count` more of the oldest pending lines reached the server. When none is left the
         spool files are removed."""
         with self._lock:
-            total = len(self._lines())
+            lines = self._lines()
+            total = len(lines)
             if total == 0:
                 return
             sent = min(self._sent() + int(count), total)
             if sent >= total:
                 # the marks first: a kill between the two leaves both saying the same
-                write_text_atomic(self.logged_path, json.dumps(self._logged_steps()))
+                write_text_atomic(self.logged_path, json.dumps(self._logged_steps(lines)))
                 self.path.unlink(missing_ok=True)
                 self.sent_path.unlink(missing_ok=True)
             else:
@@ -117,19 +116,16 @@ class MetricSpool:
     def logged_steps(self) -> dict[str, int]:
         """{key: the newest step ever handed to this spool} (see the module doc)."""
         with self._lock:
-            return self._logged_steps()
+            return self._logged_steps(self._lines())
 
-    def _logged_steps(self) -> dict[str, int]:
+    def _logged_steps(self, lines: list[str]) -> dict[str, int]:
+        """The marks file's steps, raised by those of the spool's `lines`."""
         try:
             marks = {str(k): int(v) for k, v in json.loads(self.logged_path.read_text()).items()}
         except (FileNotFoundError, ValueError, AttributeError):
             marks = {}
-        for line in self._lines():
-            try:
-                key, _, _, step = json.loads(line)
-            except (ValueError, TypeError):
-                continue                 # a line torn by a crash
-            marks[str(key)] = max(marks.get(str(key), int(step)), int(step))
+        for record in filter(None, map(_parse, lines)):
+            marks[record.key] = max(marks.get(record.key, record.step), record.step)
         return marks
 
     def __len__(self) -> int:
@@ -141,3 +137,12 @@ class MetricSpool:
             return self.path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:        # nothing spooled, or all sent and removed
             return []
+
+
+def _parse(line: str) -> MetricRecord | None:
+    """A spool line as a record; None for a line torn by a crash."""
+    try:
+        key, value, timestamp, step = json.loads(line)
+        return MetricRecord(str(key), float(value), int(timestamp), int(step))
+    except (ValueError, TypeError):
+        return None

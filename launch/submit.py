@@ -101,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = [*args.overrides, *flag_overrides(args)]
-        if args.bids_app:
-            return submit_bids_app(args, overrides)
-        if args.convert:
-            return submit_convert(args, overrides)
-        if args.local:
-            return run_local(args, overrides)
-        return submit(args, overrides)
+        with entry.full_disk_said():
+            if args.bids_app:
+                return submit_bids_app(args, overrides)
+            if args.convert:
+                return submit_convert(args, overrides)
+            if args.local:
+                return run_local(args, overrides)
+            return submit(args, overrides)
     except entry.user_errors() as exc:
         return entry.report(exc)
 

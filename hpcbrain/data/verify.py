@@ -18,7 +18,7 @@ import numpy as np
 
 from hpcbrain.data.store import AFFINE, IMAGE_ROW, IMAGES, CohortStore, CorruptScanError
 
-__all__ = ["VerifyReport", "verify_store", "has_chunk_checksums"]
+__all__ = ["VerifyReport", "verify_store", "has_chunk_checksums", "unreadable_scans"]
 
 
 @dataclass

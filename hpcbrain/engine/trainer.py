@@ -238,13 +238,13 @@ class Trainer:
     def _corrupt_scans_report(self, epoch: int) -> dict[str, float]:
         """data.on_corrupt_scan=skip: the corrupt scans skipped so far (on any rank or loader
         worker), named once each by rank 0 when first met; their count as a metric."""
-        met: dict[int, str] = {}
-        for dataset in (self.train_set, self.val_set):
-            if dataset is not None and dataset.corrupt_log is not None:
-                met.update(dataset.corrupt_scans_met())
-        if not met and not any(d is not None and d.corrupt_log is not None
-                               for d in (self.train_set, self.val_set)):
+        skipping = [d for d in (self.train_set, self.val_set)
+                    if d is not None and d.corrupt_log is not None]
+        if not skipping:
             return {}
+        met: dict[int, str] = {}
+        for dataset in skipping:
+            met.update(dataset.corrupt_scans_met())
         new = sorted(set(met) - self._corrupt_named)
         if new and self.rank == 0:
             log.warning("epoch %d: %d corrupt scan(s) skipped (%d in all; data.on_corrupt_scan="
