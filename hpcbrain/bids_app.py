@@ -182,7 +182,9 @@ def run_participant(bids_dir: str | Path, output_dir: str | Path, model_uri: str
         base = _derivative_base(scan, bids_dir, output_dir)
         source = f"bids:raw:{scan.path.resolve().relative_to(bids_dir.resolve())}"
         common = {"Sources": [source], "GeneratedBy": f"hpcbrain {_version()}, model {model_uri}",
-                  "Preparation": {"size": preparation.size, "registered": preparation.register}}
+                  "Preparation": {"shape": list(preparation.grid.shape),
+                                  "grid": preparation.grid.name,
+                                  "registered": preparation.register}}
         if brain_ages is not None:
             rows, sidecar = brain_ages
             written.append(_write_tsv(Path(f"{base}_{SUFFIXES['brainage']}.tsv"),

@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from hpcbrain.volume_grid import MNI_BOXES, grid_for
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from hpcbrain.data.synth import synthesize_cohort
@@ -133,15 +135,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from hpcbrain.data.convert import ConversionError, convert_cohort
 
     if args.repair is not None:
-        if args.source is not None or args.out is not None or args.shape is not None:
-            raise ConversionError("convert --repair STORE takes no SOURCE, --out or --shape: "
+        if args.source is not None or args.out is not None or args.shape is not None \
+                or args.grid is not None:
+            raise ConversionError("convert --repair STORE takes no SOURCE, --out, --shape or "
+                                  "--grid: "
                                   "the store records where its scans came from and how")
         return _repair(args.repair)
-    if args.source is None or args.out is None or args.shape is None:
-        raise ConversionError("convert needs SOURCE, --out STORE and --shape S (or --repair "
-                              "STORE)")
+    if args.source is None or args.out is None or (args.shape is None and args.grid is None):
+        raise ConversionError("convert needs SOURCE, --out STORE and --shape S (or --shape D H "
+                              "W, or --grid mni2mm) (or --repair STORE)")
+    try:
+        grid = grid_for(args.shape, args.grid)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
     # a ConversionError (nothing written) is a user error: main reports it, exit 2
-    report = convert_cohort(args.source, args.out, args.shape, workers=args.workers,
+    report = convert_cohort(args.source, args.out, grid, workers=args.workers,
                             skip_bad=args.skip_bad, dtype=args.dtype,
                             scans_per_shard=args.scans_per_shard, codec=args.codec,
                             codec_level=args.codec_level, register=args.register,
@@ -295,7 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", type=Path, nargs="?",
                          help="BIDS folder or CSV manifest (path, subject, session, age, ...)")
     convert.add_argument("--out", type=Path, help="the store, e.g. cohort.zarr (required)")
-    convert.add_argument("--shape", type=int, help="S: volumes become S³ (required)")
+    convert.add_argument("--shape", type=int, nargs="+", metavar="S",
+                         help="S: volumes become S³ cubes of each scan's field of view; D H W: "
+                              "boxes of that aspect (this or --grid is required)")
+    convert.add_argument("--grid", choices=sorted(MNI_BOXES),
+                         help="sample every scan on the MNI152 brain box (mni2mm: 80 × 96 × 80 "
+                              "at 2 mm, mni1mm: 160 × 192 × 160 at 1 mm); the scans must be in "
+                              "MNI152 space (--register, or registered inputs)")
     convert.add_argument("--repair", type=Path, metavar="STORE",
                          help="instead: re-convert the corrupt scans of STORE (those `hpcbrain "
                               "verify` finds) from their sources, each shard replaced whole; "

@@ -38,7 +38,9 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     store: str = "runs/demo/cohort.zarr"   # the cohort store (`hpcbrain convert` output)
-    input_size: int = 64             # S of the S³ volumes the model sees; must match the store
+    # the volumes the model sees: auto (the store's shape), S (an S³ cube) or [D, H, W]; a
+    # value that disagrees with the store stops the job before training
+    input_size: Any = "auto"
     num_workers: int = 2             # DataLoader worker processes per rank
     pairs: str = "all"               # LSOR pairs: "all" i<j visits, or "consecutive"
     n_folds: int = 5                 # subject-level folds; 1 = no test split
@@ -80,6 +82,9 @@ class TrainConfig:
     checkpoint_every_steps: Optional[int] = None   # also checkpoint mid-epoch (preemptible jobs)
     num_threads: Optional[int] = None           # torch intra-op threads on CPU; None = default
     channels_last: bool = True       # 3D conv weights in channels-last layout (~1.6× faster on CPU)
+    # keep only each encoder/decoder block's input for the backward pass and recompute the
+    # rest there: less activation memory for ~1 more forward pass (`hpcbrain plan` shows both)
+    activation_checkpointing: bool = False
     lr_step_every_epochs: Optional[int] = None  # lr × lr_gamma every this many epochs; None = constant
     lr_gamma: float = 1.0
 
@@ -356,7 +361,7 @@ class MethodSections:
 
     own: Any
     model: Any
-    input_size: int
+    input_size: tuple[int, int, int]     # (D, H, W) of the volumes
     epochs: int
     seed: int
     views_augment: Any = None
@@ -365,8 +370,18 @@ class MethodSections:
 def method_sections(cfg: DictConfig, section: str) -> MethodSections:
     """The sections of `cfg` a method whose own section is `section` is built from."""
     return MethodSections(own=cfg[section], model=cfg.model,
-                          input_size=int(cfg.data.input_size), epochs=int(cfg.train.epochs),
+                          input_size=input_shape(cfg), epochs=int(cfg.train.epochs),
                           seed=int(cfg.train.seed), views_augment=cfg.contrastive.augment)
+
+
+def input_shape(cfg: DictConfig) -> tuple[int, int, int]:
+    """(D, H, W) of data.input_size once resolved against the store (`job.open_store`)."""
+    from hpcbrain.volume_grid import as_shape
+
+    value = cfg.data.input_size
+    if value == "auto":
+        raise ValueError("data.input_size is auto until the store is opened (job.open_store)")
+    return as_shape(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value)
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, Any]:

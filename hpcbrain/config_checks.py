@@ -41,7 +41,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 #: (key, lowest, highest, whether the lowest is allowed); None values are not checked.
 RANGES: tuple[tuple[str, float, float, bool], ...] = (
-    ("data.input_size", 8, math.inf, True),
     ("data.num_workers", 0, math.inf, True),
     ("data.n_folds", 1, math.inf, True),
     ("data.val_fraction", 0, 1, True),
@@ -108,6 +107,19 @@ def _check_grid(cfg: DictConfig) -> None:
                               f"integer ≥ 1")
 
 
+def _check_input_size(cfg: DictConfig) -> None:
+    """data.input_size: auto, S ≥ 8, or [D, H, W] with every side ≥ 8."""
+    value = OmegaConf.select(cfg, "data.input_size")
+    if value == "auto":
+        return
+    sides = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+    sides = [sides] if not isinstance(sides, (list, tuple)) else sides
+    if len(sides) not in (1, 3) or any(isinstance(s, bool) or not isinstance(s, int) or s < 8
+                                       for s in sides):
+        raise ConfigError(f"bad value for 'data.input_size': {value!r}; it must be auto (the "
+                          f"store's shape), an integer S ≥ 8 (S³) or [D, H, W] with sides ≥ 8")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Values the schema's types cannot rule out: choices, ranges and the relations between
     keys. Raises ConfigError naming the key, its value and what it may be."""
@@ -119,6 +131,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value for '{key}': {value!r}; choose one of "
                               f"{', '.join(allowed)}")
     _check_grid(cfg)
+    _check_input_size(cfg)
     for key, low, high, low_ok in RANGES:
         value = OmegaConf.select(cfg, key)
         if value is None:

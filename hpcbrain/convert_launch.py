@@ -72,7 +72,7 @@ class SubmittedConversion:
     finish_job: Any = None            # the assembling job (without --wait)
 
 
-def submit_conversion(cfg: DictConfig, source, out, shape: int, *, tasks: int, wait: bool,
+def submit_conversion(cfg: DictConfig, source, out, shape, *, tasks: int, wait: bool,
                       **options) -> SubmittedConversion:
     """Plan, then submit the unfinished blocks (and, unless `wait`, the assembling job).
     `options`: convert's (skip_bad, register, bids_filter, scans_per_shard, dtype, codec …)."""

@@ -88,12 +88,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def open_store(cfg: DictConfig) -> CohortStore:
+    """The store of data.store, with data.input_size resolved to its shape (S for a cube, else
+    [D, H, W]: what the run's config.yaml records); StoreError when a size the user set
+    disagrees with the store's volumes."""
     store = CohortStore(cfg.data.store)
-    size = cfg.data.input_size
-    if tuple(store.shape) != (size, size, size):
-        raise StoreError(f"data.input_size={size} but {cfg.data.store} holds "
-                         f"{'x'.join(map(str, store.shape))} volumes: set "
-                         f"data.input_size={store.shape[0]} or reconvert with --shape {size}")
+    shape = tuple(store.shape)
+    wanted = cfg.data.input_size
+    if wanted != "auto":
+        from hpcbrain.config import input_shape
+
+        if input_shape(cfg) != shape:
+            given = OmegaConf.to_object(wanted) if OmegaConf.is_config(wanted) else wanted
+            raise StoreError(f"data.input_size={given} but {cfg.data.store} holds "
+                             f"{'x'.join(map(str, shape))} volumes: leave data.input_size "
+                             f"out (it follows the store), set it to the store's shape, or "
+                             f"reconvert with --shape {' '.join(map(str, input_shape(cfg)))}")
+    cfg.data.input_size = shape[0] if len(set(shape)) == 1 else list(shape)
     return store
 
 
@@ -213,6 +223,12 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
     if dist.is_global_rank0():
         save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg)
+    if cfg.train.activation_checkpointing:
+        from hpcbrain.models.checkpointing import set_activation_checkpointing
+
+        networks = set_activation_checkpointing(method)
+        if dist.is_global_rank0():
+            log.info("activation checkpointing on in %d network(s) of %s", networks, cfg.method)
     method.to(device)
     if train_set.augment_on_device:
         method.batch_augmentation = BatchAugmentation(train_set.transform, train_set.seed)
@@ -319,9 +335,8 @@ def finish_on_rank0(cfg, method, store, split, tracker, run_dir: Path,
                                 tuple(run_dir_of(c) for c in age_calibration_fold_configs(cfg)))
     age = evaluate_after_training(context, method, store, split, tracker, run_dir,
                                   result.global_step)   # contrastive methods: age MAE
-    size = cfg.data.input_size
     example = torch.from_numpy(np.stack([store.read_image(i) for i in split.train[:2]]))[:, None]
-    example = example.reshape(-1, 1, size, size, size)
+    example = example.reshape(-1, 1, *store.shape)
     inputs = model_inputs_metadata(store)
     result.model_uri = tracker.log_encoder(method.encoder(), example,
                                            extra_files=method.registry_files(run_dir / "registry"),

@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="`hpcbrain convert SOURCE --out OUT.zarr` as a job array of "
                            "blocks, then one assembling step (--wait: here, after the array; "
                            "else a job after it); rerun the same command after any failure")
-    conv.add_argument("--shape", type=int, help="S of the S³ volumes (--convert)")
+    conv.add_argument("--shape", type=int, nargs="+", metavar="S",
+                      help="S of the S³ volumes, or D H W (--convert)")
+    conv.add_argument("--grid", choices=["mni2mm", "mni1mm"],
+                      help="the MNI152 brain box instead of --shape (registered scans)")
     conv.add_argument("--tasks", type=int, default=8, help="array tasks (default 8)")
     conv.add_argument("--register", action="store_true")
     conv.add_argument("--skip-bad", action="store_true")
@@ -200,15 +203,18 @@ def submit_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from hpcbrain.data.append import NothingToAppend
     from hpcbrain.data.convert import ConversionError
     from hpcbrain.data.convert_blocks import finish_conversion
+    from hpcbrain.volume_grid import grid_for
 
-    if not args.shape:
-        print("error: --convert needs --shape S", file=sys.stderr)
+    try:
+        grid = grid_for(args.shape, args.grid)
+    except ValueError as exc:
+        print(f"error: --convert: {exc}", file=sys.stderr)
         return 2
     cfg = load_config(launcher.resolve_config_files(args.cfg), overrides)
     source, out = (Path(p) for p in args.convert)
     try:
         submitted = submit_conversion(
-            cfg, source, out, args.shape, tasks=args.tasks, wait=args.wait,
+            cfg, source, out, grid, tasks=args.tasks, wait=args.wait,
             skip_bad=args.skip_bad, register=args.register, bids_filter=args.bids_filter,
             scans_per_shard=args.scans_per_shard, dtype=args.dtype, codec=args.codec,
             append=args.append)

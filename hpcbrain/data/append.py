@@ -236,7 +236,7 @@ def merge_wave(out: Path, wave: Path, source: Path) -> MergeReport:
                        padding_rows=first - used)
 
 
-def append_cohort(source: Path, out: Path, size: int, layout: ImageLayout, options: dict,
+def append_cohort(source: Path, out: Path, grid, layout: ImageLayout, options: dict,
                   qc_report: bool, started: float):
     """`convert_cohort(..., append=True)`: the steps of the module doc, one process."""
     from hpcbrain.data.convert import ConversionReport, convert_cohort
@@ -249,7 +249,8 @@ def append_cohort(source: Path, out: Path, size: int, layout: ImageLayout, optio
         with file_lock(out.with_name(out.name + ".append.lock"), f"the append to {out}",
                        "another `hpcbrain convert --append` is adding to this store; wait for "
                        "it to end"):
-            existing = prepare_append(out, layout, preprocessing_attrs(options["register"]),
+            existing = prepare_append(out, layout,
+                                      preprocessing_attrs(options["register"], grid),
                                       options["bids_filter"])
             scans, _ = discover_scans(source, options["bids_filter"])
             new = {(s.subject, s.session) for s in scans} - existing
@@ -261,7 +262,7 @@ def append_cohort(source: Path, out: Path, size: int, layout: ImageLayout, optio
                       f"nothing appended")
                 return ConversionReport(0, [], out, time.perf_counter() - started, 0)
             if not wave.exists():
-                converted = convert_cohort(source, wave, size, qc_report=False,
+                converted = convert_cohort(source, wave, grid, qc_report=False,
                                            exclude=existing, **options)
                 skipped, resumed = converted.skipped, converted.resumed_shards
             else:

@@ -38,6 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -62,6 +63,7 @@ from hpcbrain.data.qc_report import DRAWN_FIGURES
 from hpcbrain.data.store import DEFAULT_CODEC, PROGRESS_FILE, CohortStoreWriter, ImageLayout
 from hpcbrain.disk_space import OutOfSpace, no_space_error
 from hpcbrain.run_lock import RunFolderLocked, file_lock
+from hpcbrain.volume_grid import VolumeGrid, as_shape
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -100,22 +102,25 @@ def _read_progress(partial: Path, fingerprint: str) -> dict | None:
 # ============================================================================================
 # The conversion
 # ============================================================================================
-def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: int = 1,
+def convert_cohort(source: str | Path, out: str | Path, shape: int | Sequence[int] | VolumeGrid,
+                   *, workers: int = 1,
                    skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                    codec: str = DEFAULT_CODEC, codec_level: int | None = None,
                    register: bool = False, bids_filter: str | None = None,
                    progress: bool = True, qc_report: bool = True, append: bool = False,
                    exclude: frozenset[tuple[str, str]] = frozenset()) -> ConversionReport:
-    """Convert a BIDS folder or CSV manifest into the cohort store `out` (S³ images); with
+    """Convert a BIDS folder or CSV manifest into the cohort store `out`, its volumes on the
+    grid `shape` (S: an S³ cube, (D, H, W), or a `VolumeGrid` such as ``MNI_BOXES["mni2mm"]``); with
     `register`, every scan is bias-corrected and affinely registered to MNI152 first;
     `bids_filter` (JSON or a JSON file) chooses among a session's T1w images. `append`: add to
     the existing store `out` the sessions it lacks (`hpcbrain.data.append`); `exclude`: the
     (subject, session) pairs to leave out of the source (what an append does not convert)."""
 
     started = time.perf_counter()
-    size = int(shape)
-    if size < 2:
-        raise ConversionError(f"shape must be at least 2, got {shape}")
+    try:
+        grid = shape if isinstance(shape, VolumeGrid) else VolumeGrid(as_shape(shape))
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
     try:
         if np.dtype(dtype).kind != "f":
             raise TypeError
@@ -125,7 +130,7 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
     dtype = np.dtype(dtype).name
     workers = max(1, int(workers))
     try:
-        layout = ImageLayout((size,) * 3, dtype=dtype, scans_per_shard=max(1, int(scans_per_shard)),
+        layout = ImageLayout(grid.shape, dtype=dtype, scans_per_shard=max(1, int(scans_per_shard)),
                              codec=codec, level=codec_level)
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
@@ -146,7 +151,7 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
                        scans_per_shard=layout.scans_per_shard, codec=codec,
                        codec_level=codec_level, register=register, bids_filter=bids_filter,
                        progress=progress)
-        return append_cohort(source, out, size, layout, options, qc_report, started)
+        return append_cohort(source, out, grid, layout, options, qc_report, started)
     refuse_existing(out)
 
     lock = out.with_name(out.name + PARTIAL_SUFFIX + ".lock")
@@ -154,7 +159,7 @@ def convert_cohort(source: str | Path, out: str | Path, shape: int, *, workers: 
         with file_lock(lock, f"the conversion to {out}",
                        "another `hpcbrain convert` is writing this store; wait for it to end, "
                        "or pass another --out"):
-            return _convert_locked(source, out, partial, Recipe(size, dtype, bool(register)),
+            return _convert_locked(source, out, partial, Recipe(grid, dtype, bool(register)),
                                    layout, workers, skip_bad, progress, started, bids_filter,
                                    qc_report, exclude)
     except RunFolderLocked as exc:
@@ -177,8 +182,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     """`convert_cohort` once it holds the lock on ``OUT.partial.lock``."""
     from tqdm import tqdm
 
-    size = recipe.size
-    preprocessing = preprocessing_attrs(recipe.register)
+    preprocessing = preprocessing_attrs(recipe.register, recipe.grid)
 
     refuse_existing(out)             # finished by another conversion while we waited to check
     scans, fmt = discover_scans(source, bids_filter)
@@ -186,7 +190,7 @@ def _convert_locked(source: Path, out: Path, partial: Path, recipe: Recipe, layo
     if not scans:
         raise ConversionError(f"no T1w images found in {source}"
                               + (" that the store lacks" if exclude else ""))
-    fingerprint = inputs_fingerprint(scans, size, layout, preprocessing)
+    fingerprint = inputs_fingerprint(scans, recipe.grid.fingerprint(), layout, preprocessing)
     reasons: dict[int, list[str]] = {i: list(s.problems) for i, s in enumerate(scans)
                                      if s.problems}
     candidates = [i for i in range(len(scans)) if i not in reasons]

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class BlockPlan:
 
     source: str
     out: str
-    size: int
+    grid: dict                         # VolumeGrid.attrs() of the store's volumes
     dtype: str
     scans_per_shard: int
     codec: str
@@ -91,8 +92,12 @@ class BlockPlan:
         return Path(self.out + ".partial")
 
     @property
+    def volume_grid(self) -> VolumeGrid:
+        return VolumeGrid.from_attrs(self.grid, self.grid["shape"])
+
+    @property
     def layout(self) -> ImageLayout:
-        return ImageLayout((self.size,) * 3, dtype=self.dtype,
+        return ImageLayout(self.volume_grid.shape, dtype=self.dtype,
                            scans_per_shard=self.scans_per_shard, codec=self.codec,
                            level=self.codec_level)
 
@@ -114,7 +119,8 @@ def _discover(source: Path, bids_filter: str | None,
     return scans, fmt, candidates
 
 
-def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: int,
+def plan_conversion(source: str | Path, out: str | Path, shape: int | Sequence[int] | VolumeGrid,
+                    *, tasks: int,
                     skip_bad: bool = False, dtype: str = "float16", scans_per_shard: int = 16,
                     codec: str = DEFAULT_CODEC, codec_level: int | None = None,
                     register: bool = False, bids_filter: str | None = None,
@@ -125,11 +131,16 @@ def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: i
     `finish_conversion` merges into it."""
     out = Path(os.path.abspath(Path(out).expanduser()))
     source = Path(os.path.abspath(Path(source).expanduser()))
+    try:
+        grid = shape if isinstance(shape, VolumeGrid) else VolumeGrid(as_shape(shape))
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    preprocessing = preprocessing_attrs(register, grid)
     append_to, exclude = None, frozenset()
     if append:
-        layout = ImageLayout((int(shape),) * 3, dtype=np.dtype(dtype).name, codec=codec,
+        layout = ImageLayout(grid.shape, dtype=np.dtype(dtype).name, codec=codec,
                              level=codec_level)
-        exclude = prepare_append(out, layout, preprocessing_attrs(register), bids_filter)
+        exclude = prepare_append(out, layout, preprocessing, bids_filter)
         append_to, out = str(out), wave_path(out)
     refuse_existing(out)
     try:
@@ -146,16 +157,16 @@ def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: i
         raise ConversionError(f"nothing left to convert: all {len(scans)} scans are bad")
     per_shard = max(1, min(int(scans_per_shard), len(candidates)))
     try:
-        layout = ImageLayout((int(shape),) * 3, dtype=np.dtype(dtype).name,
+        layout = ImageLayout(grid.shape, dtype=np.dtype(dtype).name,
                              scans_per_shard=per_shard, codec=codec, level=codec_level)
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
-    fingerprint = inputs_fingerprint(scans, int(shape), layout, preprocessing_attrs(register))
+    fingerprint = inputs_fingerprint(scans, grid.fingerprint(), layout, preprocessing)
     n_shards = -(-len(candidates) // per_shard)
     n_blocks = max(1, min(int(tasks), n_shards))     # sizes differ by at most one shard
     bounds = [k * n_shards // n_blocks for k in range(n_blocks + 1)]
     blocks = [[a, b] for a, b in zip(bounds, bounds[1:])]
-    plan = BlockPlan(str(source), str(out), int(shape), layout.dtype, per_shard, codec,
+    plan = BlockPlan(str(source), str(out), grid.attrs(), layout.dtype, per_shard, codec,
                      codec_level, bool(register), bids_filter, bool(skip_bad), fingerprint,
                      len(candidates), blocks, append_to)
     partial = plan.partial
@@ -165,7 +176,10 @@ def plan_conversion(source: str | Path, out: str | Path, shape: int, *, tasks: i
         except (OSError, ValueError):
             earlier = {}
         if earlier.get("fingerprint") == fingerprint and earlier.get("blocks") == blocks:
-            return BlockPlan(**earlier)
+            try:
+                return BlockPlan(**earlier)
+            except TypeError:        # a plan written by an hpcbrain before grids: plan again
+                pass
         print(f"hpcbrain convert: {partial} was left by an earlier conversion with other "
               f"inputs, settings or blocks: starting over", file=sys.stderr)
         shutil.rmtree(partial)
@@ -207,7 +221,7 @@ def convert_block(plan: BlockPlan, block: int, workers: int = 1) -> int:
                               f"({len(candidates)} scans to convert, the plan has "
                               f"{plan.n_candidates}); rerun the command to plan it again")
     images = zarr.open_group(str(plan.partial), mode="r+")[IMAGES]
-    recipe = Recipe(plan.size, plan.dtype, plan.register)
+    recipe = Recipe(plan.volume_grid, plan.dtype, plan.register)
     first, stop = plan.blocks[block]
     written = 0
     for shard in range(first, stop):
@@ -333,7 +347,8 @@ def finish_conversion(plan: BlockPlan, qc_report: bool = True):
                for p, sub, ses, r in bad_images]
     write_scan_metadata(group, plan.layout, columns, types, affines[good_rows],
                         voxels[good_rows], {
-        "preprocessing": preprocessing_attrs(plan.register), "skipped": skipped,
+        "preprocessing": preprocessing_attrs(plan.register, plan.volume_grid),
+        "skipped": skipped,
         "source": {"path": plan.source, "format": fmt, "bids_filter": plan.bids_filter},
         "created_by": f"hpcbrain {hpcbrain_version()} (hpcbrain.data.convert_blocks, "
                       f"{len(plan.blocks)} blocks)",

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from hpcbrain.data.preprocess import BadScanError, load_scan
+from hpcbrain.volume_grid import VolumeGrid
 
 __all__ = ["ScanTask", "Recipe", "scan_tasks", "convert_in_order"]
 
@@ -43,7 +44,7 @@ def scan_tasks(scans, indices, figures: Path | None) -> list[ScanTask]:
 class Recipe:
     """How each scan is turned into a store volume (sent to the worker processes)."""
 
-    size: int
+    grid: VolumeGrid                  # the voxel grid of the store's volumes
     dtype: str
     register: bool = False
 
@@ -55,15 +56,15 @@ def _convert_one(task: ScanTask, recipe: Recipe):
     the workers (or array tasks) draw them, not the one process that writes the report."""
     from hpcbrain.data.scan_qc import qc_metrics, template_volume
 
-    path, size, dtype = task.path, recipe.size, recipe.dtype
-    template_volume(size)             # made once per process, not timed as this scan's
+    path, grid, dtype = task.path, recipe.grid, recipe.dtype
+    template_volume(grid)             # made once per process, not timed as this scan's
     started = time.perf_counter()
     try:
-        volume, affine, out_vox = load_scan(path, size, register=recipe.register)
+        volume, affine, out_vox = load_scan(path, grid, register=recipe.register)
         volume = volume.astype(dtype)
         if not np.isfinite(volume).all():
             raise BadScanError(f"values overflow {dtype}")
-        qc = qc_metrics(volume)
+        qc = qc_metrics(volume, grid)
         entry = _entry(started, qc)
         if task.figure:
             _draw_figure(task, volume, recipe)
@@ -80,8 +81,12 @@ def _draw_figure(task: ScanTask, volume: np.ndarray, recipe: Recipe) -> None:
     from hpcbrain.data.qc_report import scan_figure
 
     try:
-        before = load_scan(task.path, recipe.size)[0] if recipe.register else None
-        scan_figure(Path(task.figure), volume.astype(np.float32), before, task.title)
+        # before registration: on the field of view of the store's shape (an MNI box would
+        # reject the unregistered scan)
+        before = load_scan(task.path, VolumeGrid(recipe.grid.shape))[0] if recipe.register \
+            else None
+        scan_figure(Path(task.figure), volume.astype(np.float32), before, task.title,
+                    recipe.grid)
     except Exception:  # noqa: BLE001 - a figure is never worth a scan
         pass
 

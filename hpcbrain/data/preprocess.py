@@ -10,11 +10,16 @@ Preprocessing (`preprocess_image`, recorded in ``attrs["hpcbrain"]["preprocessin
    correction and affine registration to MNI152 (2 mm) first; the rest applies to the result.
 2. Reorientation to RAS+ (``nibabel.as_closest_canonical``); ``get_fdata(dtype=float32)`` (so
    scl_slope / scl_inter are applied). NaN or Inf voxels reject the scan.
-3. The field of view is padded, centred, to a cube in mm (side L = the largest extent) and
-   resampled to S³ voxels of L/S mm with ``scipy.ndimage.affine_transform`` (order 1), which
-   keeps the physical aspect ratio. Along an axis downsampled by a factor f > 1, a Gaussian of
-   σ = (f − 1)/2 input voxels is applied first (anti-aliasing, as skimage's resize does).
-   Padding takes the image minimum (its background level).
+3. Resampled onto the store's grid (`volume_grid.VolumeGrid`) with
+   ``scipy.ndimage.affine_transform`` (order 1). A field-of-view grid (``--shape S`` or
+   ``--shape D H W``): the field of view is padded, centred, to a box of the grid's aspect in mm
+   (a cube: side L = the largest extent) and resampled to isotropic voxels (L/S mm), which
+   keeps the physical aspect ratio. A fixed MNI152 box (``--grid mni2mm``/``mni1mm``): the scan
+   is sampled at the box's world coordinates through its affine; a scan with less than
+   `MIN_FOREGROUND_IN_BOX` of its foreground inside the box is rejected (not in MNI152 space).
+   Along an axis downsampled by a factor f > 1, a Gaussian of σ = (f − 1)/2 input voxels is
+   applied first (anti-aliasing, as skimage's resize does). Outside the scan's field of view
+   takes the image minimum (its background level).
 4. Foreground mask: voxels above ``lo + 0.1 (p99 − lo)``, lo = the image minimum, p99 = the 99th
    percentile of voxels above lo. It is a head/brain foreground mask, not a skull strip.
 5. z-score with the mean and std of the mask voxels; voxels outside the mask are set to the
@@ -26,8 +31,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+
+from hpcbrain.volume_grid import VolumeGrid, as_shape
 
 PREPROCESSING_VERSION = 1
 MASK_FRACTION = 0.1
@@ -40,7 +48,7 @@ PREPROCESSING = {
     "reorient": "RAS+ (nibabel.as_closest_canonical)",
     "intensity": "get_fdata(dtype=float32): scl_slope/scl_inter applied; NaN/Inf rejected",
     "field_of_view": "padded, centred, to a cube in mm (side = largest extent); padding = "
-                     "image minimum",
+                     "image minimum",   # a cube's; other grids: `field_of_view`
     "resample": {"function": "scipy.ndimage.affine_transform", "order": 1,
                  "antialias": "gaussian, sigma = (f - 1)/2 input voxels along axes "
                               "downsampled by f > 1"},
@@ -72,34 +80,117 @@ def _as_3d(img):
     return img
 
 
-def preprocess_array(data: np.ndarray, voxel_mm, size: int) -> tuple[np.ndarray, float]:
-    """RAS+ float data with voxel sizes `voxel_mm` → (S³ z-scored float32, output voxel mm).
+def _as_grid(grid) -> VolumeGrid:
+    return grid if isinstance(grid, VolumeGrid) else VolumeGrid(as_shape(grid))
 
-    Steps 3–5 of the module docstring (cube FOV, resample, mask, z-score).
-    """
+
+def _antialias(data: np.ndarray, steps: np.ndarray, lo: float) -> np.ndarray:
+    """Gaussian of σ = (f − 1)/2 input voxels along each axis sampled every f > 1 voxels."""
     from scipy import ndimage
 
-    data = np.asarray(data, dtype=np.float32)
-    n = np.asarray(data.shape[:3], dtype=np.float64)
-    vox = np.asarray(voxel_mm, dtype=np.float64)
-    lo = float(data.min())
-    if float(data.max()) <= lo:
-        raise BadScanError("constant image (no foreground to normalise)")
-    side = float((n * vox).max())  # the cube's side in mm
-    out_vox = side / size
-    scale = out_vox / vox  # input voxels per output voxel, per axis
-    sigma = np.maximum(0.0, (scale - 1.0) / 2.0)
+    sigma = np.maximum(0.0, (steps - 1.0) / 2.0)
     if sigma.max() > 0:
         data = ndimage.gaussian_filter(data, sigma=sigma, mode="constant", cval=lo)
-    # output voxel j has its centre at (j + 0.5) out_vox − side/2 mm from the FOV centre; input
-    # voxel i at (i + 0.5) vox − n vox/2: i = scale j + offset
-    offset = (0.5 * out_vox - side / 2 + n * vox / 2) / vox - 0.5
+    return data
+
+
+def _affine_resample(data: np.ndarray, matrix, offset, shape, lo: float) -> np.ndarray:
+    from scipy import ndimage
+
     with warnings.catch_warnings():
         # a 1-D matrix is a diagonal one (what we mean); scipy still warns that it was
         # read differently before 0.18, once per scan and worker
         warnings.filterwarnings("ignore", message="The behavior of affine_transform")
-        out = ndimage.affine_transform(data, scale, offset=offset, output_shape=(size,) * 3,
-                                       order=1, mode="constant", cval=lo, prefilter=False)
+        return ndimage.affine_transform(data, matrix, offset=offset, output_shape=tuple(shape),
+                                        order=1, mode="constant", cval=lo, prefilter=False)
+
+
+def _sample_fov(data: np.ndarray, voxel_mm, shape: tuple[int, int, int], lo: float
+                ) -> tuple[np.ndarray, float]:
+    """Step 3 on a field-of-view grid: the FOV padded, centred, to the box's aspect in mm,
+    resampled to `shape` isotropic voxels (a cube: side = the largest extent)."""
+    n = np.asarray(data.shape[:3], dtype=np.float64)
+    vox = np.asarray(voxel_mm, dtype=np.float64)
+    sides = np.asarray(shape, dtype=np.float64)
+    extent = n * vox
+    k = int(np.argmax(extent / sides))          # the axis that fills its side of the box
+    out_vox = float(extent[k] / sides[k])
+    # the box's sides in mm; exactly the largest extent along every axis of a cube (as
+    # before boxes: the same bytes)
+    box = np.array([extent[k] if sides[i] == sides[k] else extent[k] * sides[i] / sides[k]
+                    for i in range(3)])
+    scale = out_vox / vox  # input voxels per output voxel, per axis
+    data = _antialias(data, scale, lo)
+    # output voxel j has its centre at (j + 0.5) out_vox − box/2 mm from the FOV centre; input
+    # voxel i at (i + 0.5) vox − n vox/2: i = scale j + offset
+    offset = (0.5 * out_vox - box / 2 + n * vox / 2) / vox - 0.5
+    return _affine_resample(data, scale, offset, shape, lo), out_vox
+
+
+#: a scan sampled on a fixed MNI152 box must have at least this share of its foreground inside
+#: the box: a scan in scanner space (not registered) rarely does
+MIN_FOREGROUND_IN_BOX = 0.6
+
+
+def _sample_box(data: np.ndarray, affine: np.ndarray, grid: VolumeGrid, lo: float
+                ) -> np.ndarray:
+    """Step 3 on a fixed box: the scan sampled at the box's world coordinates (RAS mm)."""
+    to_input = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ grid.affine()
+    matrix, offset = to_input[:3, :3], to_input[:3, 3]
+    foreground = _foreground(data, lo)
+    if foreground is not None:
+        inside = _share_inside(foreground, np.linalg.inv(to_input), grid.shape)
+        if inside < MIN_FOREGROUND_IN_BOX:
+            raise BadScanError(
+                f"only {100 * inside:.0f} % of its foreground lies inside the {grid.name} box "
+                f"(MNI152 mm x {grid.attrs()['world_box_mm'][0]}, y "
+                f"{grid.attrs()['world_box_mm'][1]}, z {grid.attrs()['world_box_mm'][2]}): "
+                f"is it in MNI152 space? Convert with --register, or give registered scans")
+    steps = np.sqrt((matrix ** 2).sum(axis=1))   # input voxels per output voxel, per input axis
+    data = _antialias(data, steps, lo)
+    return _affine_resample(data, matrix, offset, grid.shape, lo)
+
+
+def _foreground(data: np.ndarray, lo: float) -> np.ndarray | None:
+    above = data[data > lo]
+    if above.size == 0:
+        return None
+    threshold = lo + MASK_FRACTION * (float(np.percentile(above, MASK_PERCENTILE)) - lo)
+    return np.argwhere(data > threshold)
+
+
+def _share_inside(voxels: np.ndarray, input_to_box: np.ndarray, shape) -> float:
+    """The share of input `voxels` [N, 3] whose centres fall inside the box."""
+    sample = voxels[:: max(1, len(voxels) // 20000)].astype(np.float64)
+    at = sample @ input_to_box[:3, :3].T + input_to_box[:3, 3]
+    inside = np.all((at >= -0.5) & (at <= np.asarray(shape) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def preprocess_array(data: np.ndarray, voxel_mm, grid: VolumeGrid | int | Sequence[int],
+                     affine: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """RAS+ float data with voxel sizes `voxel_mm` → (the grid's z-scored float32 volume,
+    output voxel mm). `grid`: a `VolumeGrid`, or S / (D, H, W) for a field-of-view grid; a
+    fixed box (MNI152) needs the data's `affine` (RAS+ voxel → mm).
+
+    Steps 3–5 of the module docstring (resample onto the grid, mask, z-score).
+    """
+    grid = _as_grid(grid)
+    data = np.asarray(data, dtype=np.float32)
+    lo = float(data.min())
+    if float(data.max()) <= lo:
+        raise BadScanError("constant image (no foreground to normalise)")
+    if grid.fixed:
+        if affine is None:
+            raise ValueError(f"preprocess_array: the {grid.name} box needs the scan's affine")
+        out, out_vox = _sample_box(data, affine, grid, lo), float(grid.voxel_mm)
+    else:
+        out, out_vox = _sample_fov(data, voxel_mm, grid.shape, lo)
+    return _normalise(out, lo), out_vox
+
+
+def _normalise(out: np.ndarray, lo: float) -> np.ndarray:
+    """Steps 4–5: foreground mask and z-score."""
     above = out[out > lo]
     if above.size == 0:
         raise BadScanError("no foreground after resampling")
@@ -113,11 +204,13 @@ def preprocess_array(data: np.ndarray, voxel_mm, size: int) -> tuple[np.ndarray,
         raise BadScanError("constant foreground (std 0)")
     result = np.full(out.shape, (lo - mean) / std, dtype=np.float32)
     result[mask] = ((values - mean) / std).astype(np.float32)
-    return result, out_vox
+    return result
 
 
-def preprocess_image(img, size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """A nibabel image → (S³ float32 volume, RAS+ affine of the source, output voxel mm).
+def preprocess_image(img, grid: VolumeGrid | int | Sequence[int]
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
+    """A nibabel image → (the grid's float32 volume, RAS+ affine of the source, output voxel
+    mm).
 
     The exact preprocessing of the store (use it to embed new scans the same way).
     """
@@ -133,19 +226,41 @@ def preprocess_image(img, size: int) -> tuple[np.ndarray, np.ndarray, float]:
     if not finite.all():
         raise BadScanError(f"{int(finite.size - finite.sum())} NaN/Inf voxels")
     voxel_mm = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
-    volume, out_vox = preprocess_array(data, voxel_mm, size)
+    volume, out_vox = preprocess_array(data, voxel_mm, grid, img.affine)
     return volume, np.asarray(img.affine, dtype=np.float64), out_vox
 
 
-def preprocessing_attrs(register: bool = False) -> dict:
+def field_of_view(grid: VolumeGrid) -> str:
+    """How the scan's field of view becomes the grid's, in words (recorded with the store)."""
+    if grid.fixed:
+        box = grid.attrs()["world_box_mm"]
+        return (f"sampled at the world coordinates of the {grid.name} box (MNI152 mm: x {box[0]}, "
+                f"y {box[1]}, z {box[2]}, {grid.voxel_mm:g} mm voxels); outside the scan's "
+                f"field of view = image minimum; rejected when < {MIN_FOREGROUND_IN_BOX:g} of "
+                f"its foreground lies inside the box")
+    if grid.is_cube:
+        return PREPROCESSING["field_of_view"]
+    return ("padded, centred, to a box of aspect D:H:W in mm (isotropic voxels; the axis with "
+            "the largest extent per voxel fills its side); padding = image minimum")
+
+
+def preprocessing_attrs(register: bool = False, grid: VolumeGrid | int | None = None) -> dict:
     """What a store records in ``attrs["hpcbrain"]["preprocessing"]`` (and a model trained on
-    it carries): `PREPROCESSING`, and the registration when there is one (else null)."""
+    it carries): `PREPROCESSING`, the registration when there is one (else null) and, for any
+    grid but a field-of-view cube (what every store was before boxes, so theirs read the
+    same), the grid (`VolumeGrid.attrs`)."""
     from hpcbrain.data.register import registration_attrs
 
-    return {**PREPROCESSING, "registration": registration_attrs() if register else None}
+    attrs = {**PREPROCESSING, "registration": registration_attrs() if register else None}
+    if grid is not None:
+        grid = _as_grid(grid)
+        attrs["field_of_view"] = field_of_view(grid)
+        if grid.fixed or not grid.is_cube:
+            attrs["grid"] = grid.attrs()
+    return attrs
 
 
-def load_scan(path: str | Path, size: int, register: bool = False
+def load_scan(path: str | Path, grid: VolumeGrid | int | Sequence[int], register: bool = False
               ) -> tuple[np.ndarray, np.ndarray, float]:
     """Load a NIfTI file and preprocess it; raises `BadScanError` saying why it is unusable.
     With `register`, the scan is first bias-corrected and affinely registered to MNI152
@@ -155,11 +270,11 @@ def load_scan(path: str | Path, size: int, register: bool = False
     if register:
         from hpcbrain.data.register import register_to_template
 
-        return preprocess_image(register_to_template(path), size)
+        return preprocess_image(register_to_template(path), grid)
     try:
         img = nib.load(str(path))
     except Exception as exc:
         raise BadScanError(f"cannot read image: {type(exc).__name__}: {exc}") from exc
     if not hasattr(img, "affine"):
         raise BadScanError(f"not a spatial image ({type(img).__name__})")
-    return preprocess_image(img, size)
+    return preprocess_image(img, grid)

@@ -30,6 +30,7 @@ import numpy as np
 from hpcbrain.atomic import atomic_write, write_text_atomic
 from hpcbrain.data.ledger import LEDGER_TSV, write_ledger_tsv
 from hpcbrain.data.scan_qc import QC_FIELDS, template_volume
+from hpcbrain.volume_grid import VolumeGrid
 
 __all__ = ["qc_folder_of", "write_qc_report", "scan_figure", "figure_name", "DRAWN_FIGURES"]
 
@@ -76,13 +77,15 @@ def _page(title: str, body: str) -> str:
             f"<p id=\"image-check\">checking images…</p>\n{body}\n{_CHECK_IMAGES}\n</body></html>\n")
 
 
-def scan_figure(path: Path, volume: np.ndarray, before: np.ndarray | None, title: str) -> Path:
+def scan_figure(path: Path, volume: np.ndarray, before: np.ndarray | None, title: str,
+                grid: VolumeGrid | None = None) -> Path:
     """Slices through the centre of `volume` (and `before`, the scan before registration) with
-    the template's brain outline, and the intensity histogram, as one PNG."""
+    the template's brain outline on the store's `grid` (default: the field-of-view grid of the
+    volume's shape), and the intensity histogram, as one PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    _, brain = template_volume(volume.shape[-1])
+    _, brain = template_volume(grid if grid is not None else VolumeGrid(volume.shape))
     rows = [("as stored", volume)] + ([("before registration", before)]
                                      if before is not None else [])
     figure = Figure(figsize=(10, 2.6 * len(rows)))
@@ -126,7 +129,7 @@ def figure_name(subject: str | None, path) -> str:
 
 
 def write_qc_report(store_path: str | Path, ledger: Sequence[dict], *, register: bool = False,
-                    size: int | None = None, drawn: Sequence[Path] = ()) -> Path:
+                    drawn: Sequence[Path] = ()) -> Path:
     """Write the QC folder of the store at `store_path` from its `ledger`; returns the folder.
     With `register`, each participant page also shows the scans before registration. A scan's
     figure is taken from the first of the `drawn` folders that has it (`figure_name`), or from
@@ -147,7 +150,7 @@ def write_qc_report(store_path: str | Path, ledger: Sequence[dict], *, register:
     # built beside the final name and swapped in whole: never a mix of two conversions' pages
     folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _write_pages(folder, store, store_path, ledger, register, size,
+        _write_pages(folder, store, store_path, ledger, register,
                      [*map(Path, drawn), *reuse])
         (folder / _FIGURES).mkdir(exist_ok=True)
         write_text_atomic(folder / _FIGURES / _STAMP, stamp)
@@ -183,11 +186,11 @@ def _take_drawn(target: Path, name: str, drawn: Sequence[Path]) -> bool:
 
 
 def _write_pages(folder: Path, store, store_path, ledger: Sequence[dict], register: bool,
-                 size: int | None, drawn: Sequence[Path] = ()) -> None:
+                 drawn: Sequence[Path] = ()) -> None:
     from hpcbrain.data.preprocess import BadScanError, load_scan
 
     write_ledger_tsv(folder / LEDGER_TSV, ledger)
-    size = size or int(store.shape[-1])
+    grid = store.grid
     participants: dict[str, list[dict]] = {}
     for row in ledger:
         participants.setdefault(row["subject"] or "unknown", []).append(row)
@@ -212,11 +215,12 @@ def _write_pages(folder: Path, store, store_path, ledger: Sequence[dict], regist
                     before = None
                     if register:
                         try:
-                            before = load_scan(row["path"], size)[0]
+                            # unregistered: on the field of view of the store's shape
+                            before = load_scan(row["path"], VolumeGrid(grid.shape))[0]
                         except BadScanError:
                             before = None
                     scan_figure(png, store.read_image(int(row["store_index"])), before,
-                                f"{subject} {row['session']}")
+                                f"{subject} {row['session']}", grid)
                 figure = (f"<figure><img src=\"{png.relative_to(folder).as_posix()}\" "
                           f"alt=\"slices and histogram of {html.escape(anchor)}\">"
                           f"<figcaption>{metrics}</figcaption></figure>")

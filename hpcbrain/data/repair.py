@@ -55,7 +55,7 @@ class RepairReport:
 def _recipe(store: CohortStore) -> Recipe:
     info = store.info
     registration = (info.get("preprocessing") or {}).get("registration")
-    return Recipe(size=int(store.shape[-1]), dtype=str(np.dtype(info["dtype"])),
+    return Recipe(grid=store.grid, dtype=str(np.dtype(info["dtype"])),
                   register=bool(registration))
 
 

@@ -25,6 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from hpcbrain.volume_grid import VolumeGrid
+
 __all__ = ["template_volume", "qc_metrics", "qc_flags", "MIN_TEMPLATE_CORR", "MIN_FOREGROUND",
            "QC_FIELDS"]
 
@@ -34,24 +36,26 @@ QC_FIELDS = ("template_corr", "foreground", "p01", "p50", "p99")
 
 
 @lru_cache(maxsize=4)
-def template_volume(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(the MNI152 template as an S³ store volume, its brain mask at S³), cached per process."""
+def template_volume(grid) -> tuple[np.ndarray, np.ndarray]:
+    """(the MNI152 template as a store volume on `grid` — a `VolumeGrid`, or S for an S³ cube
+    —, its brain mask on that grid), cached per process."""
     from nilearn.datasets import load_mni152_template
 
     from hpcbrain.data.preprocess import preprocess_image
 
     template = load_mni152_template(resolution=2)
-    volume = preprocess_image(template, size)[0]
+    volume = preprocess_image(template, grid)[0]
     raw = np.asarray(template.get_fdata(dtype=np.float32))
     mask_img = template.__class__((raw > 0.2 * raw.max()).astype(np.float32), template.affine)
-    mask = preprocess_image(mask_img, size)[0]
+    mask = preprocess_image(mask_img, grid)[0]
     return volume, mask > 0.5 * mask.max()
 
 
-def qc_metrics(volume: np.ndarray) -> dict[str, float]:
-    """The QC fields of one converted (S³) volume."""
+def qc_metrics(volume: np.ndarray, grid=None) -> dict[str, float]:
+    """The QC fields of one converted volume on `grid` (default: the field-of-view grid of its
+    shape)."""
     volume = np.asarray(volume, dtype=np.float32)
-    template, brain = template_volume(volume.shape[-1])
+    template, brain = template_volume(grid if grid is not None else VolumeGrid(volume.shape))
     a, b = volume[brain], template[brain]
     corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
     low, high = float(volume.min()), float(np.percentile(volume, 99))

@@ -214,6 +214,15 @@ class CohortStore:
         return tuple(self.info["shape"])
 
     @property
+    def grid(self):
+        """The `VolumeGrid` its volumes were sampled on (recorded with the preprocessing; a
+        store without a record is a field-of-view grid of its shape)."""
+        from hpcbrain.volume_grid import VolumeGrid
+
+        return VolumeGrid.from_attrs((self.info.get("preprocessing") or {}).get("grid"),
+                                     self.shape)
+
+    @property
     def images(self):
         self._open()
         return self._images

@@ -17,13 +17,13 @@ from hpcbrain.atomic import atomic_write
 from hpcbrain.methods.lsor import SOM_FILE
 
 
-def model_input_size(model_uri: str) -> int:
-    """S of the S³ volumes the logged encoder expects, read from its signature."""
+def model_input_shape(model_uri: str) -> tuple[int, int, int]:
+    """(D, H, W) of the volumes the logged encoder expects, read from its signature."""
     from mlflow.models import get_model_info
 
     inputs = get_model_info(model_uri).signature.inputs.to_dict()
     shape = inputs[0]["tensor-spec"]["shape"]
-    return int(shape[-1])
+    return tuple(int(s) for s in shape[-3:])  # type: ignore[return-value]
 
 
 @dataclass
@@ -56,9 +56,9 @@ def load_registered(model_uri: str):
 
     from hpcbrain.evaluate.model_inputs import required_preparation
 
-    size = model_input_size(model_uri)
+    shape = model_input_shape(model_uri)
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    preparation = required_preparation(model_dir, size)
+    preparation = required_preparation(model_dir, shape)
     return mlflow.pytorch.load_model(str(model_dir)), model_dir, preparation
 
 
@@ -76,7 +76,7 @@ def apply_to_scans(module, scans: Sequence[str | Path], preparation,
         volumes = []
         for path in scans[start:start + batch_size]:
             try:
-                volumes.append(load_scan(path, preparation.size,
+                volumes.append(load_scan(path, preparation.grid,
                                          register=preparation.register)[0])
             except BadScanError as exc:
                 raise BadScanError(f"{path}: {exc}") from None

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcbrain.volume_grid import VolumeGrid, as_shape
+
 METADATA_KEY = "hpcbrain"
 
 
@@ -36,7 +38,7 @@ def model_inputs_metadata(store) -> dict[str, Any]:
 class Preparation:
     """What `load_scan` must do to a new scan for this model."""
 
-    size: int
+    grid: VolumeGrid                 # the voxel grid new scans are sampled on
     register: bool
     preprocessing_version: int
 
@@ -48,9 +50,11 @@ def _metadata(model_dir: Path) -> dict[str, Any]:
     return dict(meta.get(METADATA_KEY, {}).get("inputs", {}))
 
 
-def required_preparation(model_dir: Path, size: int) -> Preparation:
-    """The preparation a logged model (downloaded to `model_dir`, S³ input `size` from its
-    signature) needs; ModelInputError when this installation cannot provide it."""
+def required_preparation(model_dir: Path, shape: int | tuple[int, int, int]) -> Preparation:
+    """The preparation a logged model (downloaded to `model_dir`, input `shape` (D, H, W) from
+    its signature, or S for S³) needs; ModelInputError when this installation cannot provide
+    it. The grid is the one its store recorded (an MNI152 box, a field-of-view box); a model
+    from before grids were recorded takes a field-of-view grid of its signature's shape."""
     from hpcbrain.data.preprocess import PREPROCESSING_VERSION
 
     inputs = _metadata(model_dir)
@@ -72,8 +76,14 @@ def required_preparation(model_dir: Path, size: int) -> Preparation:
                 "this model was trained on scans affinely registered to MNI152 "
                 "(hpcbrain convert --register), and registering new scans needs ANTsPy: "
                 "pip install antspyx") from None
-    shape = inputs.get("shape")
-    if shape and int(shape[-1]) != int(size):
-        raise ModelInputError(f"the model's metadata says {shape} inputs but its signature "
-                              f"takes {size}³: the model files are inconsistent")
-    return Preparation(size=int(size), register=register, preprocessing_version=version)
+    signature = as_shape(shape)
+    recorded = inputs.get("shape")
+    if recorded and as_shape(recorded) != signature:
+        raise ModelInputError(f"the model's metadata says {recorded} inputs but its signature "
+                              f"takes {list(signature)}: the model files are inconsistent")
+    grid = VolumeGrid.from_attrs(preprocessing.get("grid"), signature)
+    if grid.shape != signature:
+        raise ModelInputError(f"the model's preprocessing grid is {list(grid.shape)} but its "
+                              f"signature takes {list(signature)}: the model files are "
+                              f"inconsistent")
+    return Preparation(grid=grid, register=register, preprocessing_version=version)

@@ -117,11 +117,11 @@ def view_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]))
 
 
-def build_backbone(model: Any, input_size: int) -> tuple[nn.Module, int]:
+def build_backbone(model: Any, input_size: int | tuple[int, int, int]) -> tuple[nn.Module, int]:
     """(encoder, feature_dim) from the `model` section's backbone: resnet18 | resnet34 | lsor."""
     name = str(model.backbone)
     if name == "lsor":
-        encoder = LSOREncoder([int(w) for w in model.widths], int(input_size))
+        encoder = LSOREncoder([int(w) for w in model.widths], input_size)
         return encoder, int(encoder.latent_dim)
     if name.startswith("resnet"):
         encoder = build_resnet3d(name, int(model.resnet_width))

@@ -8,39 +8,46 @@ Paper: ``C16-C32-C64-C16-Conv16-CD64-CD32-CD16-CD16-Conv1`` where
 
 We place ``Conv16`` at the end of the encoder, as the official code does: the latent is then a
 linear function of the last block's features and not restricted to max-pooled LeakyReLU outputs.
-A 64³ volume becomes 16×4×4×4, flattened into a 1024-d latent z. The decoder mirrors the
-encoder: it reshapes z back to ``widths[-1]×s×s×s`` and runs ``len(widths)`` CD blocks whose
+A 64³ volume becomes 16×4×4×4, flattened into a 1024-d latent z (an 80 × 96 × 80 MNI box:
+16×5×6×5, 2400-d). The decoder mirrors the encoder: it reshapes z back to
+``widths[-1]×d×h×w`` and runs ``len(widths)`` CD blocks whose
 widths are the encoder's in reverse (``CD64-CD32-CD16`` for the default) followed by one more of
 ``widths[0]`` channels, then ``Conv1`` (no BatchNorm, no activation).
 
-``widths`` and ``input_size`` are configurable; ``input_size`` must be divisible by
-``2 ** len(widths)`` (one max-pool per block).
+``widths`` and ``input_size`` are configurable; ``input_size`` is S (an S³ cube) or the
+sides (D, H, W) of a box, each divisible by ``2 ** len(widths)`` (one max-pool per block).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from hpcbrain.models.checkpointing import ActivationCheckpointing
+from hpcbrain.volume_grid import as_shape
+
 __all__ = ["LSOREncoder", "LSORDecoder", "ConvAutoencoder", "at_full_precision", "latent_shape"]
 
 
-def latent_shape(widths: Sequence[int], input_size: int) -> tuple[int, int, int, int]:
-    """(channels, s, s, s) of the encoder output before flattening; validates the sizes."""
+def latent_shape(widths: Sequence[int], input_size: int | Sequence[int]
+                 ) -> tuple[int, int, int, int]:
+    """(channels, d, h, w) of the encoder output before flattening, for inputs of S³ or
+    D × H × W voxels; validates the sizes."""
     widths = [int(w) for w in widths]
     if len(widths) == 0:
         raise ValueError("widths must hold at least one block width")
     if any(w <= 0 for w in widths):
         raise ValueError(f"widths must be positive, got {widths}")
     factor = 2 ** len(widths)
-    if int(input_size) <= 0 or int(input_size) % factor != 0:
+    sides = as_shape(input_size)
+    if any(side % factor != 0 for side in sides):
         raise ValueError(
-            f"input_size={input_size} must be a positive multiple of 2**len(widths)={factor} "
-            f"(widths={widths}: one 2× max-pool per block)"
+            f"input_size={input_size}: every side must be a positive multiple of "
+            f"2**len(widths)={factor} (widths={widths}: one 2× max-pool per block)"
         )
-    s = int(input_size) // factor
-    return widths[-1], s, s, s
+    return (widths[-1], *(side // factor for side in sides))  # type: ignore[return-value]
 
 
 def _init_conv(conv: nn.Conv3d) -> None:
@@ -84,8 +91,8 @@ class _DecoderBlock(nn.Sequential):
         )
 
 
-class LSOREncoder(nn.Module):
-    """Volumes [B, C, S, S, S] → latents [B, D], D = widths[-1]·(S / 2**len(widths))³.
+class LSOREncoder(ActivationCheckpointing, nn.Module):
+    """Volumes [B, C, D, H, W] → latents [B, widths[-1]·(D·H·W) / 8**len(widths)].
 
     Standalone: it needs nothing from the decoder or the method, so it can be logged/registered
     on its own and called on batches of volumes.
@@ -94,17 +101,16 @@ class LSOREncoder(nn.Module):
     def __init__(
         self,
         widths: Sequence[int] = (16, 32, 64, 16),
-        input_size: int = 64,
+        input_size: int | Sequence[int] = 64,
         in_channels: int = 1,
         final_conv: bool = True,
     ) -> None:
         super().__init__()
         self.widths = [int(w) for w in widths]
-        self.input_size = int(input_size)
+        self.input_shape = as_shape(input_size)
         self.in_channels = int(in_channels)
-        self.latent_shape = latent_shape(self.widths, self.input_size)
-        c, s, _, _ = self.latent_shape
-        self.latent_dim = c * s ** 3
+        self.latent_shape = latent_shape(self.widths, self.input_shape)
+        self.latent_dim = math.prod(self.latent_shape)
         blocks: list[nn.Module] = []
         prev = self.in_channels
         for w in self.widths:
@@ -121,34 +127,35 @@ class LSOREncoder(nn.Module):
         return self.latent(self.features(x))
 
     def features(self, x: Tensor) -> Tensor:
-        """Volumes [B, C, S, S, S] → the last block's feature maps, what `head` reads (a VAE
+        """Volumes [B, C, D, H, W] → the last block's feature maps, what `head` reads (a VAE
         reads them with a second head)."""
-        expected = (self.in_channels, self.input_size, self.input_size, self.input_size)
+        expected = (self.in_channels, *self.input_shape)
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected volumes of shape [B, {', '.join(map(str, expected))}], "
                              f"got {list(x.shape)}")
-        return self.blocks(x)
+        for block in self.blocks:
+            x = self.segment(block, x)
+        return x
 
     def latent(self, features: Tensor) -> Tensor:
         """Feature maps → latents [B, D]: the head, at full precision (`at_full_precision`)."""
         return at_full_precision(self.head, features).flatten(1)
 
 
-class LSORDecoder(nn.Module):
-    """Latents [B, D] → volumes [B, C, S, S, S]; mirrors `LSOREncoder`."""
+class LSORDecoder(ActivationCheckpointing, nn.Module):
+    """Latents [B, latent_dim] → volumes [B, C, D, H, W]; mirrors `LSOREncoder`."""
 
     def __init__(
         self,
         widths: Sequence[int] = (16, 32, 64, 16),
-        input_size: int = 64,
+        input_size: int | Sequence[int] = 64,
         out_channels: int = 1,
     ) -> None:
         super().__init__()
         self.widths = [int(w) for w in widths]
-        self.input_size = int(input_size)
-        self.latent_shape = latent_shape(self.widths, self.input_size)
-        c, s, _, _ = self.latent_shape
-        self.latent_dim = c * s ** 3
+        self.input_shape = as_shape(input_size)
+        self.latent_shape = latent_shape(self.widths, self.input_shape)
+        self.latent_dim = math.prod(self.latent_shape)
         outs = list(reversed(self.widths[:-1])) + [self.widths[0]]
         blocks: list[nn.Module] = []
         prev = self.widths[-1]
@@ -163,7 +170,9 @@ class LSORDecoder(nn.Module):
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"expected latents of shape [B, {self.latent_dim}], got {list(z.shape)}")
         h = at_full_precision(self.blocks[0], z.reshape(z.shape[0], *self.latent_shape))
-        return self.out(self.blocks[1:](h))
+        for block in self.blocks[1:]:
+            h = self.segment(block, h)
+        return self.out(h)
 
 
 class ConvAutoencoder(nn.Module):
@@ -172,7 +181,7 @@ class ConvAutoencoder(nn.Module):
     def __init__(
         self,
         widths: Sequence[int] = (16, 32, 64, 16),
-        input_size: int = 64,
+        input_size: int | Sequence[int] = 64,
         channels: int = 1,
     ) -> None:
         super().__init__()

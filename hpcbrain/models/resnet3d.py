@@ -15,6 +15,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from hpcbrain.models.checkpointing import ActivationCheckpointing
+
 __all__ = ["BasicBlock3D", "ResNet3D", "resnet18_3d", "resnet34_3d", "build_resnet3d"]
 
 
@@ -46,7 +48,7 @@ class BasicBlock3D(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet3D(nn.Module):
+class ResNet3D(ActivationCheckpointing, nn.Module):
     """Volumes [B, in_channels, D, H, W] → features [B, feature_dim] (feature_dim = 8·width)."""
 
     def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), width: int = 64,
@@ -88,8 +90,10 @@ class ResNet3D(nn.Module):
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"ResNet3D expects volumes [B, {self.in_channels}, D, H, W], got "
                              f"{list(x.shape)}")
-        x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.segment(self.stem, x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = self.segment(block, x)
         return self.pool(x).flatten(1)
 
 

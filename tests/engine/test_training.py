@@ -186,7 +186,8 @@ def test_registry_round_trip_and_tracked_metrics(store, tmp_path):
     assert inputs["shape"] == list(trained_on.shape) and inputs["orientation"] == "RAS+"
     assert inputs["preprocessing"] == trained_on.info["preprocessing"]
     preparation = required_preparation(model_dir, 16)
-    assert (preparation.size, preparation.register) == (16, False)
+    assert (preparation.grid.shape, preparation.grid.fixed, preparation.register) == \
+        ((16, 16, 16), False, False)
 
     # Rerunning a finished run (the demo twice, a requeue after the end) registers nothing new.
     again = run_training(cfg)
