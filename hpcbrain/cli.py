@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hpcbrain.gpus import GPUS
 from hpcbrain.volume_grid import MNI_BOXES, grid_for
 
 
@@ -269,6 +270,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return entry.train_here([load_config(args.cfg, args.overrides)])
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from hpcbrain.config import load_config
+    from hpcbrain.plan import DEFAULT_MFU, describe, plan_from_args
+
+    cfg = load_config(args.cfg, args.overrides)
+    nodes = args.nodes if args.nodes is not None else int(cfg.slurm.nodes)
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else \
+        max(1, int(cfg.slurm.gpus_per_node))
+    gpu = args.gpu or (None if args.memory_gib else cfg.slurm.gpu)
+    plan = plan_from_args(cfg, nodes, gpus, gpu, args.memory_gib,
+                          args.mfu if args.mfu is not None else DEFAULT_MFU)
+    print(describe(plan))
+    return 0 if plan.fits() is not False else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hpcbrain.data.synth_subjects import AGE_DISTRIBUTIONS, PRESETS  # numpy only: fast --help
 
@@ -405,6 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="age-bias correction of the gap (default: the model's, beheshti)")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.set_defaults(func=_cmd_predict_age)
+
+    plan = sub.add_parser("plan", help="per-GPU memory, the largest batch that fits and the "
+                                       "step time of a config, before submitting it")
+    plan.add_argument("--cfg", action="append", default=[],
+                      help="config file (repeatable, merged in order; bare names resolve under "
+                           "configs/)")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides")
+    where = plan.add_mutually_exclusive_group()
+    where.add_argument("--gpu", choices=list(GPUS), help="the GPU (default: slurm.gpu)")
+    where.add_argument("--memory-gib", type=float, help="or: the memory of one GPU, GiB")
+    plan.add_argument("--nodes", type=int, default=None, help="default: slurm.nodes")
+    plan.add_argument("--gpus-per-node", type=int, default=None,
+                      help="default: slurm.gpus_per_node (at least 1)")
+    plan.add_argument("--mfu", type=float, default=None,
+                      help="the share of the GPU's peak FLOP/s a step reaches (default 0.25; "
+                           "a run logs its own as throughput/mfu)")
+    plan.set_defaults(func=_cmd_plan)
 
     for name, func, text in (("train", _cmd_train, "train in this process (local debug mode)"),
                              ("config", _cmd_config, "print the resolved config")):

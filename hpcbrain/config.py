@@ -238,6 +238,9 @@ class SlurmConfig:
     signal_delay_s: int = 120        # USR2 this long before the time limit: checkpoint + requeue
     max_requeues: int = 3            # requeues after a time limit (preemptions do not count)
     constraint: Optional[str] = None
+    # the GPU the nodes have (`hpcbrain plan --gpu` names: h100-80gb, a100-40gb, ...): submit.py
+    # then checks that the job fits its memory before it waits in the queue
+    gpu: Optional[str] = None
     exclude: Optional[str] = None
     array_parallelism: int = 16      # fold/sweep array elements running at once
     log_dir: Optional[str] = None    # submitit folder; None: <run.root>/slurm-logs/%j

@@ -140,6 +140,11 @@ def submit(args: argparse.Namespace, overrides: list[str]) -> int:
         if not Path(cfg.data.store).exists():
             print(f"warning: data.store {cfg.data.store} does not exist on this machine; the job "
                   f"fails unless the nodes see it", file=sys.stderr)
+        from hpcbrain.plan import submit_check
+
+        checked = submit_check(cfg, plan.world_size)     # slurm.gpu set: will it fit?
+        if checked is not None:
+            print(checked[0], file=sys.stdout if checked[1] else sys.stderr)
     jobs = launcher.launch(plan)
     print_submitted(plan, jobs)
     if not args.wait:

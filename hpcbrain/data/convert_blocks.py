@@ -53,6 +53,7 @@ from hpcbrain.data.store import (
     create_images_array,
     write_scan_metadata,
 )
+from hpcbrain.volume_grid import VolumeGrid, as_shape
 
 __all__ = ["BlockPlan", "plan_conversion", "convert_block", "finish_conversion",
            "unfinished_blocks", "unfinished_shards", "PLAN_FILE"]

@@ -6,7 +6,7 @@ forward and backward, on this rank's micro-batch); every log window then reports
 TFLOP/s per rank (`throughput/tflops`) and its share of the device's peak (`throughput/mfu`).
 
 Peaks: dense tensor-core figures from NVIDIA's data sheets for the GPUs hpcbrain is run on
-(`GPU_PEAK_TFLOPS`, bf16 and fp32/TF32-off); for a CPU, measured once per host, CPU model,
+(`hpcbrain.gpus`, bf16 and fp32/TF32-off); for a CPU, measured once per host, CPU model,
 thread count and dtype (a large matmul, cached in ~/.cache/hpcbrain/peak.json or
 $HPCBRAIN_CACHE_DIR): the best this host's BLAS reaches, which is what a training step could.
 """
@@ -20,23 +20,13 @@ from typing import Callable, TypeVar
 import torch
 
 from hpcbrain.engine.host_cache import cache_path, cached_measurement, cpu_model
+from hpcbrain.gpus import peak_tflops_of_device
 
-__all__ = ["GPU_PEAK_TFLOPS", "count_flops", "device_peak_tflops", "measure_cpu_peak_tflops"]
+__all__ = ["count_flops", "device_peak_tflops", "measure_cpu_peak_tflops"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Dense peak TFLOP/s per GPU (name fragment as torch.cuda.get_device_name reports it):
-#: (bf16 tensor cores, fp32 without TF32). SXM parts; a PCIe card of the same name is slower,
-#: so its MFU reads a little low.
-GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989.0, 67.0),
-    "H100": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6),
-    "A10": (125.0, 31.2),
-    "V100": (125.0, 15.7),    # fp16 tensor cores: V100 has no bf16
-}
 
 
 def count_flops(run: Callable[[], T]) -> tuple[T, float]:
@@ -70,9 +60,9 @@ def device_peak_tflops(device: torch.device, bf16: bool,
     """The peak TFLOP/s MFU is measured against; None for a GPU not in the table."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for fragment, (bf16_peak, fp32_peak) in GPU_PEAK_TFLOPS.items():
-            if fragment in name:
-                return bf16_peak if bf16 else fp32_peak
+        peaks = peak_tflops_of_device(name)
+        if peaks is not None:
+            return peaks[0] if bf16 else peaks[1]
         log.info("no peak FLOP/s known for %s: throughput/mfu not logged", name)
         return None
     if device.type != "cpu":

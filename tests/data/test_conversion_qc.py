@@ -206,7 +206,8 @@ def test_an_append_draws_the_new_scans_only(tmp_path, monkeypatch):
     first = _figures(qc_folder_of(out))
     drawn = []
     real = qc_report.scan_figure
-    monkeypatch.setattr(qc_report, "scan_figure", lambda *a: drawn.append(a[-1]) or real(*a))
+    monkeypatch.setattr(qc_report, "scan_figure",
+                        lambda *a, **k: drawn.append(a[3]) or real(*a, **k))   # a[3]: title
     convert_cohort(show(2), out, 8, append=True, progress=False)
     assert sorted(drawn) == [f"sub-0{s} ses-02" for s in range(1, 5)]
     after = _figures(qc_folder_of(out))

@@ -44,8 +44,8 @@ def test_a_box_store_trains_and_its_models_embed_new_scans_on_the_box(box_cohort
                                                                          monkeypatch):
     import mlflow
 
-    from hpcbrain.evaluate.embed import embed_scans, load_registered
     from hpcbrain.evaluate.age_predictor import predict_ages
+    from hpcbrain.evaluate.embed import embed_scans, load_registered
 
     root = box_cohort
     train(method, root, method)

@@ -26,8 +26,8 @@ def test_unregistered_and_old_models_need_the_plain_preparation(tmp_path):
     unregistered = model_dir(tmp_path / "new", {**PREPROCESSING, "registration": None})
     assert not required_preparation(unregistered, 16).register
     plain = required_preparation(model_dir(tmp_path / "old"), 16)    # no hpcbrain metadata
-    assert (plain.size, plain.register, plain.preprocessing_version) == \
-        (16, False, PREPROCESSING_VERSION)
+    assert (plain.grid.shape, plain.grid.fixed, plain.register, plain.preprocessing_version) \
+        == ((16, 16, 16), False, False, PREPROCESSING_VERSION)
 
 
 def test_a_registered_model_registers_new_scans(tmp_path):

@@ -24,7 +24,7 @@ def test_the_rule_keeps_2_subjects_a_node_the_1_to_2_aspect_and_the_papers_4x8(s
 
 
 def test_auto_is_resolved_from_the_training_subjects_and_explicit_grids_warn(caplog):
-    cfg = tiny_config("lsor.yaml")
+    cfg = tiny_config("lsor.yaml", **{"data.input_size": 16})
     assert (cfg.lsor.grid_rows, cfg.lsor.grid_cols) == ("auto", "auto")
     with pytest.raises(ValueError, match="still 'auto'"):
         LSOR.from_config(cfg)
