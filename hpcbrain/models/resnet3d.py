@@ -90,7 +90,10 @@ class ResNet3D(ActivationCheckpointing, nn.Module):
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"ResNet3D expects volumes [B, {self.in_channels}, D, H, W], got "
                              f"{list(x.shape)}")
-        x = self.segment(self.stem, x)
+        # the stem is not checkpointed: its output (64 channels at half resolution) is the
+        # largest activation, and recomputing it at the end of the backward pass would bring it
+        # back beside the input's gradient buffers — measured a higher peak than no checkpointing
+        x = self.stem(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = self.segment(block, x)
