@@ -36,7 +36,8 @@ def random_batch(method: str, batch: int, size: int, device: torch.device, seed:
             "index": torch.arange(batch)}
 
 
-def build(method: str, size: int, batch: int, precision: str, device: torch.device):
+def build(method: str, size: int, batch: int, precision: str, device: torch.device,
+          extra: tuple[str, ...] = ()):
     from hpcbrain.config import load_config
     from hpcbrain.engine.backends import build_engine
     from hpcbrain.methods import build_method
@@ -45,10 +46,13 @@ def build(method: str, size: int, batch: int, precision: str, device: torch.devi
                  f"train.precision={precision}", "engine.name=single"]
     if method == "lsor":   # the paper's grid (lsor.yaml's auto needs a training set)
         overrides += ["lsor.kmeans_n_init=1", "lsor.grid_rows=4", "lsor.grid_cols=8"]
-    cfg = load_config([f"{method}.yaml"], overrides)
+    cfg = load_config([f"{method}.yaml"], overrides + list(extra))
     model = build_method(cfg).to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last_3d)
+    from hpcbrain.job import choose_conv_weight_grad     # as a training job chooses it
+
+    choose_conv_weight_grad(str(cfg.train.conv_weight_grad), model, device)
     return cfg, model, build_engine(cfg.engine, cfg.train, model, device)
 
 
@@ -59,7 +63,8 @@ def prepare(args):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, model, engine = build(args.method, args.size, args.batch, args.precision, device)
+    cfg, model, engine = build(args.method, args.size, args.batch, args.precision, device,
+                               tuple(args.overrides))
     batch = random_batch(args.method, args.batch, args.size, device)
     if args.method == "lsor":
         # time the SOM phase's step: nodes from a k-means of enough random pairs' latents
@@ -128,8 +133,9 @@ def measure(args) -> dict:
             raise SystemExit("--official compares the LSOR step: use --method lsor")
         device = torch.device(args.device)
         steps["official"] = official_step(args.official, args.batch, args.size, device)
-        steps["official, no snapshots"] = official_step(args.official, args.batch, args.size,
-                                                        device, snapshots=False)
+        if not args.no_snapshot_variant:
+            steps["official, no snapshots"] = official_step(args.official, args.batch,
+                                                            args.size, device, snapshots=False)
     seconds = timed_steps(steps, args.warmup, args.steps)
     result = with_timing(info, seconds["hpcbrain"])
     if args.official:
@@ -154,6 +160,10 @@ def main() -> int:
     parser.add_argument("--official", type=Path, default=None,
                         help="a checkout of the official LSOR code: time its step beside ours, "
                              "alternating (bench/official_lsor.py)")
+    parser.add_argument("--no-snapshot-variant", action="store_true",
+                        help="with --official, time only its step as main_pair.py runs it")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides, e.g. train.conv_weight_grad=standard")
     args = parser.parse_args()
     result = measure(args)
     mfu = f"{100 * result['mfu']:.1f} %" if result["mfu"] is not None else "n/a"

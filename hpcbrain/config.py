@@ -85,6 +85,10 @@ class TrainConfig:
     # keep only each encoder/decoder block's input for the backward pass and recompute the
     # rest there: less activation memory for ~1 more forward pass (`hpcbrain plan` shows both)
     activation_checkpointing: bool = False
+    # a Conv3d's weight gradient on a CPU: standard (oneDNN) | swapped (a forward convolution
+    # with batch and channels swapped: 3-7x faster where oneDNN has no AVX-512 kernels) | auto
+    # (measured once per CPU: hpcbrain/models/conv_weight_grad.py)
+    conv_weight_grad: str = "auto"
     lr_step_every_epochs: Optional[int] = None  # lr × lr_gamma every this many epochs; None = constant
     lr_gamma: float = 1.0
 

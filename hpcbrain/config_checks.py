@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "evaluate.age_calibration_subjects": ("auto", "training", "validation", "both",
                                           "encoder-folds"),
     "evaluate.age_correction": ("beheshti", "delange"),
+    "train.conv_weight_grad": ("auto", "standard", "swapped"),
 }
 #: (key, lowest, highest, whether the lowest is allowed); None values are not checked.
 RANGES: tuple[tuple[str, float, float, bool], ...] = (

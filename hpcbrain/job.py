@@ -107,6 +107,32 @@ def open_store(cfg: DictConfig) -> CohortStore:
     return store
 
 
+def choose_conv_weight_grad(choice: str, method, device: torch.device) -> bool:
+    """train.conv_weight_grad: the swapped weight gradient on a CPU where it pays (`auto`:
+    measured once per CPU model, thread count and oneDNN ISA limit, kept in the host cache)."""
+    from hpcbrain.models.conv_weight_grad import (
+        MIN_SPEEDUP,
+        set_swapped_weight_grad,
+        weight_grad_speedup,
+    )
+
+    swapped = choice == "swapped"
+    if choice == "auto" and device.type == "cpu":
+        from hpcbrain.engine.host_cache import cache_path, cached_measurement, cpu_model
+
+        key = (f"{cpu_model()} | {torch.get_num_threads()} threads | ONEDNN_MAX_CPU_ISA="
+               f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}")
+        speedup = float(cached_measurement(cache_path("conv_weight_grad.json"), key,
+                                           lambda: round(weight_grad_speedup(), 3)))
+        # every rank takes rank 0's choice: one gradient algorithm across the job
+        swapped = bool(dist.broadcast_object(speedup >= MIN_SPEEDUP))
+        if dist.is_global_rank0():
+            log.info("conv weight gradient: %s (the swapped one is %.2fx oneDNN's here)",
+                     "swapped" if swapped else "oneDNN's", speedup)
+    set_swapped_weight_grad(method, swapped)
+    return swapped
+
+
 def build_datasets(cfg: DictConfig, store: CohortStore, batch_kind: str):
     """Subject-level split of the store, then the method's kind of dataset over each part."""
     from hpcbrain.data.datasets import PairDataset, ScanDataset
@@ -230,6 +256,7 @@ def _train_in_group(cfg: DictConfig, device: torch.device, stop: StopRequest) ->
         if dist.is_global_rank0():
             log.info("activation checkpointing on in %d network(s) of %s", networks, cfg.method)
     method.to(device)
+    choose_conv_weight_grad(str(cfg.train.conv_weight_grad), method, device)
     if train_set.augment_on_device:
         method.batch_augmentation = BatchAugmentation(train_set.transform, train_set.seed)
     engine_class = get_engine_class(resolve_engine_name(cfg.engine.name, dist.world_size()))

@@ -343,11 +343,20 @@ def make_plan(cfg: DictConfig, world: int, gpu: GPU | None = None,
 
 
 def resolve_shape(cfg: DictConfig) -> None:
-    """data.input_size from the store when it is auto (the store must be readable here)."""
-    if cfg.data.input_size == "auto":
-        from hpcbrain.job import open_store
+    """data.input_size from the store when it is auto; StoreError saying what to pass when the
+    store is not on this machine."""
+    from pathlib import Path
 
-        open_store(cfg)
+    from hpcbrain.data.store import StoreError
+    from hpcbrain.job import open_store
+
+    if cfg.data.input_size != "auto":
+        return
+    if not Path(str(cfg.data.store)).exists():
+        raise StoreError(f"data.input_size is auto (the store's shape) and data.store "
+                         f"{cfg.data.store} is not on this machine: point data.store at it, or "
+                         f"give the shape, e.g. data.input_size=64 or data.input_size=[80,96,80]")
+    open_store(cfg)
 
 
 def describe_gpus() -> str:

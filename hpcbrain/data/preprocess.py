@@ -152,17 +152,20 @@ def _sample_box(data: np.ndarray, affine: np.ndarray, grid: VolumeGrid, lo: floa
 
 
 def _foreground(data: np.ndarray, lo: float) -> np.ndarray | None:
-    above = data[data > lo]
+    """Voxel indices [N, 3] of the foreground (step 4's rule) on a grid thinned to ~200,000
+    voxels: enough to tell where the head lies, cheap on a 1 mm scan."""
+    step = max(1, int(round((data.size / 2e5) ** (1 / 3))))
+    thinned = data[::step, ::step, ::step]
+    above = thinned[thinned > lo]
     if above.size == 0:
         return None
     threshold = lo + MASK_FRACTION * (float(np.percentile(above, MASK_PERCENTILE)) - lo)
-    return np.argwhere(data > threshold)
+    return np.argwhere(thinned > threshold) * step
 
 
 def _share_inside(voxels: np.ndarray, input_to_box: np.ndarray, shape) -> float:
     """The share of input `voxels` [N, 3] whose centres fall inside the box."""
-    sample = voxels[:: max(1, len(voxels) // 20000)].astype(np.float64)
-    at = sample @ input_to_box[:3, :3].T + input_to_box[:3, 3]
+    at = voxels.astype(np.float64) @ input_to_box[:3, :3].T + input_to_box[:3, 3]
     inside = np.all((at >= -0.5) & (at <= np.asarray(shape) - 0.5), axis=1)
     return float(inside.mean())
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hpcbrain.models.checkpointing import ActivationCheckpointing
+from hpcbrain.models.conv_weight_grad import SwappedWeightGradConv3d
 from hpcbrain.volume_grid import as_shape
 
 __all__ = ["LSOREncoder", "LSORDecoder", "ConvAutoencoder", "at_full_precision", "latent_shape"]
@@ -74,14 +75,14 @@ def at_full_precision(module: nn.Module, x: Tensor) -> Tensor:
 
 class _EncoderBlock(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int) -> None:
-        conv = nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1)
+        conv = SwappedWeightGradConv3d(in_ch, out_ch, kernel_size=3, padding=1)
         _init_conv(conv)
         super().__init__(conv, nn.BatchNorm3d(out_ch), nn.LeakyReLU(0.2), nn.MaxPool3d(2))
 
 
 class _DecoderBlock(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int) -> None:
-        conv = nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1)
+        conv = SwappedWeightGradConv3d(in_ch, out_ch, kernel_size=3, padding=1)
         _init_conv(conv)
         super().__init__(
             conv,
@@ -118,7 +119,7 @@ class LSOREncoder(ActivationCheckpointing, nn.Module):
             prev = w
         self.blocks = nn.Sequential(*blocks)
         if final_conv:
-            self.head: nn.Module = nn.Conv3d(prev, prev, kernel_size=3, padding=1)
+            self.head: nn.Module = SwappedWeightGradConv3d(prev, prev, kernel_size=3, padding=1)
             _init_conv(self.head)
         else:
             self.head = nn.Identity()
@@ -163,7 +164,7 @@ class LSORDecoder(ActivationCheckpointing, nn.Module):
             blocks.append(_DecoderBlock(prev, w))
             prev = w
         self.blocks = nn.Sequential(*blocks)
-        self.out = nn.Conv3d(prev, int(out_channels), kernel_size=3, padding=1)
+        self.out = SwappedWeightGradConv3d(prev, int(out_channels), kernel_size=3, padding=1)
         _init_conv(self.out)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -16,12 +16,14 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from hpcbrain.models.checkpointing import ActivationCheckpointing
+from hpcbrain.models.conv_weight_grad import SwappedWeightGradConv3d
 
 __all__ = ["BasicBlock3D", "ResNet3D", "resnet18_3d", "resnet34_3d", "build_resnet3d"]
 
 
 def _conv3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+    return SwappedWeightGradConv3d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1,
+                                   bias=False)
 
 
 class BasicBlock3D(nn.Module):
