@@ -36,6 +36,14 @@ for method in lsor adapn; do
     done
 done
 
+# 1b. hpcbrain plan against the GPU's own peak (bf16, LSOR and AdapN at 64³, checkpointing off/on)
+if timeout 300 "$PY" -m bench.plan_memory --device cuda --shapes 64 --batch 8 \
+        > "$OUT/plan_memory.txt" 2> "$OUT/plan_memory.err"; then
+    grep -E "^\| (lsor|adapn)" "$OUT/plan_memory.txt" | sed 's/^/plan /' | tee -a "$OUT/plan_rows.md"
+else
+    row "| plan vs measured GPU peak | 64³ | 8 | bf16 | FAILED (see $OUT/plan_memory.err) | | | | |"; status=1
+fi
+
 # 2. a real store, then the loader on it
 STORE="$OUT/cohort.zarr"
 if [ ! -f "$STORE/zarr.json" ]; then
