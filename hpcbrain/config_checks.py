@@ -126,11 +126,14 @@ def check_config(cfg: DictConfig) -> None:
     keys. Raises ConfigError naming the key, its value and what it may be."""
     from hpcbrain.engine.registry import AUTO, engine_names  # the engines say who they are
 
-    for key, allowed in {**CHOICES, "engine.name": (AUTO, *engine_names())}.items():
+    from hpcbrain.gpus import GPUS
+
+    for key, allowed in {**CHOICES, "engine.name": (AUTO, *engine_names()),
+                         "slurm.gpu": (None, *GPUS)}.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"bad value for '{key}': {value!r}; choose one of "
-                              f"{', '.join(allowed)}")
+                              f"{', '.join('null' if a is None else a for a in allowed)}")
     _check_grid(cfg)
     _check_input_size(cfg)
     for key, low, high, low_ok in RANGES:

@@ -131,3 +131,7 @@ def test_plan_command_and_the_submit_check(capsys):
     cfg.slurm.gpu = "v100-16gb"
     text, fits = submit_check(cfg, 4)
     assert fits and text.startswith("plan:")
+    from hpcbrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'slurm.gpu': 'a100'; choose one of null, h200"):
+        tiny_config("lsor.yaml", **{"slurm.gpu": "a100"})
