@@ -50,7 +50,7 @@ def build(method: str, size: int, batch: int, precision: str, device: torch.devi
     model = build_method(cfg).to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    from hpcbrain.job import choose_conv_weight_grad     # as a training job chooses it
+    from hpcbrain.job import choose_conv_weight_grad  # as a training job chooses it
 
     choose_conv_weight_grad(str(cfg.train.conv_weight_grad), model, device)
     return cfg, model, build_engine(cfg.engine, cfg.train, model, device)

@@ -125,7 +125,6 @@ def check_config(cfg: DictConfig) -> None:
     """Values the schema's types cannot rule out: choices, ranges and the relations between
     keys. Raises ConfigError naming the key, its value and what it may be."""
     from hpcbrain.engine.registry import AUTO, engine_names  # the engines say who they are
-
     from hpcbrain.gpus import GPUS
 
     for key, allowed in {**CHOICES, "engine.name": (AUTO, *engine_names()),

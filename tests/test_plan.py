@@ -94,6 +94,7 @@ def test_the_probe_predicts_a_measured_step(method):
     assert plan.probe.flops_per_item * 6 == pytest.approx(flops, rel=0.05)
 
 
+@pytest.mark.minutes          # ~10 s together; bench/plan_memory.py measures the full table
 @pytest.mark.parametrize("method", ["lsor", "adapn"])
 def test_activation_checkpointing_measures_lower(method):
     peaks = {}

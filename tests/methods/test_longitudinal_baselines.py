@@ -116,7 +116,10 @@ def nifti_scans(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ae", "vae", "lssl", "lne"])
+# the fast tier trains one baseline end to end (they share the trainer and registry path); the
+# full tier all four
+@pytest.mark.parametrize("name", ["ae", *(pytest.param(n, marks=pytest.mark.minutes)
+                                          for n in ("vae", "lssl", "lne"))])
 def test_each_baseline_trains_with_smoke_registers_and_embeds(name, age_contrast_store, tmp_path,
                                                               nifti_scans, monkeypatch):
     """`--cfg METHOD.yaml --cfg smoke.yaml` trains, registers the encoder, and `hpcbrain
