@@ -26,14 +26,12 @@ from pathlib import Path
 import torch
 
 
-def random_batch(method: str, batch: int, size: int, device: torch.device, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    volume = lambda: torch.randn(batch, 1, size, size, size, generator=g).to(device)  # noqa: E731
-    if method == "lsor":
-        return {"x_u": volume(), "x_v": volume(), "dt": (0.5 + torch.rand(batch, generator=g)),
-                "index_u": torch.arange(batch) * 2, "index_v": torch.arange(batch) * 2 + 1}
-    return {"x": volume(), "age": 60 + 20 * torch.rand(batch, generator=g),
-            "index": torch.arange(batch)}
+def random_batch(model, batch: int, size: int, device: torch.device, seed: int = 0) -> dict:
+    """`hpcbrain.plan.synthetic_batch` (the method's kind of batch) of size³ volumes on `device`."""
+    from hpcbrain.engine.single import to_device
+    from hpcbrain.plan import synthetic_batch
+
+    return to_device(synthetic_batch(model, batch, (size,) * 3, seed), device)
 
 
 def build(method: str, size: int, batch: int, precision: str, device: torch.device,
@@ -65,11 +63,11 @@ def prepare(args):
         torch.set_num_threads(args.threads)
     cfg, model, engine = build(args.method, args.size, args.batch, args.precision, device,
                                tuple(args.overrides))
-    batch = random_batch(args.method, args.batch, args.size, device)
+    batch = random_batch(model, args.batch, args.size, device)
     if args.method == "lsor":
         # time the SOM phase's step: nodes from a k-means of enough random pairs' latents
         nodes = cfg.lsor.grid_rows * cfg.lsor.grid_cols
-        extra = [random_batch("lsor", args.batch, args.size, device, seed)
+        extra = [random_batch(model, args.batch, args.size, device, seed)
                  for seed in range(1, 1 + -(-nodes // (2 * args.batch)))]
         for k, more in enumerate(extra, start=1):      # distinct scan indices for the dedup
             more["index_u"] = more["index_u"] + 1000 * k

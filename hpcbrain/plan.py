@@ -35,7 +35,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -74,6 +74,13 @@ def synthetic_batch(method, items: int, shape: tuple[int, int, int], seed: int =
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_state_bytes(method, optimizer) -> int:
+    """Bytes held between steps: parameters, buffers and the optimizer's state tensors."""
+    return tensor_bytes(method.parameters()) + tensor_bytes(method.buffers()) + tensor_bytes(
+        v for state in optimizer.state.values() for v in state.values()
+        if isinstance(v, torch.Tensor))
 
 
 @contextmanager
@@ -136,8 +143,6 @@ class Probe:
     flops_per_item: float
     parameters: int
     item: str                    # "pair" or "scan"
-    static_bytes: int            # parameters + buffers + optimizer states on this CPU (fp32)
-    measured: dict[int, int] = field(default_factory=dict)   # items → measured dynamic peak
 
     def dynamic_bytes(self, items: int) -> float:
         return self.bytes_at_zero + self.bytes_per_item * items
@@ -174,9 +179,6 @@ def probe_step(cfg: DictConfig, items: tuple[int, int] = (1, 2)) -> Probe:
     method, optimizer, shape = build_for_probe(cfg)
     measure_step_peak(method, optimizer,                # optimizer states exist from here
                       lambda: synthetic_batch(method, items[0], shape, seed=1))
-    static = tensor_bytes(method.parameters()) + tensor_bytes(method.buffers()) + tensor_bytes(
-        v for state in optimizer.state.values() for v in state.values()
-        if isinstance(v, torch.Tensor))
     measured = {n: measure_step_peak(method, optimizer,
                                      lambda n=n: synthetic_batch(method, n, shape, seed=2 + n))
                 for n in items}
@@ -187,8 +189,7 @@ def probe_step(cfg: DictConfig, items: tuple[int, int] = (1, 2)) -> Probe:
     return Probe(bytes_at_zero=measured[a] - slope * a, bytes_per_item=slope,
                  flops_per_item=flops,
                  parameters=sum(p.numel() for p in method.parameters()),
-                 item="pair" if method.batch_kind == "pairs" else "scan",
-                 static_bytes=static, measured=measured)
+                 item="pair" if method.batch_kind == "pairs" else "scan")
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,11 +240,15 @@ class Plan:
     micro_batch: int
     probe: Probe
     states: ModelStates
-    activations: float           # bytes at the micro-batch (bf16-scaled when bf16)
     memory_bytes: float | None   # the GPU's memory (or --memory-gib), None: unknown
     reserve_bytes: float
     gpu: GPU | None
     mfu: float
+
+    @property
+    def activations(self) -> float:
+        """Bytes at the micro-batch (bf16-scaled when bf16)."""
+        return self.activation_bytes(self.micro_batch)
 
     @property
     def peak(self) -> float:
@@ -334,12 +339,10 @@ def make_plan(cfg: DictConfig, world: int, gpu: GPU | None = None,
     stage = int(cfg.engine.zero_stage or 0) if engine == "deepspeed" else 0
     states = model_states(probe.parameters, engine, bf16, stage, world)
     memory = gpu.memory_gib * GIB if gpu else (memory_gib * GIB if memory_gib else None)
-    plan = Plan(str(cfg.method), engine, stage, world, input_shape(cfg), bf16,
+    return Plan(str(cfg.method), engine, stage, world, input_shape(cfg), bf16,
                 bool(cfg.train.activation_checkpointing), int(cfg.train.batch_size), micro,
-                probe, states, 0.0, memory, CUDA_RESERVE_GIB * GIB if memory else 0.0, gpu,
+                probe, states, memory, CUDA_RESERVE_GIB * GIB if memory else 0.0, gpu,
                 float(mfu))
-    plan.activations = plan.activation_bytes(micro)
-    return plan
 
 
 def resolve_shape(cfg: DictConfig) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from hpcbrain.redact import redact_text  # noqa: E402  (stdlib only: --help stays fast)
+from hpcbrain.volume_grid import MNI_BOXES  # noqa: E402  (numpy only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "else a job after it); rerun the same command after any failure")
     conv.add_argument("--shape", type=int, nargs="+", metavar="S",
                       help="S of the S³ volumes, or D H W (--convert)")
-    conv.add_argument("--grid", choices=["mni2mm", "mni1mm"],
+    conv.add_argument("--grid", choices=sorted(MNI_BOXES),
                       help="the MNI152 brain box instead of --shape (registered scans)")
     conv.add_argument("--tasks", type=int, default=8, help="array tasks (default 8)")
     conv.add_argument("--register", action="store_true")

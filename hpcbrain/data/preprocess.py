@@ -159,8 +159,12 @@ def _foreground(data: np.ndarray, lo: float) -> np.ndarray | None:
     above = thinned[thinned > lo]
     if above.size == 0:
         return None
-    threshold = lo + MASK_FRACTION * (float(np.percentile(above, MASK_PERCENTILE)) - lo)
-    return np.argwhere(thinned > threshold) * step
+    return np.argwhere(thinned > _mask_threshold(above, lo)) * step
+
+
+def _mask_threshold(above: np.ndarray, lo: float) -> float:
+    """Step 4's foreground threshold from the voxels above the image minimum `lo`."""
+    return lo + MASK_FRACTION * (float(np.percentile(above, MASK_PERCENTILE)) - lo)
 
 
 def _share_inside(voxels: np.ndarray, input_to_box: np.ndarray, shape) -> float:
@@ -197,8 +201,7 @@ def _normalise(out: np.ndarray, lo: float) -> np.ndarray:
     above = out[out > lo]
     if above.size == 0:
         raise BadScanError("no foreground after resampling")
-    threshold = lo + MASK_FRACTION * (float(np.percentile(above, MASK_PERCENTILE)) - lo)
-    mask = out > threshold
+    mask = out > _mask_threshold(above, lo)
     if mask.sum() < 2:
         raise BadScanError("foreground mask is (nearly) empty")
     values = out[mask].astype(np.float64)
